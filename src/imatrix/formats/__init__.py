@@ -1,0 +1,44 @@
+"""Translate `ImportanceMatrix` to and from bytes: GGUF (current) and `.dat` (legacy)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from imatrix.errors import ImatrixError
+from imatrix.formats.atomic import atomic_path
+from imatrix.formats.dat_file import read_dat_imatrix, write_dat_imatrix
+from imatrix.formats.gguf_file import read_gguf_imatrix, write_gguf_imatrix
+from imatrix.matrix import ImportanceMatrix
+
+GGUF_MAGIC = b"GGUF"
+
+__all__ = ["atomic_path", "is_gguf", "load_imatrix", "save_imatrix"]
+
+
+def is_gguf(path: str | Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(4) == GGUF_MAGIC
+
+
+def load_imatrix(path: str | Path, chunk_size: int = 512) -> ImportanceMatrix:
+    source = Path(path)
+    if not source.is_file():
+        raise ImatrixError(f"{source}: no such imatrix file")
+    try:
+        if is_gguf(source):
+            return read_gguf_imatrix(source)
+        return read_dat_imatrix(source, chunk_size)
+    except OSError as exc:
+        raise ImatrixError(f"{source}: cannot read: {exc.strerror}") from exc
+
+
+def save_imatrix(matrix: ImportanceMatrix, path: str | Path, output_format: str | None = None) -> Path:
+    target = Path(path)
+    fmt = (output_format or ("dat" if target.suffix == ".dat" else "gguf")).lower()
+    if fmt == "dat":
+        write_dat_imatrix(matrix, target)
+    elif fmt == "gguf":
+        write_gguf_imatrix(matrix, target)
+    else:
+        raise ImatrixError(f"unknown output format '{output_format}' (expected gguf or dat)")
+    return target

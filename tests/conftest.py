@@ -1,0 +1,38 @@
+"""Shared fixtures: golden files written by llama.cpp and the real SmolLM2 model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("IMATRIX_SHARED", REPO.parent / "shared"))
+GOLDEN = SHARED / "golden"
+
+
+@pytest.fixture(scope="session")
+def golden() -> Path:
+    if not GOLDEN.is_dir():
+        pytest.fail(f"golden files not found at {GOLDEN} (set IMATRIX_SHARED)")
+    return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def smollm2_q4_1() -> Path:
+    from imatrix.models.bundled import smollm2_path
+
+    return smollm2_path()
+
+
+@pytest.fixture(scope="session")
+def calibration_text() -> Path:
+    from imatrix.models.bundled import default_calibration_text
+
+    return default_calibration_text()
+
+
+@pytest.fixture(scope="session")
+def eval_text() -> Path:
+    return SHARED / "data" / "eval.txt"
