@@ -1,0 +1,116 @@
+"""`imatrix [flags]`: llama-imatrix's command line over `imatrix.collect`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from imatrix.collect.runner import CollectOptions, collect, log
+from imatrix.errors import ImatrixError
+from imatrix.matrix import ImportanceMatrix
+from imatrix.models.bundled import default_calibration_text, smollm2_path
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 1, like every other bad input
+        raise ImatrixError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="imatrix", allow_abbrev=False,
+        description="Compute an importance matrix (drop-in for llama-imatrix). Subcommands: "
+                    "quantize, perplexity, report, compare (imatrix SUBCOMMAND -h).",
+    )
+    add = parser.add_argument
+    add("-m", "--model", help="GGUF model or Hugging Face checkpoint directory (default: bundled SmolLM2-135M)")
+    add("-f", "--file", help="calibration text (default with no --in-file: the bundled calibration.txt)")
+    add("-o", "--output-file", default="imatrix.gguf", help="output file (default: imatrix.gguf)")
+    add("-c", "--ctx-size", type=int, default=512, help="tokens per chunk (default: 512)")
+    add("-b", "--batch-size", type=int, default=2048, help="tokens per forward pass; n_seq = b / c (default: 2048)")
+    add("-t", "--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    add("-ngl", "--n-gpu-layers", "--gpu-layers", type=int, default=None,
+        help="accepted for compatibility: 0 forces the CPU, anything else selects the GPU if there is one")
+    add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the model runs (default: auto)")
+    add("--chunk", "--from-chunk", dest="from_chunk", type=int, default=0, help="skip the first N chunks")
+    add("--chunks", type=int, default=-1, help="maximum number of chunks (default: all)")
+    add("--no-ppl", action="store_true", help="do not compute perplexity (skips the output projection)")
+    add("--process-output", action="store_true", help="also collect output.weight")
+    add("-ofreq", "--output-frequency", type=int, default=10, help="save every N chunks (default: 10)")
+    add("--save-frequency", type=int, default=0, help="also write <out>.at_<chunk> every N chunks (default: 0)")
+    add("--in-file", action="append", default=[], help="imatrix file(s) to load and merge (repeat or comma-separate)")
+    add("--output-format", choices=["gguf", "dat"], default=None, help="gguf (default) or the legacy dat")
+    add("--parse-special", action="store_true", help="parse special tokens in the text")
+    add("-lv", "--verbosity", type=int, default=1, help="0: only perplexity, 1: saves too, 2: more (default: 1)")
+    add("--show-statistics", action="store_true", help="print statistics of the --in-file imatrix and exit")
+    add("--stats-format", choices=["table", "json", "csv"], default="table", help="with --show-statistics")
+    add("--stats-mode", choices=["legacy", "preferred"], default="legacy", help="with --show-statistics")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    in_files = [part for value in args.in_file for part in value.split(",") if part]
+    _check_numbers(args)
+    if args.show_statistics:
+        from imatrix.cli.report import show_statistics
+
+        if not in_files:
+            raise ImatrixError("--show-statistics needs --in-file")
+        return show_statistics(in_files, args.stats_format, args.stats_mode, args.ctx_size)
+    output = Path(args.output_file)
+    output_format = args.output_format or "gguf"
+    _check_output(output, output_format, args.verbosity)
+    base = ImportanceMatrix.load_many(in_files, chunk_size=args.ctx_size) if in_files else None
+    if args.file is None and in_files:
+        log(f"combining {len(in_files)} imatrix file(s) into {output}", args.verbosity)
+        base.save(output, output_format)
+        return 0
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    options = CollectOptions(
+        n_ctx=args.ctx_size, n_batch=args.batch_size, from_chunk=args.from_chunk, max_chunks=args.chunks,
+        compute_ppl=not args.no_ppl, process_output=args.process_output, parse_special=args.parse_special,
+        output_file=output, output_format=output_format, output_frequency=args.output_frequency,
+        save_frequency=args.save_frequency, verbosity=args.verbosity,
+    )
+    model = args.model or _bundled("model", smollm2_path(), args.verbosity)
+    text = args.file or _bundled("calibration text", default_calibration_text(), args.verbosity)
+    collect(model, text, options, base=base, device=_device(args))
+    return 0
+
+
+def _bundled(what: str, path: Path, verbosity: int) -> Path:
+    log(f"no {what} given: using the bundled {path}", verbosity)
+    return path
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    if args.ctx_size <= 0:
+        raise ImatrixError(f"--ctx-size must be > 0 (got {args.ctx_size})")
+    if args.batch_size <= 0 or (args.batch_size >= args.ctx_size and args.batch_size % args.ctx_size):
+        raise ImatrixError(f"--batch-size {args.batch_size} must be a multiple of --ctx-size {args.ctx_size}")
+    if args.batch_size < args.ctx_size:
+        raise ImatrixError(f"--batch-size {args.batch_size} smaller than --ctx-size {args.ctx_size} is not supported")
+    if args.output_frequency <= 0:
+        raise ImatrixError(f"--output-frequency must be > 0 (got {args.output_frequency})")
+
+
+def _check_output(output: Path, output_format: str, verbosity: int) -> None:
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.is_dir():
+        raise ImatrixError(f"{output}: output directory '{parent}' does not exist")
+    if output_format == "gguf" and output.suffix != ".gguf" and verbosity >= 1:
+        print(f"imatrix: warning: saving GGUF to '{output}' without a .gguf suffix "
+              "(use --output-format dat for the legacy format)", file=sys.stderr)
+
+
+def _device(args: argparse.Namespace) -> torch.device:
+    if args.device == "cpu" or args.n_gpu_layers == 0:
+        return torch.device("cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ImatrixError("--device cuda requested but no CUDA device is available")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

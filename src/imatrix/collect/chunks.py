@@ -1,0 +1,55 @@
+"""Calibration text -> token chunks, exactly as llama-imatrix's `compute_imatrix` cuts them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from imatrix.errors import ImatrixError
+from imatrix.models.tokenizer import TextTokenizer
+
+
+def read_calibration_text(path: str | Path) -> str:
+    source = Path(path)
+    try:
+        raw = source.read_bytes()
+    except FileNotFoundError:
+        raise ImatrixError(f"{source}: no such calibration text file") from None
+    except OSError as exc:
+        raise ImatrixError(f"{source}: cannot read: {exc.strerror}") from exc
+    text = raw.decode("utf-8", errors="replace")
+    # llama.cpp's `-f` handler drops one trailing newline
+    return text[:-1] if text.endswith("\n") else text
+
+
+def make_chunks(tokens: list[int] | np.ndarray, n_ctx: int, from_chunk: int = 0, max_chunks: int = -1,
+                bos_id: int | None = None, source: object = "the text") -> np.ndarray:
+    """`int64 [n_chunk, n_ctx]`: chunk i = tokens[i·n_ctx, (i+1)·n_ctx), first token BOS if given."""
+    ids = np.asarray(tokens, dtype=np.int64)
+    if from_chunk > 0:
+        if (from_chunk + 2) * n_ctx >= ids.size:
+            raise ImatrixError(
+                f"{source}: not enough tokens left after skipping {from_chunk} chunks "
+                f"({ids.size} tokens, context {n_ctx})"
+            )
+        ids = ids[from_chunk * n_ctx :]
+    if ids.size < 2 * n_ctx:
+        raise ImatrixError(
+            f"{source}: tokenizes to only {ids.size} tokens; at least {2 * n_ctx} are needed "
+            f"for a context of {n_ctx}"
+        )
+    n_chunk = ids.size // n_ctx
+    if max_chunks >= 0:
+        n_chunk = min(n_chunk, max_chunks)
+    chunks = ids[: n_chunk * n_ctx].reshape(n_chunk, n_ctx).copy()
+    if bos_id is not None:
+        chunks[:, 0] = bos_id
+    return chunks
+
+
+def tokenize_chunks(tokenizer: TextTokenizer, text: str, n_ctx: int, from_chunk: int = 0,
+                    max_chunks: int = -1, parse_special: bool = False, source: object = "the text") -> np.ndarray:
+    tokens = tokenizer.encode(text, parse_special=parse_special)
+    bos_id = tokenizer.bos_id if tokenizer.add_bos else None
+    return make_chunks(tokens, n_ctx, from_chunk, max_chunks, bos_id, source)

@@ -1,0 +1,131 @@
+"""Load a model for collection: GGUF file or Hugging Face directory -> transformers module + tokenizer.
+
+The GGUF path is ours: config from metadata, state dict through gguf-py's name map in reverse,
+weights dequantized tensor by tensor from the mmapped file, tokenizer from the GGUF vocab.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from imatrix.errors import ImatrixError
+from imatrix.models.architectures import (
+    Architecture,
+    architecture_for,
+    architecture_for_hf,
+    unpermute_rows,
+)
+from imatrix.models.gguf_reader import GGUFModelFile
+from imatrix.models.tokenizer import TextTokenizer, tokenizer_from_gguf
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module  # a transformers *ForCausalLM
+    tokenizer: TextTokenizer
+    architecture: Architecture
+    gguf_names: dict[str, str]  # parameter name (model.layers.0.self_attn.q_proj.weight) -> GGUF name
+    source: Path
+
+    @property
+    def config(self):  # noqa: ANN201 - a transformers PretrainedConfig
+        return self.model.config
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               round_to_f16: bool = False) -> LoadedModel:
+    """Load `path` (a .gguf file or a Hugging Face checkpoint directory) onto `device`.
+
+    `round_to_f16` rounds every non-F32 weight to float16 first, which turns a quantized GGUF
+    into exactly the F16 model llama-quantize would make from it.
+    """
+    source = Path(path)
+    if source.is_dir():
+        from imatrix.models.hf_loader import load_hf_model
+
+        return load_hf_model(source, device, dtype)
+    model_file = GGUFModelFile(source)
+    architecture = architecture_for(model_file.architecture, source)
+    config = architecture.build_config(model_file)
+    model = _empty_model(architecture, config)
+    gguf_names = gguf_name_map(model, architecture, config.num_hidden_layers)
+    state = {
+        param: _gguf_tensor(model_file, architecture, config, gguf_name, round_to_f16)
+        for param, gguf_name in gguf_names.items()
+        if gguf_name in model_file.tensors
+    }
+    _assign_weights(model, state, source, device, dtype)
+    return LoadedModel(model, tokenizer_from_gguf(model_file), architecture, gguf_names, source)
+
+
+def _empty_model(architecture: Architecture, config) -> torch.nn.Module:  # noqa: ANN001
+    with torch.device("meta"):
+        return architecture.model_type()(config)
+
+
+def gguf_name_map(model: torch.nn.Module, architecture: Architecture, n_blocks: int) -> dict[str, str]:
+    """Checkpoint parameter names -> GGUF tensor names, via gguf-py's tensor map."""
+    tensor_map = gguf.get_tensor_name_map(architecture.gguf_arch, n_blocks)
+    names = {}
+    for param in model.state_dict():
+        gguf_base = tensor_map.get_name(param, try_suffixes=(".weight", ".bias"))  # keeps the suffix
+        if gguf_base is not None:
+            names[param] = gguf_base
+    return names
+
+
+def _gguf_tensor(model_file: GGUFModelFile, architecture: Architecture, config, name: str,  # noqa: ANN001
+                 round_to_f16: bool) -> torch.Tensor:
+    weight = model_file.tensor_f32(name)
+    if round_to_f16 and model_file.tensors[name].tensor_type != gguf.GGMLQuantizationType.F32:
+        weight = weight.astype(np.float16).astype(np.float32)
+    if architecture.permute_qk and name.endswith(("attn_q.weight", "attn_k.weight")):
+        n_head = config.num_attention_heads if "attn_q" in name else config.num_key_value_heads
+        weight = unpermute_rows(weight, n_head)
+    return torch.from_numpy(np.array(weight, dtype=np.float32, order="C"))  # own copy, not the mmap
+
+
+def _assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path,
+                    device: str | torch.device, dtype: torch.dtype) -> None:
+    expected = set(model.state_dict())
+    if getattr(model.config, "tie_word_embeddings", False):
+        expected.discard("lm_head.weight")
+    missing = sorted(expected - set(state))
+    if missing:
+        raise ImatrixError(f"{source}: tensors missing for {', '.join(missing[:5])}"
+                           + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    state = {name: tensor.to(device=device, dtype=dtype) for name, tensor in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    _rebuild_meta_buffers(model, device)
+    model.eval()
+
+
+def _rebuild_meta_buffers(model: torch.nn.Module, device: str | torch.device) -> None:
+    """Non-persistent buffers (rotary inv_freq) stay on 'meta' after assign; rebuild their modules."""
+    for name, module in list(model.named_modules()):
+        if any(buffer.is_meta for buffer in module.buffers(recurse=False)):
+            rebuilt = type(module)(config=model.config).to(device)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, rebuilt)
+
+
+def read_hf_config(directory: Path) -> dict:
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise ImatrixError(f"{directory}: not a Hugging Face checkpoint (no config.json)")
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ImatrixError(f"{config_path}: invalid JSON ({exc.msg})") from exc
+
+
+def hf_architecture(directory: Path) -> Architecture:
+    return architecture_for_hf(read_hf_config(directory).get("model_type", "?"), directory)

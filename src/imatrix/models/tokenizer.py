@@ -1,0 +1,102 @@
+"""Tokenizers built straight from GGUF vocab metadata, matching llama.cpp's tokenization.
+
+transformers' GGUF path converts the vocab through its slow tokenizer classes (~40 s for
+SmolLM2); building a `tokenizers` BPE from the stored vocab and merges takes well under a second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+from imatrix.errors import ImatrixError
+from imatrix.models.gguf_reader import GGUFModelFile
+
+# llama.cpp's `llama_vocab::impl::load` regexes, keyed by `tokenizer.ggml.pre`
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_REGEX = (
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_REGEX = (
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+DIGITS_THEN_GPT2 = ("digits", GPT2_REGEX)
+PRE_TOKENIZERS: dict[str, tuple[str | None, str]] = {
+    "gpt-2": (None, GPT2_REGEX),
+    "gpt2": (None, GPT2_REGEX),
+    "smollm": DIGITS_THEN_GPT2,
+    "starcoder": DIGITS_THEN_GPT2,
+    "refact": DIGITS_THEN_GPT2,
+    "codeshell": DIGITS_THEN_GPT2,
+    "llama3": (None, LLAMA3_REGEX),
+    "llama-bpe": (None, LLAMA3_REGEX),
+    "qwen2": (None, QWEN2_REGEX),
+}
+TOKEN_TYPE_CONTROL = 3
+TOKEN_TYPE_USER_DEFINED = 4
+
+
+class TextTokenizer(Protocol):
+    bos_id: int | None
+    add_bos: bool
+
+    def encode(self, text: str, parse_special: bool = False) -> list[int]: ...
+
+
+@dataclass
+class GGUFTokenizer:
+    tokenizer: Tokenizer
+    bos_id: int | None
+    add_bos: bool
+
+    def encode(self, text: str, parse_special: bool = False) -> list[int]:
+        """Like llama.cpp's `common_tokenize(text, add_special=true, parse_special)`."""
+        self.tokenizer.encode_special_tokens = not parse_special
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        if self.add_bos and self.bos_id is not None:
+            ids = [self.bos_id, *ids]
+        return ids
+
+
+def tokenizer_from_gguf(model_file: GGUFModelFile) -> GGUFTokenizer:
+    kind = model_file.get("tokenizer.ggml.model")
+    pre = model_file.get("tokenizer.ggml.pre", "default")
+    if kind != "gpt2" or pre not in PRE_TOKENIZERS:
+        raise ImatrixError(
+            f"{model_file.path}: tokenizer '{kind}' with pre-tokenizer '{pre}' is not supported "
+            f"(supported: gpt2 BPE with {', '.join(sorted(PRE_TOKENIZERS))})"
+        )
+    tokens: list[str] = list(model_file.require("tokenizer.ggml.tokens"))
+    merges = [tuple(merge.split(" ", 1)) for merge in model_file.require("tokenizer.ggml.merges")]
+    bpe = models.BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=merges, fuse_unk=False)
+    tokenizer = Tokenizer(bpe)
+    tokenizer.pre_tokenizer = _pre_tokenizer(*PRE_TOKENIZERS[pre])
+    tokenizer.decoder = decoders.ByteLevel()
+    _add_special_tokens(tokenizer, tokens, list(model_file.get("tokenizer.ggml.token_type", [])))
+    bos_id = model_file.get("tokenizer.ggml.bos_token_id")
+    add_bos = bool(model_file.get("tokenizer.ggml.add_bos_token", False))
+    return GGUFTokenizer(tokenizer, None if bos_id is None else int(bos_id), add_bos)
+
+
+def _pre_tokenizer(first: str | None, regex: str) -> pre_tokenizers.PreTokenizer:
+    steps: list[pre_tokenizers.PreTokenizer] = []
+    if first == "digits":
+        steps.append(pre_tokenizers.Digits(individual_digits=True))
+    steps.append(pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False))
+    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
+    return pre_tokenizers.Sequence(steps)
+
+
+def _add_special_tokens(tokenizer: Tokenizer, tokens: list[str], token_types: list[int]) -> None:
+    # llama.cpp matches user-defined tokens always, control tokens only with parse_special
+    added = [
+        AddedToken(tokens[i], special=kind == TOKEN_TYPE_CONTROL, normalized=False)
+        for i, kind in enumerate(token_types)
+        if kind in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED)
+    ]
+    if added:
+        tokenizer.add_tokens(added)
