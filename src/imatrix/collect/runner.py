@@ -16,12 +16,12 @@ import torch
 from tqdm import tqdm
 
 from imatrix.collect.chunks import read_calibration_text, tokenize_chunks
+from imatrix.collect.executors import forward_in_memory
 from imatrix.collect.hooks import ActivationCollector
 from imatrix.collect.perplexity import PerplexityMeter
+from imatrix.collect.targets import collection_targets
 from imatrix.matrix import ImportanceMatrix
 from imatrix.models.loader import LoadedModel, load_model
-
-OUTPUT_WEIGHT = "output.weight"
 
 
 @dataclass
@@ -95,21 +95,6 @@ def _tokenize(loaded: LoadedModel, text: str, options: CollectOptions, source: o
     return chunks
 
 
-def collection_targets(loaded: LoadedModel, process_output: bool) -> dict[str, torch.nn.Module]:
-    """GGUF name -> nn.Linear for every matmul llama-imatrix collects (`blk.*`, optionally output)."""
-    modules = dict(loaded.model.named_modules())
-    targets = {}
-    tied = bool(getattr(loaded.config, "tie_word_embeddings", False))
-    for param, gguf_name in loaded.gguf_names.items():
-        module = modules.get(param.rpartition(".")[0])
-        if not isinstance(module, torch.nn.Linear) or not param.endswith(".weight"):
-            continue
-        wanted = gguf_name.startswith("blk.") or (process_output and gguf_name == OUTPUT_WEIGHT and not tied)
-        if wanted:
-            targets[gguf_name] = module
-    return targets
-
-
 class _Saver:
     """llama.cpp's save schedule: after the batch in which chunk_count crosses a multiple of the frequency."""
 
@@ -161,7 +146,7 @@ def _run(loaded: LoadedModel, chunks: np.ndarray, options: CollectOptions, base:
 
         for first in range(0, n_chunk, n_seq):
             batch = torch.from_numpy(chunks[first : first + n_seq]).to(device)
-            logits = _forward(loaded, batch, options)
+            logits = forward_in_memory(loaded, batch, options)
             collector.end_batch()
             last_chunk = (base.max_count() + max(collector.counts.values(), default=0)) // n_ctx
             saver.after_batch(matrix_now, last_chunk, batch.shape[0])
@@ -177,21 +162,6 @@ def _run(loaded: LoadedModel, chunks: np.ndarray, options: CollectOptions, base:
     if options.output_file is not None:
         saver.save(matrix, options.output_file)
     return CollectResult(matrix, meter, n_chunk, n_chunk * n_ctx / max(elapsed, 1e-9), chunk_ppl)
-
-
-def _forward(loaded: LoadedModel, batch: torch.Tensor, options: CollectOptions) -> torch.Tensor | None:
-    """Hidden states through every block; the output projection only where it is needed.
-
-    Returns the logits of the scored positions (n_ctx/2 … n_ctx−2) when perplexity is on.
-    """
-    model = loaded.model
-    hidden = model.model(input_ids=batch, use_cache=False).last_hidden_state
-    if options.process_output and not getattr(loaded.config, "tie_word_embeddings", False):
-        logits = model.lm_head(hidden)  # all positions, as llama.cpp collects output.weight
-        return logits[:, options.n_ctx // 2 : -1] if options.compute_ppl else None
-    if not options.compute_ppl:
-        return None
-    return model.lm_head(hidden[:, options.n_ctx // 2 : -1])
 
 
 def _score(meter: PerplexityMeter, logits: torch.Tensor, batch: torch.Tensor, first_chunk: int,
