@@ -1,0 +1,181 @@
+"""imatrix files against llama.cpp's own: exact reads, byte-identical writes, merges and conversions."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from imatrix import ImatrixError, ImportanceMatrix
+from imatrix.formats.dat_file import dat_bytes, parse_dat
+
+C512_GGUF = "imatrix/smollm2-f16.c512.n40.imatrix.gguf"
+C512_DAT = "imatrix/smollm2-f16.c512.n40.imatrix.dat"
+C256_GGUF = "imatrix/smollm2-f16.c256.chunk100.n20.imatrix.gguf"
+
+
+def test_reads_gguf_values_exactly(golden: Path) -> None:
+    path = golden / C512_GGUF
+    matrix = ImportanceMatrix.load(path)
+    reader = gguf.GGUFReader(path)
+    assert len(matrix) == 210 and len(reader.tensors) == 420
+    assert (matrix.chunk_count, matrix.chunk_size, matrix.datasets) == (40, 512, ["corpus/calibration.txt"])
+    for tensor in reader.tensors:
+        name, _, kind = tensor.name.rpartition(".")
+        stored = np.asarray(tensor.data, dtype=np.float32).ravel()
+        ours = matrix[name].sums.ravel() if kind == "in_sum2" else matrix[name].counts.astype(np.float32)
+        np.testing.assert_array_equal(ours, stored)
+    assert all(matrix[name].counts.tolist() == [20480] for name in matrix)
+
+
+def test_reads_dat_values_exactly(golden: Path) -> None:
+    raw = (golden / C512_DAT).read_bytes()
+    n_entries = struct.unpack_from("<i", raw)[0]
+    parsed = parse_dat(golden / C512_DAT, raw)
+    assert n_entries == len(parsed.entries) == 210
+    name = "blk.0.attn_k.weight"
+    # independent walk to the first entry: name, ncall, nval, floats
+    name_len = struct.unpack_from("<i", raw, 4)[0]
+    assert raw[8 : 8 + name_len].decode() == name
+    ncall, nval = struct.unpack_from("<ii", raw, 8 + name_len)
+    values = np.frombuffer(raw, "<f4", nval, 16 + name_len)
+    assert parsed.entries[name].ncall == ncall == 40
+    np.testing.assert_array_equal(parsed.entries[name].values, values)
+    assert parsed.chunk_count == 40 and parsed.dataset == "corpus/calibration.txt"
+
+
+def test_gguf_round_trip_is_byte_identical(golden: Path, tmp_path: Path) -> None:
+    ImportanceMatrix.load(golden / C512_GGUF).save(tmp_path / "copy.gguf")
+    assert (tmp_path / "copy.gguf").read_bytes() == (golden / C512_GGUF).read_bytes()
+
+
+def test_dat_written_like_llama_cpp(golden: Path, tmp_path: Path) -> None:
+    ImportanceMatrix.load(golden / C512_GGUF).save(tmp_path / "out.dat", "dat")
+    ours = (tmp_path / "out.dat").read_bytes()
+    assert ours == (golden / C512_DAT).read_bytes()
+    assert ours == (golden / "imatrix/from-gguf.imatrix.dat").read_bytes()
+
+
+def test_dat_to_gguf_conversion_is_bit_exact(golden: Path, tmp_path: Path) -> None:
+    ImportanceMatrix.load_many([golden / C512_DAT]).save(tmp_path / "from-dat.gguf")
+    assert (tmp_path / "from-dat.gguf").read_bytes() == (golden / "imatrix/from-dat.imatrix.gguf").read_bytes()
+
+
+def test_merge_is_bit_exact(golden: Path, tmp_path: Path) -> None:
+    merged = ImportanceMatrix.load_many([golden / C512_GGUF, golden / C256_GGUF], chunk_size=512)
+    assert merged.chunk_count == 50
+    assert merged.datasets == ["corpus/calibration.txt", "corpus/calibration.txt"]
+    merged.save(tmp_path / "merged.gguf")
+    assert (tmp_path / "merged.gguf").read_bytes() == (golden / "imatrix/merged.imatrix.gguf").read_bytes()
+
+
+def test_gguf_py_reads_our_file(golden: Path, tmp_path: Path) -> None:
+    matrix = ImportanceMatrix.load(golden / C256_GGUF)
+    matrix.tensors["blk.0.ffn_up_exps.weight"] = ImportanceMatrix.load(golden / C256_GGUF)[
+        "blk.0.ffn_up.weight"].__class__(np.arange(12, dtype=np.float32).reshape(3, 4), [5, 0, 7])
+    matrix.save(tmp_path / "ours.gguf")
+    reader = gguf.GGUFReader(tmp_path / "ours.gguf")
+    assert reader.get_field("general.type").contents() == "imatrix"
+    assert reader.get_field("imatrix.chunk_count").contents() == matrix.chunk_count
+    assert reader.get_field("imatrix.chunk_size").contents() == 256
+    tensors = {tensor.name: tensor for tensor in reader.tensors}
+    weight_names = [name.rpartition(".")[0] for name in tensors][::2]
+    assert weight_names == sorted(weight_names) == sorted(matrix.names())
+    assert all(name.endswith(".in_sum2") for name in list(tensors)[::2])
+    experts = tensors["blk.0.ffn_up_exps.weight.in_sum2"]
+    assert experts.shape.tolist() == [4, 3]
+    assert tensors["blk.0.ffn_up_exps.weight.counts"].shape.tolist() == [1, 3]
+    assert tensors["blk.0.attn_q.weight.in_sum2"].shape.tolist() == [576]
+    np.testing.assert_array_equal(np.asarray(experts.data).ravel(), np.arange(12))
+
+
+def test_merge_invariants(golden: Path) -> None:
+    a = ImportanceMatrix.load(golden / C512_GGUF)
+    b = ImportanceMatrix.load(golden / C256_GGUF)
+    c = ImportanceMatrix.load_many([golden / C512_DAT])
+    left, right = a.merge(b).merge(c), a.merge(b.merge(c))
+    for name in a:
+        assert left[name].counts.tolist() == right[name].counts.tolist() == [20480 + 5120 + 20480]
+        np.testing.assert_allclose(left[name].sums, right[name].sums, rtol=1e-6)
+
+
+def test_merge_rejects_shape_mismatch(golden: Path) -> None:
+    a = ImportanceMatrix.load(golden / C512_GGUF)
+    b = a.copy()
+    b.tensors["blk.0.attn_q.weight"].sums = np.ones((1, 5), np.float32)
+    with pytest.raises(ImatrixError, match="blk.0.attn_q.weight"):
+        a.merge(b)
+
+
+@pytest.mark.parametrize("cut", [3, 10, 2000, -7])
+def test_truncated_dat_is_a_clear_error(golden: Path, tmp_path: Path, cut: int) -> None:
+    raw = (golden / C512_DAT).read_bytes()
+    broken = tmp_path / "broken.dat"
+    broken.write_bytes(raw[:cut] if cut > 0 else raw[: len(raw) // 2 + cut])
+    with pytest.raises(ImatrixError, match="broken.dat"):
+        ImportanceMatrix.load(broken)
+
+
+def test_truncated_gguf_is_a_clear_error(golden: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes((golden / C512_GGUF).read_bytes()[:5000])
+    with pytest.raises(ImatrixError, match="broken.gguf"):
+        ImportanceMatrix.load(broken)
+
+
+names = st.from_regex(r"blk\.[0-9]{1,2}\.[a-z_]{1,12}\.weight", fullmatch=True)
+stats = st.tuples(st.integers(1, 3), st.integers(1, 8)).flatmap(
+    lambda shape: st.tuples(
+        st.lists(st.floats(0, 1e6, width=32), min_size=shape[0] * shape[1], max_size=shape[0] * shape[1]),
+        st.lists(st.integers(1, 10**6), min_size=shape[0], max_size=shape[0]),
+        st.just(shape),
+    )
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(names, stats, min_size=1, max_size=5), st.integers(1, 4096))
+def test_gguf_write_read_write_is_stable(tmp_path: Path, entries: dict, chunk_size: int) -> None:
+    matrix = ImportanceMatrix(chunk_size=chunk_size, datasets=["a.txt"])
+    for name, (values, counts, shape) in entries.items():
+        matrix.accumulate(name, np.array(values, np.float32).reshape(shape), counts)
+    matrix.update_chunk_count()
+    first, second = tmp_path / "first.gguf", tmp_path / "second.gguf"
+    matrix.save(first)
+    reread = ImportanceMatrix.load(first)
+    reread.save(second)
+    assert first.read_bytes() == second.read_bytes()
+    for name in matrix:
+        np.testing.assert_array_equal(reread[name].sums, matrix[name].sums)
+        np.testing.assert_array_equal(reread[name].counts, matrix[name].counts)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_dat_reader_never_crashes_on_garbage(blob: bytes) -> None:
+    try:
+        parsed = parse_dat(Path("garbage.dat"), blob)
+    except ImatrixError as exc:
+        assert "garbage.dat" in str(exc)
+    else:
+        assert all(entry.values.dtype == np.float32 for entry in parsed.entries.values())
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.dictionaries(names, st.lists(st.floats(0, 1e4, width=32), min_size=1, max_size=6), min_size=1, max_size=4),
+       st.integers(1, 50))
+def test_dat_round_trip(entries: dict, ncall: int) -> None:
+    matrix = ImportanceMatrix(chunk_size=512, chunk_count=ncall, datasets=["d.txt"])
+    for name, values in entries.items():
+        matrix.accumulate(name, np.array(values, np.float32).reshape(1, -1) * 512, [ncall * 512])
+    parsed = parse_dat(Path("x.dat"), dat_bytes(matrix))
+    assert set(parsed.entries) == set(entries) and parsed.dataset == "d.txt" and parsed.chunk_count == ncall
+    for name, values in entries.items():
+        assert parsed.entries[name].ncall == ncall
+        # stored = (sum / count) · ncall = (v·512 / (ncall·512)) · ncall = v
+        np.testing.assert_allclose(parsed.entries[name].values, np.array(values, np.float32), rtol=1e-6)
