@@ -1,0 +1,131 @@
+"""The `imatrix` command: llama-imatrix's flags, merges/conversions, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from imatrix import ImportanceMatrix
+from imatrix.cli.main import main
+
+C512 = "imatrix/smollm2-f16.c512.n40.imatrix.gguf"
+C512_DAT = "imatrix/smollm2-f16.c512.n40.imatrix.dat"
+C256 = "imatrix/smollm2-f16.c256.chunk100.n20.imatrix.gguf"
+
+
+def fails_cleanly(capsys: pytest.CaptureFixture[str], argv: list[str], *expected: str) -> str:
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("imatrix: error: "), err
+    for fragment in expected:
+        assert fragment in err[0]
+    return err[0]
+
+
+def test_merge_two_files_like_llama_cpp(golden: Path, tmp_path: Path) -> None:
+    out = tmp_path / "merged.gguf"
+    assert main(["--in-file", str(golden / C512), "--in-file", str(golden / C256), "-o", str(out), "-lv", "0"]) == 0
+    assert out.read_bytes() == (golden / "imatrix/merged.imatrix.gguf").read_bytes()
+
+
+def test_comma_separated_in_files(golden: Path, tmp_path: Path) -> None:
+    out = tmp_path / "merged.gguf"
+    assert main(["--in-file", f"{golden / C512},{golden / C256}", "-o", str(out), "-lv", "0"]) == 0
+    assert out.read_bytes() == (golden / "imatrix/merged.imatrix.gguf").read_bytes()
+
+
+def test_conversions_both_ways(golden: Path, tmp_path: Path) -> None:
+    to_dat, to_gguf = tmp_path / "x.dat", tmp_path / "x.gguf"
+    assert main(["--in-file", str(golden / C512), "--output-format", "dat", "-o", str(to_dat), "-lv", "0"]) == 0
+    assert main(["--in-file", str(golden / C512_DAT), "-o", str(to_gguf), "-lv", "0"]) == 0
+    assert to_dat.read_bytes() == (golden / "imatrix/from-gguf.imatrix.dat").read_bytes()
+    assert to_gguf.read_bytes() == (golden / "imatrix/from-dat.imatrix.gguf").read_bytes()
+
+
+def test_unknown_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    fails_cleanly(capsys, ["--no-such-flag"], "unrecognized arguments: --no-such-flag")
+
+
+def test_missing_model(capsys: pytest.CaptureFixture[str], calibration_text: Path, tmp_path: Path) -> None:
+    fails_cleanly(capsys, ["-m", str(tmp_path / "absent.gguf"), "-f", str(calibration_text), "-o",
+                           str(tmp_path / "o.gguf")], "absent.gguf", "no such model")
+
+
+def test_model_that_is_not_gguf(capsys: pytest.CaptureFixture[str], calibration_text: Path, tmp_path: Path) -> None:
+    fake = tmp_path / "model.gguf"
+    fake.write_text("not a model")
+    fails_cleanly(capsys, ["-m", str(fake), "-f", str(calibration_text), "-o", str(tmp_path / "o.gguf")],
+                  "model.gguf", "not a GGUF file")
+
+
+def test_missing_text(capsys: pytest.CaptureFixture[str], smollm2_q4_1: Path, tmp_path: Path) -> None:
+    fails_cleanly(capsys, ["-m", str(smollm2_q4_1), "-f", str(tmp_path / "none.txt"), "-o", str(tmp_path / "o.gguf")],
+                  "none.txt", "no such calibration text")
+
+
+def test_missing_output_directory(capsys: pytest.CaptureFixture[str], golden: Path, tmp_path: Path) -> None:
+    fails_cleanly(capsys, ["--in-file", str(golden / C512), "-o", str(tmp_path / "no" / "dir.gguf")],
+                  "does not exist")
+
+
+def test_corrupt_in_file_keeps_previous_output(capsys: pytest.CaptureFixture[str], golden: Path,
+                                               tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.dat"
+    corrupt.write_bytes((golden / C512_DAT).read_bytes()[:1234])
+    out = tmp_path / "out.gguf"
+    out.write_bytes(b"earlier result")
+    fails_cleanly(capsys, ["--in-file", str(corrupt), "-o", str(out)], "corrupt.dat", "truncated or corrupt")
+    assert out.read_bytes() == b"earlier result"
+
+
+def test_merging_disagreeing_shapes(capsys: pytest.CaptureFixture[str], golden: Path, tmp_path: Path) -> None:
+    matrix = ImportanceMatrix.load(golden / C256)
+    stats = matrix.tensors["blk.3.ffn_down.weight"]
+    stats.sums = stats.sums[:, :100]
+    matrix.save(tmp_path / "other.gguf")
+    fails_cleanly(capsys, ["--in-file", str(golden / C512), "--in-file", str(tmp_path / "other.gguf"),
+                           "-o", str(tmp_path / "o.gguf")], "blk.3.ffn_down.weight")
+
+
+def test_bad_numbers(capsys: pytest.CaptureFixture[str]) -> None:
+    fails_cleanly(capsys, ["-c", "0"], "--ctx-size")
+    fails_cleanly(capsys, ["-c", "512", "-b", "700"], "--batch-size")
+
+
+def test_help_lists_llama_imatrix_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["-h"])
+    assert exit_info.value.code == 0
+    usage = capsys.readouterr().out
+    for flag in ("--model", "--file", "--output-file", "--ctx-size", "--batch-size", "--threads", "-ngl",
+                 "--chunk", "--chunks", "--no-ppl", "--process-output", "-ofreq", "--save-frequency",
+                 "--in-file", "--output-format", "--parse-special", "-lv"):
+        assert flag in usage
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_on_quantized_model(smollm2_q4_1: Path, calibration_text: Path, tmp_path: Path) -> None:
+    """The console script on the bundled Q4_1 model: files, stdout lines, a clean stderr, exit 0."""
+    out = tmp_path / "imatrix.gguf"
+    done = subprocess.run(
+        [sys.executable, "-m", "imatrix.cli.main", "-m", str(smollm2_q4_1), "-f", str(calibration_text),
+         "-o", str(out), "-c", "256", "--chunks", "8", "-t", "2", "--output-format", "dat"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "[8]" in done.stdout and "Final estimate: PPL = " in done.stdout
+    assert "Traceback" not in done.stderr
+    matrix = ImportanceMatrix.load(out, chunk_size=256)
+    assert len(matrix) == 210 and matrix.chunk_count == 8 and matrix.datasets == [str(calibration_text)]
+
+
+@pytest.mark.slow
+def test_text_too_short_for_the_context(capsys: pytest.CaptureFixture[str], smollm2_q4_1: Path,
+                                        tmp_path: Path) -> None:
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words here")
+    fails_cleanly(capsys, ["-m", str(smollm2_q4_1), "-f", str(short), "-o", str(tmp_path / "o.gguf"), "-lv", "0"],
+                  "short.txt", "tokenizes to only", "at least 1024")
