@@ -61,7 +61,8 @@ def test_c512_40_chunks(smollm2_f16: LoadedModel, calibration_text: Path, golden
     out = tmp_path / "imatrix.gguf"
     result, printed = run(smollm2_f16, calibration_text, out, n_ctx=512, max_chunks=40)
     assert "computing over 40 chunks, n_ctx=512, batch_size=2048, n_seq=4" in printed
-    assert_matches_golden(ImportanceMatrix.load(out), ImportanceMatrix.load(golden / "imatrix/smollm2-f16.c512.n40.imatrix.gguf"))
+    golden_file = golden / "imatrix/smollm2-f16.c512.n40.imatrix.gguf"
+    assert_matches_golden(ImportanceMatrix.load(out), ImportanceMatrix.load(golden_file))
     assert_ppl_matches(result, printed, golden / "imatrix/imatrix-f16.ppl.txt")
     # llama.cpp's save schedule shows as blank lines in its log: after chunks 8, 16, 28 and 36
     assert printed.count("\n\n") >= 1 and "[8]" in printed.split("\n")[1]
