@@ -28,7 +28,7 @@ def load_hf_model(directory: Path, device: str | torch.device, dtype: torch.dtyp
     if not any(directory.glob("*.safetensors")):
         raise ImatrixError(f"{directory}: no *.safetensors weights found")
     try:
-        model = architecture.model_type().from_pretrained(directory, dtype=dtype, device_map=str(device))
+        model = architecture.model_type().from_pretrained(directory, dtype=dtype).to(device)
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as exc:
         raise ImatrixError(f"{directory}: cannot load checkpoint ({exc})") from exc

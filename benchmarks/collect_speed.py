@@ -1,0 +1,108 @@
+"""Collection speed and memory on SmolLM2-135M F16 (the issue's reference run), beside the sgemm roofline.
+
+Prints one table: load time, tokens/s with and without --no-ppl, wall time, peak RSS, and the fp32
+sgemm rate of this machine measured in the same run (the roofline: tokens/s if every FLOP ran at
+the sgemm rate). llama.cpp's figures are the ones measured on the reference 2-core machine.
+
+    python benchmarks/collect_speed.py [--chunks 40] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from imatrix.models.f16 import write_f16_model
+
+from imatrix.models.bundled import default_calibration_text, smollm2_path
+from imatrix.models.gguf_reader import GGUFModelFile
+
+LLAMA_CPP = {"tokens/s": 227.0, "wall s (40 chunks)": 88.0, "peak RSS GB": 0.84}
+
+
+def sgemm_gflops(threads: int, n_tokens: int = 2048, repeats: int = 8) -> float:
+    """Best fp32 GEMM rate on the model's own shapes (tokens × 576 by 576 × 1536 and back)."""
+    torch.set_num_threads(threads)
+    x, w_up, w_down = torch.randn(n_tokens, 576), torch.randn(576, 1536), torch.randn(1536, 576)
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        hidden = x @ w_up
+        _ = hidden @ w_down
+        elapsed = time.perf_counter() - start
+        best = max(best, 2 * 2 * n_tokens * 576 * 1536 / elapsed / 1e9)
+    return best
+
+
+def flops_per_token(model: GGUFModelFile, n_ctx: int, with_ppl: bool) -> float:
+    """Matmul FLOPs per token: 2·params of every block matmul, attention over the causal window,
+    and the output projection on the scored half of each chunk when perplexity is computed."""
+    block = sum(int(torch.tensor(info.ne).prod()) for name, info in model.tensors.items()
+                if name.startswith("blk.") and len(info.ne) == 2)
+    n_layer = int(model.arch_value("block_count"))
+    d_model = int(model.arch_value("embedding_length"))
+    attention = n_layer * 4 * d_model * (n_ctx / 2)
+    vocab_rows = model.tensors.get("output.weight", model.tensors["token_embd.weight"]).ne[1]
+    output = 2 * vocab_rows * d_model * 0.5 if with_ppl else 0.0
+    return 2 * block + attention + output
+
+
+def run_cli(args: list[str]) -> tuple[float, float, str]:
+    """Wall seconds, peak RSS (GB) and output of one `imatrix` run in its own child process."""
+    with tempfile.TemporaryFile("w+") as log:
+        start = time.perf_counter()
+        child = subprocess.Popen([sys.executable, "-m", "imatrix.cli.main", *args], stdout=log,
+                                 stderr=subprocess.STDOUT, text=True)
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage, not all children's
+        wall = time.perf_counter() - start
+        log.seek(0)
+        text = log.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"imatrix failed:\n{text}")
+    return wall, usage.ru_maxrss / 1e6, text
+
+
+def measured(pattern: str, text: str) -> float:
+    match = re.search(pattern, text)
+    return float(match.group(1)) if match else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--chunks", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="imatrix-bench-"))
+    model = write_f16_model(smollm2_path(), workdir / "smollm2-f16.gguf")
+    weights_gb = 4 * sum(int(torch.tensor(i.ne).prod()) for i in GGUFModelFile(model).tensors.values()) / 1e9
+    gflops = sgemm_gflops(args.threads)
+    common = ["-m", str(model), "-f", str(default_calibration_text()), "-c", "512", "--chunks", str(args.chunks),
+              "-t", str(args.threads), "-o", str(workdir / "imatrix.gguf")]
+    rows = []
+    for label, extra in (("with PPL", []), ("--no-ppl", ["--no-ppl"])):
+        wall, rss, log = run_cli(common + extra)
+        tps = measured(r"\(([0-9.]+) tokens/s\)", log)
+        roofline = gflops * 1e9 / flops_per_token(GGUFModelFile(model), 512, not extra)
+        rows.append((label, measured(r"loaded .* in ([0-9.]+) s", log), tps, roofline, wall, rss))
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__}, {args.threads} threads; fp32 sgemm {gflops:.0f} GFLOP/s; "
+          f"fp32 weights {weights_gb:.2f} GB; {args.chunks} chunks of 512")
+    print("| run | load s | tokens/s | roofline tokens/s | % of roofline | wall s | peak RSS GB | RSS / fp32 weights |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, load, tps, roofline, wall, rss in rows:
+        print(f"| {label} | {load:.2f} | {tps:.0f} | {roofline:.0f} | {100 * tps / roofline:.0f}% | {wall:.1f} | "
+              f"{rss:.2f} | {rss / weights_gb:.2f} |")
+    print(f"| llama-imatrix (reference machine) | | {LLAMA_CPP['tokens/s']:.0f} | | | "
+          f"{LLAMA_CPP['wall s (40 chunks)']:.0f} | {LLAMA_CPP['peak RSS GB']:.2f} | |")
+
+
+if __name__ == "__main__":
+    main()
