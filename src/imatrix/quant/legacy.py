@@ -1,0 +1,330 @@
+"""Legacy 32-value block types Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, bit-compatible with llama.cpp.
+
+Without an imatrix llama.cpp uses its `quantize_row_*_ref` round-to-nearest kernels; with one it
+searches the scale (`make_qx_quants` for the symmetric types, `make_qkx3_quants` for the ones with a
+minimum) under per-value weights `imatrix * sqrt(sigma2 + x^2)`, `sigma2` being the row's mean x^2.
+
+Bit-exactness notes: ggml-quants.c is built without FMA or fast-math, so every expression is plain
+float32 arithmetic in source order, and every sum is sequential; `seq_sum` adds left to right
+(numpy's `sum` would add pairwise and round differently).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import gguf
+import numpy as np
+
+from imatrix.quant.base import QuantType
+
+F32 = np.float32
+GROUP_MAX_EPS = F32(1e-15)
+# Blocks handled per vectorized step of a scale search: bounds the [blocks, candidates, 32] temporaries.
+CHUNK = 2048
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def seq_sum(values: np.ndarray) -> np.ndarray:
+    """Sum over the last axis strictly left to right in float32, like a C `for` loop."""
+    values = np.asarray(values, dtype=F32)
+    if values.shape[-1] == 0:
+        return np.zeros(values.shape[:-1], dtype=F32)
+    total = values[..., 0].copy()
+    for j in range(1, values.shape[-1]):
+        total += values[..., j]
+    return total
+
+
+def fp16_bytes(values: np.ndarray) -> np.ndarray:
+    """float32 `[n]` to ggml half bytes `[n, 2]` (round to nearest even, as GGML_FP32_TO_FP16)."""
+    return np.ascontiguousarray(np.asarray(values, dtype=F32).astype(np.float16)).view(np.uint8).reshape(-1, 2)
+
+
+def safe_reciprocal(values: np.ndarray) -> np.ndarray:
+    """`v ? 1/v : 0` elementwise in float32."""
+    values = np.asarray(values, dtype=F32)
+    out = np.zeros_like(values)
+    np.divide(F32(1), values, out=out, where=values != 0)
+    return out
+
+
+def safe_divide(num: np.ndarray, den: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """`ok ? num/den : 0` elementwise in float32, without warnings where `ok` is false."""
+    out = np.zeros(np.broadcast_shapes(num.shape, den.shape), dtype=F32)
+    np.divide(num, den, out=out, where=ok)
+    return out
+
+
+def signed_extreme(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per block: largest |x| and the signed value that first reaches it (0.0 for an all-zero block).
+
+    The C loops only update on a strictly larger |x|, so the first occurrence wins and an all-zero
+    block keeps the initial +0.0 (which matters for the sign of a zero fp16 scale).
+    """
+    absval = np.abs(blocks)
+    idx = np.argmax(absval, axis=-1)
+    amax = np.take_along_axis(absval, idx[..., None], axis=-1)[..., 0]
+    signed = np.take_along_axis(blocks, idx[..., None], axis=-1)[..., 0]
+    return amax, np.where(amax > 0, signed, F32(0))
+
+
+def first_extreme(blocks: np.ndarray, which: str) -> np.ndarray:
+    """Block min or max as a C loop with strict comparison finds it: among equal zeros, the first one's sign."""
+    value = blocks.min(axis=-1) if which == "min" else blocks.max(axis=-1)
+    is_zero = value == 0
+    if is_zero.any():
+        first_zero = np.argmax(blocks == 0, axis=-1)
+        zero = np.take_along_axis(blocks, first_zero[..., None], axis=-1)[..., 0]
+        value = np.where(is_zero, zero, value)
+    return value.astype(F32)
+
+
+def row_sigma2(rows: np.ndarray) -> np.ndarray:
+    """Mean of x^2 over each row, summed sequentially (the `sigma2` of the `quantize_row_*_impl` functions)."""
+    return seq_sum(rows * rows) / F32(rows.shape[-1])
+
+
+def importance(blocks: np.ndarray, qw: np.ndarray, sigma2: np.ndarray) -> np.ndarray:
+    """llama.cpp's per-value weight `qw * sqrt(sigma2 + x^2)`; `sigma2` is one value per block."""
+    return qw * np.sqrt(sigma2[:, None] + blocks * blocks)
+
+
+def pack_nibbles(levels: np.ndarray) -> np.ndarray:
+    """Levels `[n, 32]` to ggml's `qs[16]`: value j in the low nibble, value j+16 in the high one."""
+    low = levels[:, :16].astype(np.uint8) & 0x0F
+    high = levels[:, 16:].astype(np.uint8) & 0x0F
+    return low | (high << 4)
+
+
+def pack_high_bits(levels: np.ndarray) -> np.ndarray:
+    """Bit 4 of each of 32 levels as the little-endian uint32 `qh` of Q5_0 / Q5_1."""
+    bits = (levels.astype(np.uint8) >> 4) & 1
+    return np.packbits(bits, axis=-1, bitorder="little")
+
+
+def chunked(fn: Callable[..., tuple[np.ndarray, ...]], *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Apply `fn` (returning a tuple of per-block arrays) to CHUNK blocks at a time and concatenate."""
+    n = arrays[0].shape[0]
+    parts = [fn(*(a[i : i + CHUNK] for a in arrays)) for i in range(0, max(n, 1), CHUNK)]
+    return tuple(np.concatenate(p, axis=0) for p in zip(*parts, strict=True))
+
+
+# ----------------------------------------------------------------------------- scale searches
+
+
+def make_qx_quants(blocks: np.ndarray, weights: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric weighted scale search (llama.cpp `make_qx_quants`, rmse_type 1 with weights).
+
+    Returns `(scale [n], levels [n, 32])` with levels in `[0, 2*nmax)`; all-zero blocks give 0, 0.
+    """
+    return chunked(lambda x, w: _make_qx_quants(x, w, nmax), blocks, weights)
+
+
+def _make_qx_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    amax, vmax = signed_extreme(x)
+    zero = amax < GROUP_MAX_EPS
+    vmax = np.where(zero, F32(1), vmax)
+    steps = np.array([0] + [s for s in range(-9, 10) if s != 0], dtype=F32)
+    # candidate 0 is the plain -nmax/max; the others nudge nmax by 0.1 steps
+    iscale = -(F32(nmax) + F32(0.1) * steps)[None, :] / vmax[:, None]
+    levels = np.clip(np.rint(iscale[:, :, None] * x[:, None, :]), -nmax, nmax - 1)
+    sumlx = seq_sum(w[:, None, :] * x[:, None, :] * levels)
+    suml2 = seq_sum(w[:, None, :] * levels * levels)
+    scale = safe_divide(sumlx[:, 0], suml2[:, 0], suml2[:, 0] != 0)
+    best = scale * sumlx[:, 0]
+    choice = np.zeros(x.shape[0], dtype=np.intp)
+    for k in range(1, steps.size):
+        better = (suml2[:, k] > 0) & (sumlx[:, k] * sumlx[:, k] > best * suml2[:, k])
+        scale = np.where(better, safe_divide(sumlx[:, k], suml2[:, k], better), scale)
+        best = np.where(better, scale * sumlx[:, k], best)
+        choice = np.where(better, k, choice)
+    chosen = np.take_along_axis(levels, choice[:, None, None], axis=1)[:, 0]
+    out_levels = np.where(zero[:, None], 0, chosen + nmax).astype(np.uint8)
+    return np.where(zero, F32(0), scale).astype(F32), out_levels
+
+
+def make_qkx3_quants(blocks: np.ndarray, weights: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weighted scale+min search (llama.cpp `make_qkx3_quants`, rmin -0.9, rdelta 0.05, 36 steps, squared error).
+
+    Returns `(scale, min, levels [n, 32])` where the value is `scale * level + min`.
+    """
+    return chunked(lambda x, w: _make_qkx3_quants(x, w, nmax), blocks, weights)
+
+
+def _affine_fit(
+    x: np.ndarray, w: np.ndarray, levels: np.ndarray, sum_w: np.ndarray, sum_x: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Weighted least-squares scale and min for given levels (min clamped to <= 0) and their error."""
+    sum_l = seq_sum(w * levels)
+    sum_l2 = seq_sum(w * levels * levels)
+    sum_xl = seq_sum(w * levels * x)
+    det = sum_w * sum_l2 - sum_l * sum_l
+    ok = det > 0
+    this_scale = safe_divide(sum_w * sum_xl - sum_x * sum_l, det, ok)
+    this_min = safe_divide(sum_l2 * sum_x - sum_l * sum_xl, det, ok)
+    clamp = this_min > 0
+    this_min = np.where(clamp, F32(0), this_min)
+    this_scale = np.where(clamp, safe_divide(sum_xl, sum_l2, clamp & ok), this_scale)
+    diff = this_scale[..., None] * levels + this_min[..., None] - x
+    return ok, this_scale, this_min, seq_sum(w * (diff * diff))
+
+
+def _make_qkx3_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    vmin = first_extreme(x, "min")
+    vmax = first_extreme(x, "max")
+    vmin = np.where(vmin > 0, F32(0), vmin)
+    sum_w = seq_sum(w)
+    sum_x = seq_sum(w * x)
+    flat = vmax <= vmin
+    span = np.where(flat, F32(1), vmax - vmin)
+    iscale = F32(nmax) / span
+    scale = F32(1) / iscale
+    levels = np.clip(np.rint(iscale[:, None] * (x - vmin[:, None])), 0, nmax)
+    diff = scale[:, None] * levels + vmin[:, None] - x
+    best_mad = seq_sum(w * (diff * diff))
+    steps = np.arange(37, dtype=F32)
+    iscales = (F32(-0.9) + F32(0.05) * steps + F32(nmax))[None, :] / span[:, None]
+    shifted = (x - vmin[:, None])[:, None, :]
+    cand = np.clip(np.rint(iscales[:, :, None] * shifted), 0, nmax)
+    ok, c_scale, c_min, mad = _affine_fit(x[:, None, :], w[:, None, :], cand, sum_w[:, None], sum_x[:, None])
+    ok &= ~flat[:, None]  # a flat block returns before the search
+    choice = np.full(x.shape[0], -1, dtype=np.intp)
+    for k in range(steps.size):
+        better = ok[:, k] & (mad[:, k] < best_mad)
+        best_mad = np.where(better, mad[:, k], best_mad)
+        scale = np.where(better, c_scale[:, k], scale)
+        vmin = np.where(better, c_min[:, k], vmin)
+        choice = np.where(better, k, choice)
+    picked = np.take_along_axis(cand, np.maximum(choice, 0)[:, None, None], axis=1)[:, 0]
+    levels = np.where((choice >= 0)[:, None], picked, levels)
+    levels = np.where(flat[:, None], 0, levels).astype(np.uint8)
+    return np.where(flat, F32(0), scale).astype(F32), vmin.astype(F32), levels
+
+
+# ----------------------------------------------------------------------------- types
+
+
+class _Legacy(QuantType):
+    """Common driver: the ref kernel without imatrix, the weighted search with one."""
+
+    @classmethod
+    def quantize_blocks(cls, blocks: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+        """Blocks on their own: with weights, each block stands in for a whole row when computing sigma2."""
+        blocks = np.asarray(blocks, dtype=F32)
+        if weights is None:
+            return cls.ref_blocks(blocks)
+        weights = np.asarray(weights, dtype=F32)
+        return cls.weighted_blocks(blocks, importance(blocks, weights, row_sigma2(blocks)))
+
+    @classmethod
+    def quantize(cls, rows: np.ndarray, imatrix_row: np.ndarray | None) -> np.ndarray:
+        n_rows, n_cols = rows.shape
+        rows = np.asarray(rows, dtype=F32)
+        blocks = rows.reshape(-1, cls.block_size)
+        if imatrix_row is None:
+            return cls.ref_blocks(blocks).reshape(n_rows, -1)
+        qw = np.broadcast_to(np.asarray(imatrix_row, dtype=F32), (n_rows, n_cols)).reshape(-1, cls.block_size)
+        sigma2 = np.repeat(row_sigma2(rows), n_cols // cls.block_size)
+        return cls.weighted_blocks(blocks, importance(blocks, qw, sigma2)).reshape(n_rows, -1)
+
+    @classmethod
+    def ref_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    @classmethod
+    def weighted_blocks(cls, blocks: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """`weights` are the final per-value weights (imatrix times sqrt(sigma2 + x^2))."""
+        raise NotImplementedError
+
+
+def _symmetric_ref(blocks: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """`quantize_row_q4_0_ref` / `q5_0_ref`: scale max/-nmax, levels trunc(x/d + nmax + 0.5) capped at 2*nmax-1."""
+    _, vmax = signed_extreme(blocks)
+    d = vmax / F32(-nmax)
+    inv = safe_reciprocal(d)
+    levels = np.trunc(blocks * inv[:, None] + F32(nmax + 0.5))
+    return d, np.minimum(levels, 2 * nmax - 1).astype(np.uint8)
+
+
+def _affine_ref(blocks: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`quantize_row_q4_1_ref` / `q5_1_ref`: scale (max-min)/nmax, levels trunc((x-min)/d + 0.5)."""
+    vmin = first_extreme(blocks, "min")
+    vmax = first_extreme(blocks, "max")
+    d = (vmax - vmin) / F32(nmax)
+    inv = safe_reciprocal(d)
+    levels = np.trunc((blocks - vmin[:, None]) * inv[:, None] + F32(0.5))
+    return d, vmin, np.minimum(levels, nmax).astype(np.uint8)
+
+
+class Q8_0(_Legacy, qtype=gguf.GGMLQuantizationType.Q8_0):
+    @classmethod
+    def ref_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        amax = np.abs(blocks).max(axis=-1)
+        d = amax / F32(127)
+        scaled = blocks * safe_reciprocal(d)[:, None]
+        # C roundf: halves away from zero (np.rint would round them to even)
+        whole = np.trunc(scaled)
+        frac = scaled - whole
+        q = whole + np.where(np.abs(frac) >= F32(0.5), np.sign(scaled), F32(0))
+        return np.concatenate([fp16_bytes(d), q.astype(np.int8).view(np.uint8)], axis=1)
+
+    @classmethod
+    def weighted_blocks(cls, blocks: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        # quantize_q8_0 ignores the imatrix
+        return cls.ref_blocks(blocks)
+
+
+class Q4_0(_Legacy, qtype=gguf.GGMLQuantizationType.Q4_0):
+    @classmethod
+    def ref_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        d, levels = _symmetric_ref(blocks, 8)
+        return np.concatenate([fp16_bytes(d), pack_nibbles(levels)], axis=1)
+
+    @classmethod
+    def weighted_blocks(cls, blocks: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        d, levels = make_qx_quants(blocks, weights, 8)
+        return np.concatenate([fp16_bytes(d), pack_nibbles(levels)], axis=1)
+
+
+class Q5_0(_Legacy, qtype=gguf.GGMLQuantizationType.Q5_0):
+    @classmethod
+    def ref_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        d, levels = _symmetric_ref(blocks, 16)
+        return np.concatenate([fp16_bytes(d), pack_high_bits(levels), pack_nibbles(levels)], axis=1)
+
+    @classmethod
+    def weighted_blocks(cls, blocks: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        d, levels = make_qx_quants(blocks, weights, 16)
+        return np.concatenate([fp16_bytes(d), pack_high_bits(levels), pack_nibbles(levels)], axis=1)
+
+
+class Q4_1(_Legacy, qtype=gguf.GGMLQuantizationType.Q4_1):
+    @classmethod
+    def ref_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        return cls._pack(*_affine_ref(blocks, 15))
+
+    @classmethod
+    def weighted_blocks(cls, blocks: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        return cls._pack(*make_qkx3_quants(blocks, weights, 15))
+
+    @staticmethod
+    def _pack(d: np.ndarray, vmin: np.ndarray, levels: np.ndarray) -> np.ndarray:
+        return np.concatenate([fp16_bytes(d), fp16_bytes(vmin), pack_nibbles(levels)], axis=1)
+
+
+class Q5_1(_Legacy, qtype=gguf.GGMLQuantizationType.Q5_1):
+    @classmethod
+    def ref_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        return cls._pack(*_affine_ref(blocks, 31))
+
+    @classmethod
+    def weighted_blocks(cls, blocks: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        return cls._pack(*make_qkx3_quants(blocks, weights, 31))
+
+    @staticmethod
+    def _pack(d: np.ndarray, vmin: np.ndarray, levels: np.ndarray) -> np.ndarray:
+        parts = [fp16_bytes(d), fp16_bytes(vmin), pack_high_bits(levels), pack_nibbles(levels)]
+        return np.concatenate(parts, axis=1)
