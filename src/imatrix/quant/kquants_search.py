@@ -1,0 +1,222 @@
+"""The scale searches behind llama.cpp's K-quants, vectorized over sub-blocks.
+
+Layout: every function takes values *value-major*, `x [n_values, n_groups]`, one column per group
+(sub-block, or the row of sub-block scales of a super-block). Sequential C loops over the values of a
+group then become Python loops over the short leading axis, each step a vector operation over all
+groups, and sums accumulate left to right exactly like the C `for` loops (numpy's own `sum` adds
+pairwise, which changes the float32 result).
+
+Bit-exactness: ggml-quants.c is plain float32 arithmetic in source order (no FMA contraction), so
+every expression below keeps C's operand order, e.g. `w * x * l` is `(w * x) * l`. llama.cpp's
+`nearest_int` (add 1.5 * 2**23, read the mantissa) rounds half to even, i.e. `np.rint`, for every
+|value| < 2**22; levels stay float32 (exact small integers) so they mix with floats as C's ints do.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+F32 = np.float32
+GROUP_MAX_EPS = F32(1e-15)
+
+
+def seq_sum(values: np.ndarray) -> np.ndarray:
+    """Sum over the leading axis strictly in order, starting from 0.0f."""
+    acc = np.zeros(values.shape[1:], dtype=F32)
+    for row in values:
+        acc += row
+    return acc
+
+
+def seq_sum_from_first(values: np.ndarray) -> np.ndarray:
+    """Sum over the leading axis in order, seeded with the first value (`make_qkx2_quants` does this)."""
+    acc = values[0].astype(F32, copy=True)
+    for row in values[1:]:
+        acc += row
+    return acc
+
+
+def signed_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per group: largest |x| and the signed value first reaching it (a strict `>` loop keeps the first)."""
+    absval = np.abs(x)
+    idx = np.argmax(absval, axis=0)[None]
+    amax = np.take_along_axis(absval, idx, axis=0)[0]
+    signed = np.take_along_axis(x, idx, axis=0)[0]
+    return amax, np.where(amax > 0, signed, F32(0)).astype(F32)
+
+
+def divide_where(num: np.ndarray, den: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """`ok ? num / den : 0` in float32 without warnings where `ok` is false."""
+    out = np.zeros(np.broadcast_shapes(np.shape(num), np.shape(den), np.shape(ok)), dtype=F32)
+    np.divide(num, den, out=out, where=ok)
+    return out
+
+
+def nearest(values: np.ndarray) -> np.ndarray:
+    """llama.cpp `nearest_int` as float32: round half to even."""
+    return np.rint(values).astype(F32, copy=False)
+
+
+def make_qx_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric scale search, llama.cpp `make_qx_quants` with rmse_type 1 (weights `w`, or x*x there).
+
+    Returns `(scale [g], levels [n, g])`, levels in `[0, 2*nmax)`; an all-zero group gives 0 and 0.
+    """
+    amax, vmax = signed_absmax(x)
+    zero = amax < GROUP_MAX_EPS
+    vmax = np.where(zero, F32(1), vmax)
+
+    def try_scale(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        levels = np.clip(nearest(iscale * x), -nmax, nmax - 1)
+        return levels, seq_sum(w * x * levels), seq_sum(w * levels * levels)
+
+    levels, sumlx, suml2 = try_scale(F32(-nmax) / vmax)
+    scale = divide_where(sumlx, suml2, suml2 != 0)
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        cand, lx, l2 = try_scale(-(F32(nmax) + F32(0.1) * F32(step)) / vmax)
+        better = (l2 > 0) & (lx * lx > best * l2)
+        levels = np.where(better, cand, levels)
+        scale = np.where(better, divide_where(lx, l2, better), scale)
+        best = np.where(better, scale * lx, best)
+    levels = np.where(zero, F32(0), levels + F32(nmax))
+    return np.where(zero, F32(0), scale).astype(F32), levels
+
+
+def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """llama.cpp `make_q3_quants` with do_rmse: x*x-weighted fit, then coordinate-wise level refinement.
+
+    Returns `(scale [g], levels [n, g])`, levels in `[0, 2*nmax)`.
+    """
+    amax, vmax = signed_absmax(x)
+    zero = amax < GROUP_MAX_EPS
+    vmax = np.where(zero, F32(1), vmax)
+    levels = np.clip(nearest(F32(-nmax) / vmax * x), -nmax, nmax - 1)
+    w = x * x
+    sumlx = seq_sum(w * x * levels)
+    suml2 = seq_sum(w * levels * levels)
+    sumlx, suml2 = _refine(x, w, levels, sumlx, suml2, (-nmax, nmax - 1), qp_rules=False)
+    scale = divide_where(sumlx, suml2, suml2 > 0)
+    levels = np.where(zero, F32(0), levels + F32(nmax))
+    return np.where(zero, F32(0), scale).astype(F32), levels
+
+
+def _refine(
+    x: np.ndarray,
+    w: np.ndarray,
+    levels: np.ndarray,
+    sumlx: np.ndarray,
+    suml2: np.ndarray,
+    bounds: tuple[float, float],
+    qp_rules: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The 5-pass coordinate descent of `make_q3_quants` / `make_qp_quants`; updates `levels` in place.
+
+    Each value in turn moves to the level that is optimal for the other values' fit, kept if the
+    fit improves. Running all passes equals C's early exit: a pass that changes nothing leaves the
+    state as it was. The two C functions differ in small guards: `make_qp_quants` also needs the
+    remaining `sl2 > 0` beforehand, `make_q3_quants` needs the new `sl2 > 0` afterwards.
+    """
+    lo, hi = bounds
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for _ in range(5):
+            for i in range(x.shape[0]):
+                wi, xi, li = w[i], x[i], levels[i]
+                slx = sumlx - wi * xi * li
+                sl2 = suml2 - wi * li * li
+                ok = (slx > 0) & (sl2 > 0) if qp_rules else slx > 0
+                new = np.clip(nearest(xi * sl2 / slx), lo, hi)
+                ok &= new != li
+                new_lx = slx + wi * xi * new
+                new_l2 = sl2 + wi * new * new
+                ok &= new_lx * new_lx * suml2 > sumlx * sumlx * new_l2
+                if not qp_rules:
+                    ok &= new_l2 > 0
+                levels[i] = np.where(ok, new, li)
+                sumlx = np.where(ok, new_lx, sumlx)
+                suml2 = np.where(ok, new_l2, suml2)
+    return sumlx, suml2
+
+
+def make_qp_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """llama.cpp `make_qp_quants`: non-negative levels `[0, nmax]` for non-negative `x` (the sub-block
+    scales or mins of a super-block), best of 9 trial scales, then refined. Returns `(scale, levels)`.
+    """
+    vmax = np.maximum(x.max(axis=0), F32(0))
+    zero = vmax < GROUP_MAX_EPS
+    vmax = np.where(zero, F32(1), vmax)
+    iscale = F32(nmax) / vmax
+    scale = F32(1) / iscale
+    levels = nearest(iscale * x)  # the first trial is not clipped to nmax
+    diff = x - scale * levels
+    best = seq_sum(w * diff * diff)
+    for step in range(-4, 5):
+        if step == 0:
+            continue
+        trial = (F32(0.1) * F32(step) + F32(nmax)) / vmax
+        trial_levels = np.minimum(nearest(trial * x), F32(nmax))
+        diff = x - (F32(1) / trial) * trial_levels
+        mse = seq_sum(w * diff * diff)
+        better = mse < best
+        best = np.where(better, mse, best)
+        iscale = np.where(better, trial, iscale)
+    levels = np.minimum(nearest(iscale * x), F32(nmax))
+    sumlx = seq_sum(w * x * levels)
+    suml2 = seq_sum(w * levels * levels)
+    sumlx, suml2 = _refine(x, w, levels, sumlx, suml2, (-np.inf, nmax), qp_rules=True)
+    scale = divide_where(sumlx, suml2, suml2 > 0)
+    return np.where(zero, F32(0), scale).astype(F32), np.where(zero, F32(0), levels)
+
+
+def make_qkx_quants(
+    x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Affine scale+min search, llama.cpp `make_qkx2_quants` (and `make_qkx3_quants`, the same
+    search with explicit weights): levels `[0, nmax]`, value = scale * level - the_min.
+
+    Tries iscale = (nmax + rmin + rdelta * k) / (max - min) for k = 0..nstep, each followed by a
+    weighted least-squares fit of scale and min (min kept <= 0). Returns `(scale, the_min, levels)`.
+    """
+    vmin = np.min(x, axis=0)
+    vmax = np.max(x, axis=0)
+    sum_w = seq_sum_from_first(w)
+    sum_x = seq_sum_from_first(w * x)
+    vmin = np.where(vmin > 0, F32(0), vmin).astype(F32)
+    flat = vmax == vmin
+    flat_min = vmin
+    vmin = np.where(flat, vmax - F32(1), vmin).astype(F32)  # any min < max: flat groups skip the search
+    iscale = F32(nmax) / (vmax - vmin)
+    scale = F32(1) / iscale
+    levels = np.clip(nearest(iscale * (x - vmin)), 0, nmax)
+
+    def error(s: np.ndarray, m: np.ndarray, lev: np.ndarray) -> np.ndarray:
+        diff = s * lev + m - x
+        return seq_sum(w * (np.abs(diff) if use_mad else diff * diff))
+
+    best = error(scale, vmin, levels)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for step in range(nstep + 1):
+            # llama.cpp quirk: the trial range uses the min of the best fit so far, not the data min
+            trial = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / (vmax - vmin)
+            cand = np.clip(nearest(trial * (x - vmin)), 0, nmax)
+            sum_l = seq_sum(w * cand)
+            sum_l2 = seq_sum(w * cand * cand)
+            sum_xl = seq_sum(w * cand * x)
+            det = sum_w * sum_l2 - sum_l * sum_l
+            ok = (det > 0) & ~flat
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+            clamp = this_min > 0
+            this_min = np.where(clamp, F32(0), this_min)
+            this_scale = np.where(clamp, sum_xl / sum_l2, this_scale)
+            cur = error(this_scale, this_min, cand)
+            better = ok & (cur < best)
+            levels = np.where(better, cand, levels)
+            best = np.where(better, cur, best)
+            scale = np.where(better, this_scale, scale)
+            vmin = np.where(better, this_min, vmin)
+    levels = np.where(flat, F32(0), levels)
+    the_min = np.where(flat, -flat_min, -vmin)
+    return np.where(flat, F32(0), scale).astype(F32), the_min.astype(F32), levels
