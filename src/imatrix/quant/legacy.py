@@ -16,6 +16,7 @@ from collections.abc import Callable
 import gguf
 import numpy as np
 
+from imatrix.quant import kquants_search
 from imatrix.quant.base import QuantType
 
 F32 = np.float32
@@ -124,26 +125,8 @@ def make_qx_quants(blocks: np.ndarray, weights: np.ndarray, nmax: int) -> tuple[
 
 
 def _make_qx_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    amax, vmax = signed_extreme(x)
-    zero = amax < GROUP_MAX_EPS
-    vmax = np.where(zero, F32(1), vmax)
-    steps = np.array([0] + [s for s in range(-9, 10) if s != 0], dtype=F32)
-    # candidate 0 is the plain -nmax/max; the others nudge nmax by 0.1 steps
-    iscale = -(F32(nmax) + F32(0.1) * steps)[None, :] / vmax[:, None]
-    levels = np.clip(np.rint(iscale[:, :, None] * x[:, None, :]), -nmax, nmax - 1)
-    sumlx = seq_sum(w[:, None, :] * x[:, None, :] * levels)
-    suml2 = seq_sum(w[:, None, :] * levels * levels)
-    scale = safe_divide(sumlx[:, 0], suml2[:, 0], suml2[:, 0] != 0)
-    best = scale * sumlx[:, 0]
-    choice = np.zeros(x.shape[0], dtype=np.intp)
-    for k in range(1, steps.size):
-        better = (suml2[:, k] > 0) & (sumlx[:, k] * sumlx[:, k] > best * suml2[:, k])
-        scale = np.where(better, safe_divide(sumlx[:, k], suml2[:, k], better), scale)
-        best = np.where(better, scale * sumlx[:, k], best)
-        choice = np.where(better, k, choice)
-    chosen = np.take_along_axis(levels, choice[:, None, None], axis=1)[:, 0]
-    out_levels = np.where(zero[:, None], 0, chosen + nmax).astype(np.uint8)
-    return np.where(zero, F32(0), scale).astype(F32), out_levels
+    scale, levels = kquants_search.make_qx_quants(x.T, nmax, w.T)  # it works on [group_size, n_groups]
+    return scale, levels.T.astype(np.uint8)
 
 
 def make_qkx3_quants(blocks: np.ndarray, weights: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -154,54 +137,10 @@ def make_qkx3_quants(blocks: np.ndarray, weights: np.ndarray, nmax: int) -> tupl
     return chunked(lambda x, w: _make_qkx3_quants(x, w, nmax), blocks, weights)
 
 
-def _affine_fit(
-    x: np.ndarray, w: np.ndarray, levels: np.ndarray, sum_w: np.ndarray, sum_x: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Weighted least-squares scale and min for given levels (min clamped to <= 0) and their error."""
-    sum_l = seq_sum(w * levels)
-    sum_l2 = seq_sum(w * levels * levels)
-    sum_xl = seq_sum(w * levels * x)
-    det = sum_w * sum_l2 - sum_l * sum_l
-    ok = det > 0
-    this_scale = safe_divide(sum_w * sum_xl - sum_x * sum_l, det, ok)
-    this_min = safe_divide(sum_l2 * sum_x - sum_l * sum_xl, det, ok)
-    clamp = this_min > 0
-    this_min = np.where(clamp, F32(0), this_min)
-    this_scale = np.where(clamp, safe_divide(sum_xl, sum_l2, clamp & ok), this_scale)
-    diff = this_scale[..., None] * levels + this_min[..., None] - x
-    return ok, this_scale, this_min, seq_sum(w * (diff * diff))
-
-
 def _make_qkx3_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    vmin = first_extreme(x, "min")
-    vmax = first_extreme(x, "max")
-    vmin = np.where(vmin > 0, F32(0), vmin)
-    sum_w = seq_sum(w)
-    sum_x = seq_sum(w * x)
-    flat = vmax <= vmin
-    span = np.where(flat, F32(1), vmax - vmin)
-    iscale = F32(nmax) / span
-    scale = F32(1) / iscale
-    levels = np.clip(np.rint(iscale[:, None] * (x - vmin[:, None])), 0, nmax)
-    diff = scale[:, None] * levels + vmin[:, None] - x
-    best_mad = seq_sum(w * (diff * diff))
-    steps = np.arange(37, dtype=F32)
-    iscales = (F32(-0.9) + F32(0.05) * steps + F32(nmax))[None, :] / span[:, None]
-    shifted = (x - vmin[:, None])[:, None, :]
-    cand = np.clip(np.rint(iscales[:, :, None] * shifted), 0, nmax)
-    ok, c_scale, c_min, mad = _affine_fit(x[:, None, :], w[:, None, :], cand, sum_w[:, None], sum_x[:, None])
-    ok &= ~flat[:, None]  # a flat block returns before the search
-    choice = np.full(x.shape[0], -1, dtype=np.intp)
-    for k in range(steps.size):
-        better = ok[:, k] & (mad[:, k] < best_mad)
-        best_mad = np.where(better, mad[:, k], best_mad)
-        scale = np.where(better, c_scale[:, k], scale)
-        vmin = np.where(better, c_min[:, k], vmin)
-        choice = np.where(better, k, choice)
-    picked = np.take_along_axis(cand, np.maximum(choice, 0)[:, None, None], axis=1)[:, 0]
-    levels = np.where((choice >= 0)[:, None], picked, levels)
-    levels = np.where(flat[:, None], 0, levels).astype(np.uint8)
-    return np.where(flat, F32(0), scale).astype(F32), vmin.astype(F32), levels
+    # the K-quant search works on [group_size, n_groups] and returns the negated min
+    scale, negated_min, levels = kquants_search.make_qkx_quants(x.T, w.T, nmax, -0.9, 0.05, 36, use_mad=False)
+    return scale, -negated_min, levels.T.astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------- types
