@@ -8,10 +8,13 @@ from pathlib import Path
 
 import torch
 
+from imatrix.collect import distributed
 from imatrix.collect.runner import CollectOptions, collect, log
 from imatrix.errors import ImatrixError
 from imatrix.matrix import ImportanceMatrix
 from imatrix.models.bundled import default_calibration_text, smollm2_path
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,6 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("-ngl", "--n-gpu-layers", "--gpu-layers", type=int, default=None,
         help="accepted for compatibility: 0 forces the CPU, anything else selects the GPU if there is one")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the model runs (default: auto)")
+    add("--dtype", choices=sorted(DTYPES), default="float32",
+        help="compute dtype of the model (statistics always accumulate in float32; default: float32)")
+    add("--sequential", action=argparse.BooleanOptionalAction, default=None,
+        help="run one layer at a time, loading each from the model file (default: only when the "
+             "weights would not fit in memory)")
+    add("--window-chunks", type=int, default=64,
+        help="with --sequential: chunks pushed through each loaded layer at most (default: 64)")
+    add("--resume", action="store_true",
+        help="continue an interrupted run from its last saved --output-file")
     add("--chunk", "--from-chunk", dest="from_chunk", type=int, default=0, help="skip the first N chunks")
     add("--chunks", type=int, default=-1, help="maximum number of chunks (default: all)")
     add("--no-ppl", action="store_true", help="do not compute perplexity (skips the output projection)")
@@ -75,11 +87,16 @@ def main(argv: list[str]) -> int:
         n_ctx=args.ctx_size, n_batch=args.batch_size, from_chunk=args.from_chunk, max_chunks=args.chunks,
         compute_ppl=not args.no_ppl, process_output=args.process_output, parse_special=args.parse_special,
         output_file=output, output_format=output_format, output_frequency=args.output_frequency,
-        save_frequency=args.save_frequency, verbosity=args.verbosity,
+        save_frequency=args.save_frequency, verbosity=args.verbosity, dtype=DTYPES[args.dtype],
+        sequential=args.sequential, window_chunks=args.window_chunks, resume=args.resume,
     )
     model = args.model or _bundled("model", smollm2_path(), args.verbosity)
     text = args.file or _bundled("calibration text", default_calibration_text(), args.verbosity)
-    collect(model, text, options, base=base, device=_device(args))
+    group, device = distributed.from_environment(_device(args))
+    try:
+        collect(model, text, options, base=base, device=device, group=group)
+    finally:
+        distributed.shutdown(group)
     return 0
 
 
@@ -95,6 +112,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise ImatrixError(f"--batch-size {args.batch_size} must be a multiple of --ctx-size {args.ctx_size}")
     if args.batch_size < args.ctx_size:
         raise ImatrixError(f"--batch-size {args.batch_size} smaller than --ctx-size {args.ctx_size} is not supported")
+    if args.window_chunks <= 0:
+        raise ImatrixError(f"--window-chunks must be > 0 (got {args.window_chunks})")
     if args.output_frequency <= 0:
         raise ImatrixError(f"--output-frequency must be > 0 (got {args.output_frequency})")
 

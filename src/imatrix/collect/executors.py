@@ -1,27 +1,50 @@
-"""How the model is executed for one batch of chunks (kept apart from what is measured)."""
+"""How the model is executed for a window of batches (kept apart from what is measured).
+
+An executor turns batches of chunks into final (normed) hidden states and lends the output
+projection; the runner decides what to project and score. `InMemoryExecutor` holds the whole model;
+`imatrix.collect.sequential.SequentialExecutor` loads one layer at a time.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Protocol
 
 import torch
 
 from imatrix.models.loader import LoadedModel
 
-if TYPE_CHECKING:
-    from imatrix.collect.runner import CollectOptions
+
+class Executor(Protocol):
+    loaded: LoadedModel
+    device: torch.device
+    window_chunks: int  # chunks it prefers per window; 0: one batch at a time
+
+    def hidden_states(self, batches: list[torch.Tensor]) -> list[torch.Tensor]: ...
+
+    def output_head(self) -> AbstractContextManager[torch.nn.Module]: ...
 
 
-def forward_in_memory(loaded: LoadedModel, batch: torch.Tensor, options: CollectOptions) -> torch.Tensor | None:
-    """Hidden states through every block; the output projection only where it is needed.
+class InMemoryExecutor:
+    window_chunks = 0
 
-    Returns the logits of the scored positions (n_ctx/2 … n_ctx−2) when perplexity is on.
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.device = next(loaded.model.parameters()).device
+
+    def hidden_states(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [forward_in_memory(self.loaded, batch) for batch in batches]
+
+    @contextmanager
+    def output_head(self) -> Iterator[torch.nn.Module]:
+        yield self.loaded.model.lm_head
+
+
+def forward_in_memory(loaded: LoadedModel, batch: torch.Tensor) -> torch.Tensor:
+    """Final (normed) hidden states `[n_seq, n_ctx, d_model]` of one batch of chunks.
+
+    The output projection is not run here: the runner applies it per sequence, only where it is
+    needed (perplexity, or --process-output), which keeps one chunk's logits in memory at a time.
     """
-    model = loaded.model
-    hidden = model.model(input_ids=batch, use_cache=False).last_hidden_state
-    if options.process_output and not getattr(loaded.config, "tie_word_embeddings", False):
-        logits = model.lm_head(hidden)  # all positions, as llama.cpp collects output.weight
-        return logits[:, options.n_ctx // 2 : -1] if options.compute_ppl else None
-    if not options.compute_ppl:
-        return None
-    return model.lm_head(hidden[:, options.n_ctx // 2 : -1])
+    return loaded.model.model(input_ids=batch, use_cache=False).last_hidden_state

@@ -1,8 +1,9 @@
 """What is measured: Σx² per input column and token rows, for every matmul weight.
 
-`ActivationCollector` is a context manager that attaches forward pre-hooks to the model's
-`nn.Linear` modules named in `targets` (GGUF name per module) and removes them on exit. Sums stay
-on the model's device; nothing is copied to the host until `snapshot()`.
+`ActivationCollector` is a context manager that attaches forward pre-hooks to the modules named in
+`targets` (GGUF name per module: `nn.Linear`s and MoE routers) and hooks the routed experts
+(`ExpertTarget`s, see `collect.moe`), and removes all of it on exit. Sums and expert counts stay on
+the model's device; nothing is copied to the host until `snapshot()`.
 """
 
 from __future__ import annotations
@@ -11,23 +12,30 @@ from types import TracebackType
 
 import torch
 
+from imatrix.collect.moe import ExpertTarget, Handle, Names, attach_experts
 from imatrix.errors import ImatrixError
 from imatrix.matrix import ImportanceMatrix
 
 
 class ActivationCollector:
-    def __init__(self, targets: dict[str, torch.nn.Module]) -> None:
-        self.targets = targets  # GGUF name -> module whose input is measured
+    def __init__(self, targets: dict[str, torch.nn.Module | ExpertTarget]) -> None:
+        self.targets = targets  # GGUF name -> module whose input is measured, or routed experts
         self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.counts: dict[str, int] = {}  # dense tensors: token rows (no device sync to read)
+        # routed experts, keyed by the GGUF names sharing them: [n_expert, n_cols] sums, [n_expert] counts
+        self.expert_sums: dict[Names, torch.Tensor] = {}
+        self.expert_counts: dict[Names, torch.Tensor] = {}
+        self._handles: list[Handle] = []
         self._last_input: torch.Tensor | None = None
         self._last_sum_sq: torch.Tensor | None = None
         self._finite: torch.Tensor | None = None
 
     def __enter__(self) -> ActivationCollector:
+        experts = {name: target for name, target in self.targets.items() if isinstance(target, ExpertTarget)}
         for name, module in self.targets.items():
-            self._handles.append(module.register_forward_pre_hook(self._hook_for(name)))
+            if name not in experts:
+                self._handles.append(module.register_forward_pre_hook(self._hook_for(name)))
+        self._handles.extend(attach_experts(experts, self))
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -65,11 +73,46 @@ class ActivationCollector:
         self._last_input, self._last_sum_sq = activations, sum_sq
         return sum_sq
 
+    def observe_routed(self, names: Names, n_expert: int, tokens: torch.Tensor, routing: torch.Tensor) -> None:
+        """Add token rows `[n_tokens, n_cols]` to the experts they were routed to (`routing`: [n_tokens, n_expert])."""
+        squares = tokens.reshape(-1, tokens.shape[-1]).float().square()
+        sums, counts = self._expert_accumulators(names, n_expert, squares.shape[1], tokens.device)
+        sums.addmm_(routing.t(), squares)
+        counts.add_(routing.sum(dim=0).round().long())
+        self._check_finite(sums)
+
+    def observe_by_expert(self, names: Names, n_expert: int, rows: torch.Tensor, expert_ids: torch.Tensor) -> None:
+        """Add rows `[n_rows, n_cols]`, row i belonging to expert `expert_ids[i]`."""
+        rows = rows.reshape(-1, rows.shape[-1])
+        sums, counts = self._expert_accumulators(names, n_expert, rows.shape[1], rows.device)
+        sums.index_add_(0, expert_ids, rows.float().square())
+        counts.index_add_(0, expert_ids, torch.ones_like(expert_ids, dtype=torch.int64))
+        self._check_finite(sums)
+
+    def observe_expert(self, names: Names, n_expert: int, expert: int, rows: torch.Tensor) -> None:
+        """Add rows `[..., n_cols]` that all went through expert `expert`."""
+        rows = rows.reshape(-1, rows.shape[-1])
+        sums, counts = self._expert_accumulators(names, n_expert, rows.shape[1], rows.device)
+        sums[expert].add_(rows.float().square().sum(dim=0))
+        counts[expert] += rows.shape[0]
+        self._check_finite(sums[expert])
+
+    def _expert_accumulators(self, names: Names, n_expert: int, n_cols: int,
+                             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if names not in self.expert_sums:
+            self.expert_sums[names] = torch.zeros(n_expert, n_cols, dtype=torch.float32, device=device)
+            self.expert_counts[names] = torch.zeros(n_expert, dtype=torch.int64, device=device)
+        return self.expert_sums[names], self.expert_counts[names]
+
+    def _check_finite(self, values: torch.Tensor) -> None:
+        finite = torch.isfinite(values).all()
+        self._finite = finite if self._finite is None else self._finite & finite
+
     def end_batch(self) -> None:
         """Drop the per-forward cache and stop on non-finite activations (one host sync per batch)."""
         self._last_input = self._last_sum_sq = None
         if self._finite is not None and not bool(self._finite):
-            bad = next(name for name, total in self.sums.items() if not torch.isfinite(total).all())
+            bad = next(name for name, total in self._all_sums() if not torch.isfinite(total).all())
             raise ImatrixError(f"non-finite activations (NaN or Inf) reaching '{bad}'")
         self._finite = None
 
@@ -78,4 +121,11 @@ class ActivationCollector:
         merged = base.copy() if base is not None else ImportanceMatrix()
         for name, total in self.sums.items():
             merged.accumulate(name, total.detach().cpu().numpy().reshape(1, -1), [self.counts[name]])
+        for names, total in self.expert_sums.items():
+            sums, counts = total.detach().cpu().numpy(), self.expert_counts[names].cpu().numpy()
+            for name in names:
+                merged.accumulate(name, sums.copy(), counts.copy())
         return merged
+
+    def _all_sums(self) -> list[tuple[str, torch.Tensor]]:
+        return [*self.sums.items(), *((names[0], total) for names, total in self.expert_sums.items())]

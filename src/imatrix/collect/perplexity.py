@@ -16,8 +16,9 @@ class PerplexityMeter:
 
     def add(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
         """`logits [n, vocab]` predicting `targets [n]`; accumulates Σ-log p and Σ(log p)²."""
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        nll = -log_probs.gather(1, targets.view(-1, 1)).view(-1).double()
+        logits = logits.float()
+        # logsumexp - logit[target]: no vocab-sized log-softmax copy per position
+        nll = (torch.logsumexp(logits, dim=-1) - logits.gather(1, targets.view(-1, 1)).view(-1)).double()
         self.nll += float(nll.sum())
         self.nll2 += float((nll * nll).sum())
         self.count += int(nll.numel())

@@ -1,13 +1,16 @@
-"""How the model is executed over the chunks: batches of n_seq chunks, saves, perplexity, progress.
+"""How the model is driven over the chunks: windows of batches, saves, perplexity, progress, ranks.
 
-`collect()` is the library entry point behind the `imatrix` command.
+`collect()` is the library entry point behind the `imatrix` command. Which executor runs the model
+(whole model in memory, or one layer at a time) is chosen here; what is measured is the
+`ActivationCollector`'s business and does not depend on it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,10 +19,12 @@ import torch
 from tqdm import tqdm
 
 from imatrix.collect.chunks import read_calibration_text, tokenize_chunks
-from imatrix.collect.executors import forward_in_memory
+from imatrix.collect.distributed import SINGLE, Group
+from imatrix.collect.executors import Executor, InMemoryExecutor
 from imatrix.collect.hooks import ActivationCollector
 from imatrix.collect.perplexity import PerplexityMeter
 from imatrix.collect.targets import collection_targets
+from imatrix.errors import ImatrixError
 from imatrix.matrix import ImportanceMatrix
 from imatrix.models.loader import LoadedModel, load_model
 
@@ -40,6 +45,10 @@ class CollectOptions:
     verbosity: int = 1
     dataset_name: str | None = None  # recorded in imatrix.datasets; defaults to the text path
     progress: bool = True
+    dtype: torch.dtype = torch.float32  # compute dtype; statistics accumulate in float32 regardless
+    sequential: bool | None = None  # layer by layer; None: when the weights would not fit in memory
+    window_chunks: int = 64  # sequential: chunks pushed through each loaded layer at most
+    resume: bool = False  # continue from output_file's chunk_count
 
     @property
     def n_seq(self) -> int:
@@ -60,30 +69,66 @@ def log(message: str, verbosity: int, level: int = 1) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def collect(model: str | Path | LoadedModel, text_file: str | Path, options: CollectOptions | None = None,
+def collect(model: str | Path | LoadedModel | Executor, text_file: str | Path, options: CollectOptions | None = None,
             base: ImportanceMatrix | None = None, device: str | torch.device = "cpu",
-            stdout: Callable[[str], None] | None = None) -> CollectResult:
+            stdout: Callable[[str], None] | None = None, group: Group = SINGLE) -> CollectResult:
     """Run `model` over `text_file` and return the importance matrix (saved as configured).
 
     `base` holds statistics loaded from earlier files (`--in-file`); collection continues on top.
+    With `options.resume`, an existing `output_file` becomes the base and the chunks it already
+    counts are skipped. Under torch.distributed every rank calls this; rank 0 prints and saves.
     """
     options = options or CollectOptions()
     emit = stdout or (lambda text: print(text, end="", flush=True))
+    if not group.is_main:
+        options = dataclasses.replace(options, verbosity=0, progress=False)
+        emit = _silent
     text = read_calibration_text(text_file)
-    loaded = model if isinstance(model, LoadedModel) else _load(model, device, options.verbosity)
-    chunks = _tokenize(loaded, text, options, text_file)
+    executor = open_executor(model, torch.device(device), options)
+    chunks = _tokenize(executor.loaded, text, options, text_file)
     dataset = options.dataset_name if options.dataset_name is not None else str(text_file)
     base = base.copy() if base is not None else ImportanceMatrix()
     base.chunk_size = options.n_ctx
-    base.datasets = [*base.datasets, dataset]
-    return _run(loaded, chunks, options, base, emit)
+    skip = 0
+    resumed = _resume_from(options) if options.resume else None
+    if resumed is not None:
+        skip = _chunks_done(resumed, base, options)
+        base = resumed
+        log(f"compute_imatrix: resuming from {options.output_file} after {skip} chunks", options.verbosity)
+    else:
+        base.datasets = [*base.datasets, dataset]
+    return _run(executor, chunks[skip:], options, base, emit, group, skip)
 
 
-def _load(path: str | Path, device: str | torch.device, verbosity: int) -> LoadedModel:
+def open_executor(model: str | Path | LoadedModel | Executor, device: torch.device,
+                  options: CollectOptions) -> Executor:
+    """The executor for `model`: in memory, or layer by layer when asked or when it would not fit."""
+    if isinstance(model, LoadedModel):
+        return InMemoryExecutor(model)
+    if hasattr(model, "hidden_states"):
+        return model
+    from imatrix.collect import sequential
+
+    path = Path(model)
+    use_sequential = options.sequential
+    if use_sequential is None and path.exists():
+        use_sequential = sequential.should_run_sequentially(path, device, options.dtype)
+        if use_sequential:
+            log(f"load_model: {path}'s weights would not fit in memory: running layer by layer (--sequential)",
+                options.verbosity)
     start = time.perf_counter()
-    loaded = load_model(path, device=device)
-    log(f"load_model: loaded {path} in {time.perf_counter() - start:.2f} s", verbosity)
-    return loaded
+    if use_sequential:
+        loaded, weights = sequential.open_lazy_model(path, device)
+        executor: Executor = sequential.SequentialExecutor(loaded, weights, device, options.dtype,
+                                                           options.window_chunks)
+    else:
+        executor = InMemoryExecutor(load_model(path, device=device, dtype=options.dtype))
+    log(f"load_model: loaded {path} in {time.perf_counter() - start:.2f} s", options.verbosity)
+    return executor
+
+
+def _silent(text: str) -> None:
+    pass
 
 
 def _tokenize(loaded: LoadedModel, text: str, options: CollectOptions, source: object) -> np.ndarray:
@@ -95,27 +140,58 @@ def _tokenize(loaded: LoadedModel, text: str, options: CollectOptions, source: o
     return chunks
 
 
+def _resume_from(options: CollectOptions) -> ImportanceMatrix | None:
+    output = options.output_file
+    if output is None or not Path(output).is_file():
+        log(f"compute_imatrix: --resume: no {output} yet, starting from the beginning", options.verbosity)
+        return None
+    saved = ImportanceMatrix.load(output, chunk_size=options.n_ctx)
+    if saved.chunk_size and saved.chunk_size != options.n_ctx:
+        raise ImatrixError(f"{output}: cannot resume: it was collected with chunks of {saved.chunk_size} "
+                           f"tokens, not {options.n_ctx}")
+    saved.chunk_size = options.n_ctx
+    saved.update_chunk_count()
+    return saved
+
+
+def _chunks_done(saved: ImportanceMatrix, in_files: ImportanceMatrix, options: CollectOptions) -> int:
+    """Chunks of this text already in `saved`: its chunk_count less what the --in-file base brought."""
+    in_files.update_chunk_count()
+    done = saved.chunk_count - in_files.chunk_count
+    if done < 0:
+        raise ImatrixError(f"{options.output_file}: cannot resume: it holds fewer chunks ({saved.chunk_count}) "
+                           f"than the --in-file data ({in_files.chunk_count})")
+    return done
+
+
 class _Saver:
     """llama.cpp's save schedule: after the batch in which chunk_count crosses a multiple of the frequency."""
 
-    def __init__(self, options: CollectOptions, emit: Callable[[str], None]) -> None:
-        self.options, self.emit = options, emit
+    def __init__(self, options: CollectOptions, emit: Callable[[str], None], group: Group) -> None:
+        self.options, self.emit, self.group = options, emit, group
 
-    def after_batch(self, matrix_at: Callable[[], ImportanceMatrix], last_chunk: int, step: int) -> None:
+    def due(self, last_chunk: int, step: int) -> tuple[bool, bool]:
+        """(output file, snapshot) due after the step that ends at `last_chunk` and spans `step` chunks."""
         options = self.options
         if options.output_file is None:
-            return
+            return False, False
         due_output = options.output_frequency > 0 and (last_chunk % options.output_frequency) // step == 0
         due_snapshot = options.save_frequency > 0 and (last_chunk % options.save_frequency) // step == 0
+        return due_output, due_snapshot
+
+    def after_step(self, matrix_at: Callable[[], ImportanceMatrix], last_chunk: int, step: int) -> None:
+        due_output, due_snapshot = self.due(last_chunk, step)
         if not (due_output or due_snapshot):
             return
-        matrix = matrix_at()
+        matrix = matrix_at()  # a collective under torch.distributed: every rank gets here
         if due_output:
-            self.save(matrix, options.output_file)
+            self.save(matrix, self.options.output_file)
         if due_snapshot:
-            self.save(matrix, Path(f"{options.output_file}.at_{last_chunk}"))
+            self.save(matrix, Path(f"{self.options.output_file}.at_{last_chunk}"))
 
     def save(self, matrix: ImportanceMatrix, path: Path) -> None:
+        if not self.group.is_main:
+            return
         matrix.save(path, self.options.output_format)
         if self.options.verbosity >= 1:
             self.emit("\n")
@@ -123,39 +199,77 @@ class _Saver:
             self.options.verbosity)
 
 
-def _run(loaded: LoadedModel, chunks: np.ndarray, options: CollectOptions, base: ImportanceMatrix,
-         emit: Callable[[str], None]) -> CollectResult:
+@dataclass(frozen=True)
+class _Step:
+    """One batch per rank: global batches [first_batch, first_batch + world)."""
+
+    first_batch: int
+    batches: list[tuple[int, int]]  # (first chunk, n chunks) per global batch
+    last_chunk: int  # chunk_count once this step is done (base included)
+
+    @property
+    def n_chunks(self) -> int:
+        return sum(size for _, size in self.batches)
+
+
+def plan_windows(n_chunk: int, n_ctx: int, n_seq: int, group: Group, base_tokens: int, saver: _Saver,
+                 window_chunks: int) -> list[list[_Step]]:
+    """Steps grouped into windows: a window ends where a save is due, or at `window_chunks` chunks."""
+    batches = [(first, min(n_seq, n_chunk - first)) for first in range(0, n_chunk, n_seq)]
+    windows: list[list[_Step]] = [[]]
+    done = 0
+    for first_batch in range(0, len(batches), group.world):
+        step_batches = batches[first_batch : first_batch + group.world]
+        done += sum(size for _, size in step_batches)
+        step = _Step(first_batch, step_batches, (base_tokens + done * n_ctx) // n_ctx)
+        windows[-1].append(step)
+        window_size = sum(s.n_chunks for s in windows[-1])
+        if any(saver.due(step.last_chunk, step.n_chunks)) or window_size >= window_chunks:
+            windows.append([])
+    return [window for window in windows if window]
+
+
+def _run(executor: Executor, chunks: np.ndarray, options: CollectOptions, base: ImportanceMatrix,
+         emit: Callable[[str], None], group: Group, first_index: int) -> CollectResult:
     n_chunk, n_ctx, n_seq = chunks.shape[0], options.n_ctx, options.n_seq
     if options.verbosity >= 1:
         emit(f"compute_imatrix: computing over {n_chunk} chunks, n_ctx={n_ctx}, "
              f"batch_size={options.n_batch}, n_seq={n_seq}\n")
-    device = next(loaded.model.parameters()).device
-    meter = PerplexityMeter() if options.compute_ppl else None
-    saver = _Saver(options, emit)
-    targets = collection_targets(loaded, options.process_output)
+    meter = PerplexityMeter() if options.compute_ppl and n_chunk else None
+    saver = _Saver(options, emit, group)
+    windows = plan_windows(n_chunk, n_ctx, n_seq, group, base.max_count(), saver, executor.window_chunks)
+    targets = collection_targets(executor.loaded, options.process_output)
     chunk_ppl: list[float] = []
     progress = tqdm(total=n_chunk * n_ctx, unit="tok", unit_scale=True, file=sys.stderr,
                     disable=not options.progress or options.verbosity < 1, desc="imatrix")
     start = time.perf_counter()
     with ActivationCollector(targets) as collector, torch.inference_mode():
         def matrix_now() -> ImportanceMatrix:
-            matrix = collector.snapshot(base)
+            if group.world == 1:
+                matrix = collector.snapshot(base)
+            else:
+                matrix = base.copy()
+                matrix.merge_in(group.reduce_matrix(collector.snapshot()))
+                matrix.datasets = list(base.datasets)
             matrix.chunk_size = n_ctx
             matrix.update_chunk_count()
             return matrix
 
-        for first in range(0, n_chunk, n_seq):
-            batch = torch.from_numpy(chunks[first : first + n_seq]).to(device)
-            logits = forward_in_memory(loaded, batch, options)
+        for window in windows:
+            scores = _run_window(executor, chunks, window, options, group)
             collector.end_batch()
-            last_chunk = (base.max_count() + max(collector.counts.values(), default=0)) // n_ctx
-            saver.after_batch(matrix_now, last_chunk, batch.shape[0])
-            if meter is not None and logits is not None:
-                _score(meter, logits, batch, first, chunk_ppl, emit)
-            progress.update(batch.numel())
+            scores = dict(pair for rank_scores in group.gather(scores) for pair in rank_scores)
+            for step in window:
+                if step is window[-1]:
+                    saver.after_step(matrix_now, step.last_chunk, step.n_chunks)
+                if meter is not None:
+                    _report_ppl(meter, scores, step, first_index, chunk_ppl, emit)
+                progress.update(step.n_chunks * n_ctx)
         progress.close()
         matrix = matrix_now()
     elapsed = time.perf_counter() - start
+    log(f"compute_imatrix: {n_chunk * n_ctx} tokens in {elapsed:.2f} s ({n_chunk * n_ctx / elapsed:.1f} tokens/s)",
+        options.verbosity)
     emit("\n")
     if meter is not None:
         emit(meter.final_line() + "\n")
@@ -164,10 +278,57 @@ def _run(loaded: LoadedModel, chunks: np.ndarray, options: CollectOptions, base:
     return CollectResult(matrix, meter, n_chunk, n_chunk * n_ctx / max(elapsed, 1e-9), chunk_ppl)
 
 
-def _score(meter: PerplexityMeter, logits: torch.Tensor, batch: torch.Tensor, first_chunk: int,
-           chunk_ppl: list[float], emit: Callable[[str], None]) -> None:
-    first = batch.shape[1] // 2
-    for seq in range(batch.shape[0]):
-        meter.add(logits[seq], batch[seq, first + 1 :])
-        chunk_ppl.append(meter.ppl)
-        emit(f"[{first_chunk + seq + 1}]{meter.ppl:.4f},")
+def _run_window(executor: Executor, chunks: np.ndarray, window: list[_Step], options: CollectOptions,
+                group: Group) -> list[tuple[int, PerplexityMeter]]:
+    """This rank's batches of the window through the model; the perplexity partial of each chunk."""
+    mine = [batch for step in window for index, batch in enumerate(step.batches, step.first_batch)
+            if group.owns(index)]
+    if not mine:
+        return []
+    tensors = [torch.from_numpy(chunks[first : first + size]).to(executor.device) for first, size in mine]
+    hidden = executor.hidden_states(tensors)
+    scores: list[tuple[int, PerplexityMeter]] = []
+    if not (options.compute_ppl or _collects_output(executor.loaded, options)):
+        return scores  # the output projection is not even loaded
+    with executor.output_head() as head:
+        for (first, _), batch, states in zip(mine, tensors, hidden, strict=True):
+            for seq, logits in enumerate(_output_projection(head, executor.loaded, states, options)):
+                partial = PerplexityMeter()
+                partial.add(logits, batch[seq, options.n_ctx // 2 + 1 :])
+                scores.append((first + seq, partial))
+    return scores
+
+
+def _output_projection(head: torch.nn.Module, loaded: LoadedModel, hidden: torch.Tensor,
+                       options: CollectOptions) -> Iterator[torch.Tensor]:
+    """Logits of the scored positions (n_ctx/2 … n_ctx−2), one chunk at a time.
+
+    With --process-output on an untied model every position goes through `output.weight`, as
+    llama.cpp requests all logits; otherwise only the scored half is projected, and nothing at
+    all without perplexity.
+    """
+    first = options.n_ctx // 2
+    collect_output = _collects_output(loaded, options)
+    if not (options.compute_ppl or collect_output):
+        return
+    for sequence in hidden:
+        logits = head(sequence)[first:-1] if collect_output else head(sequence[first:-1])
+        if options.compute_ppl:
+            yield logits
+
+
+def _collects_output(loaded: LoadedModel, options: CollectOptions) -> bool:
+    return options.process_output and not getattr(loaded.config, "tie_word_embeddings", False)
+
+
+def _report_ppl(meter: PerplexityMeter, scores: dict[int, PerplexityMeter], step: _Step, first_index: int,
+                chunk_ppl: list[float], emit: Callable[[str], None]) -> None:
+    """Fold the step's chunks into the running estimate in chunk order, printing it as llama.cpp does."""
+    for first, size in step.batches:
+        for chunk in range(first, first + size):
+            partial = scores[chunk]
+            meter.nll += partial.nll
+            meter.nll2 += partial.nll2
+            meter.count += partial.count
+            chunk_ppl.append(meter.ppl)
+            emit(f"[{first_index + chunk + 1}]{meter.ppl:.4f},")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from imatrix.errors import ImatrixError
@@ -12,7 +13,7 @@ from imatrix.matrix import ImportanceMatrix
 
 GGUF_MAGIC = b"GGUF"
 
-__all__ = ["atomic_path", "is_gguf", "load_imatrix", "save_imatrix"]
+__all__ = ["atomic_path", "is_gguf", "load_imatrix", "partial_data_warnings", "save_imatrix"]
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -41,4 +42,18 @@ def save_imatrix(matrix: ImportanceMatrix, path: str | Path, output_format: str 
         write_gguf_imatrix(matrix, target)
     else:
         raise ImatrixError(f"unknown output format '{output_format}' (expected gguf or dat)")
+    for warning in partial_data_warnings(matrix):
+        print(warning, file=sys.stderr)
     return target
+
+
+def partial_data_warnings(matrix: ImportanceMatrix) -> list[str]:
+    """llama.cpp's `save_imatrix` warning for expert stacks where some experts got no rows."""
+    warnings = []
+    for name in matrix.names():
+        counts = matrix[name].counts
+        n_zeros = int((counts == 0).sum())
+        if n_zeros > 0:
+            share = 100.0 * (counts.size - n_zeros) / counts.size
+            warnings.append(f"save_imatrix: entry '{name:>40}' has partial data ({share:.2f}%)")
+    return warnings

@@ -58,18 +58,37 @@ def _dense_config(model_file: GGUFModelFile) -> dict[str, Any]:
     }
 
 
-def _moe_config(model_file: GGUFModelFile) -> dict[str, Any]:
+def _routed_experts(model_file: GGUFModelFile) -> dict[str, Any]:
+    n_used = int(model_file.arch_value("expert_used_count"))
+    # llama.cpp falls back to feed_forward_length / n_expert_used when the GGUF has no expert size
+    n_ff = model_file.arch_value("expert_feed_forward_length") or model_file.arch_value("feed_forward_length") // n_used
+    return {"num_experts": int(model_file.arch_value("expert_count")), "num_experts_per_tok": n_used,
+            # transformers' own GGUF loader ignores this key and builds the wrong expert size
+            "moe_intermediate_size": int(n_ff), "decoder_sparse_step": 1, "mlp_only_layers": []}
+
+
+def _qwen3moe_config(model_file: GGUFModelFile) -> dict[str, Any]:
+    # llama.cpp's qwen3moe graph renormalises the top-k weights (build_moe_ffn with norm_w = true)
+    return {**_dense_config(model_file), **_routed_experts(model_file), "norm_topk_prob": True}
+
+
+def _qwen2moe_config(model_file: GGUFModelFile) -> dict[str, Any]:
+    config = {**_dense_config(model_file), **_routed_experts(model_file), "norm_topk_prob": False}
+    shared = model_file.arch_value("expert_shared_feed_forward_length") or config["intermediate_size"]
+    return {**config, "shared_expert_intermediate_size": int(shared)}
+
+
+def _mixtral_config(model_file: GGUFModelFile) -> dict[str, Any]:
+    # llama.cpp stores Mixtral as `llama` with experts; feed_forward_length is the expert size
     config = _dense_config(model_file)
-    config.update(
-        num_experts=int(model_file.arch_value("expert_count")),
-        num_experts_per_tok=int(model_file.arch_value("expert_used_count")),
-        # transformers' own GGUF loader ignores this key and builds the wrong expert size
-        moe_intermediate_size=int(model_file.arch_value("expert_feed_forward_length")),
-        norm_topk_prob=True,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-    )
+    config.update(num_local_experts=int(model_file.arch_value("expert_count")),
+                  num_experts_per_tok=int(model_file.arch_value("expert_used_count")))
     return config
+
+
+def _no_gguf_config(model_file: GGUFModelFile) -> dict[str, Any]:
+    raise ImatrixError(f"{model_file.path}: loading '{model_file.architecture}' GGUF files is not supported "
+                       "(a Hugging Face checkpoint directory of the model is)")
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -81,10 +100,17 @@ ARCHITECTURES: dict[str, Architecture] = {
                      ("qwen2",)),
         Architecture("qwen3", gguf.MODEL_ARCH.QWEN3, "Qwen3Config", "Qwen3ForCausalLM", _dense_config,
                      ("qwen3",)),
+        Architecture("qwen2moe", gguf.MODEL_ARCH.QWEN2MOE, "Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                     _qwen2moe_config, ("qwen2_moe",)),
         Architecture("qwen3moe", gguf.MODEL_ARCH.QWEN3MOE, "Qwen3MoeConfig", "Qwen3MoeForCausalLM",
-                     _moe_config, ("qwen3_moe",)),
+                     _qwen3moe_config, ("qwen3_moe",)),
+        Architecture("deepseek2", gguf.MODEL_ARCH.DEEPSEEK2, "DeepseekV3Config", "DeepseekV3ForCausalLM",
+                     _no_gguf_config, ("deepseek_v3",)),
     )
 }
+# not a GGUF architecture name: a `llama` GGUF with experts (see `architecture_for_file`)
+MIXTRAL = Architecture("llama", gguf.MODEL_ARCH.LLAMA, "MixtralConfig", "MixtralForCausalLM", _mixtral_config,
+                       ("mixtral",), permute_qk=True)
 
 
 def architecture_for(name: str, source: object) -> Architecture:
@@ -96,11 +122,18 @@ def architecture_for(name: str, source: object) -> Architecture:
         ) from None
 
 
+def architecture_for_file(model_file: GGUFModelFile) -> Architecture:
+    """The adapter for a GGUF file: its architecture name, and for `llama` whether it has experts."""
+    if model_file.architecture == "llama" and model_file.arch_value("expert_count"):
+        return MIXTRAL
+    return architecture_for(model_file.architecture, model_file.path)
+
+
 def architecture_for_hf(model_type: str, source: object) -> Architecture:
-    for arch in ARCHITECTURES.values():
+    for arch in (*ARCHITECTURES.values(), MIXTRAL):
         if model_type in arch.hf_model_types:
             return arch
-    supported = sorted(t for arch in ARCHITECTURES.values() for t in arch.hf_model_types)
+    supported = sorted(t for arch in (*ARCHITECTURES.values(), MIXTRAL) for t in arch.hf_model_types)
     raise ImatrixError(f"{source}: model_type '{model_type}' is not supported (supported: {', '.join(supported)})")
 
 

@@ -7,7 +7,7 @@ weights dequantized tensor by tensor from the mmapped file, tokenizer from the G
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
@@ -17,10 +17,11 @@ import torch
 from imatrix.errors import ImatrixError
 from imatrix.models.architectures import (
     Architecture,
-    architecture_for,
+    architecture_for_file,
     architecture_for_hf,
     unpermute_rows,
 )
+from imatrix.models.experts import fused_expert_stacks, join_stacks
 from imatrix.models.gguf_reader import GGUFModelFile
 from imatrix.models.tokenizer import TextTokenizer, tokenizer_from_gguf
 
@@ -32,6 +33,8 @@ class LoadedModel:
     architecture: Architecture
     gguf_names: dict[str, str]  # parameter name (model.layers.0.self_attn.q_proj.weight) -> GGUF name
     source: Path
+    # 3-D expert parameter -> the GGUF stacks (`blk.N.ffn_gate_exps.weight`, …) it is made of
+    expert_stacks: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def config(self):  # noqa: ANN201 - a transformers PretrainedConfig
@@ -51,17 +54,23 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 
         return load_hf_model(source, device, dtype)
     model_file = GGUFModelFile(source)
-    architecture = architecture_for(model_file.architecture, source)
+    architecture = architecture_for_file(model_file)
     config = architecture.build_config(model_file)
     model = _empty_model(architecture, config)
     gguf_names = gguf_name_map(model, architecture, config.num_hidden_layers)
+    stacks = expert_stack_map(model, architecture, config.num_hidden_layers)
     state = {
         param: _gguf_tensor(model_file, architecture, config, gguf_name, round_to_f16)
         for param, gguf_name in gguf_names.items()
         if gguf_name in model_file.tensors
     }
+    state.update({
+        param: gguf_expert_tensor(model_file, names, round_to_f16)
+        for param, names in stacks.items()
+        if all(name in model_file.tensors for name in names)
+    })
     _assign_weights(model, state, source, device, dtype)
-    return LoadedModel(model, tokenizer_from_gguf(model_file), architecture, gguf_names, source)
+    return LoadedModel(model, tokenizer_from_gguf(model_file), architecture, gguf_names, source, stacks)
 
 
 def _empty_model(architecture: Architecture, config) -> torch.nn.Module:  # noqa: ANN001
@@ -70,14 +79,36 @@ def _empty_model(architecture: Architecture, config) -> torch.nn.Module:  # noqa
 
 
 def gguf_name_map(model: torch.nn.Module, architecture: Architecture, n_blocks: int) -> dict[str, str]:
-    """Checkpoint parameter names -> GGUF tensor names, via gguf-py's tensor map."""
+    """Checkpoint parameter names -> GGUF tensor names, via gguf-py's tensor map.
+
+    3-D expert parameters are left out: see `expert_stack_map`.
+    """
     tensor_map = gguf.get_tensor_name_map(architecture.gguf_arch, n_blocks)
+    fused = fused_expert_stacks(model, tensor_map)
     names = {}
     for param in model.state_dict():
+        if param in fused:
+            continue
         gguf_base = tensor_map.get_name(param, try_suffixes=(".weight", ".bias"))  # keeps the suffix
         if gguf_base is not None:
             names[param] = gguf_base
     return names
+
+
+def expert_stack_map(model: torch.nn.Module, architecture: Architecture, n_blocks: int) -> dict[str, tuple[str, ...]]:
+    """3-D expert parameter names -> the GGUF expert stacks they are made of (`gate_up_proj` -> gate, up)."""
+    return fused_expert_stacks(model, gguf.get_tensor_name_map(architecture.gguf_arch, n_blocks))
+
+
+def gguf_expert_tensor(model_file: GGUFModelFile, names: tuple[str, ...], round_to_f16: bool) -> torch.Tensor:
+    """One 3-D expert parameter from its GGUF stacks (`[n_expert, rows, cols]` each, same layout)."""
+    stacks = []
+    for name in names:
+        stack = model_file.tensor_f32(name)
+        if round_to_f16 and model_file.tensors[name].tensor_type != gguf.GGMLQuantizationType.F32:
+            stack = stack.astype(np.float16).astype(np.float32)
+        stacks.append(stack)
+    return torch.from_numpy(np.array(join_stacks(stacks), dtype=np.float32, order="C"))
 
 
 def _gguf_tensor(model_file: GGUFModelFile, architecture: Architecture, config, name: str,  # noqa: ANN001
@@ -100,7 +131,9 @@ def _assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], sour
     if missing:
         raise ImatrixError(f"{source}: tensors missing for {', '.join(missing[:5])}"
                            + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    state = {name: tensor.to(device=device, dtype=dtype) for name, tensor in state.items()}
+    shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
+    # GGUF drops unit dimensions (Qwen2-MoE's ffn_gate_inp_shexp is [n_embd], the Linear's weight [1, n_embd])
+    state = {name: tensor.reshape(shapes[name]).to(device=device, dtype=dtype) for name, tensor in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()

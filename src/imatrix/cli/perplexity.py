@@ -1,0 +1,87 @@
+"""`imatrix perplexity`: llama-perplexity's perplexity and KL-divergence modes over `imatrix.eval`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from imatrix.errors import ImatrixError
+from imatrix.eval.kld import kl_divergence
+from imatrix.eval.perplexity import perplexity, stderr_log, stdout_emit
+from imatrix.models.bundled import smollm2_path
+from imatrix.models.loader import load_model
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 1, like every other bad input
+        raise ImatrixError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="imatrix perplexity", allow_abbrev=False,
+        description="Perplexity of a model on a text, or its KL divergence from a base model's saved "
+                    "log-probabilities (drop-in for llama-perplexity's default and --kl-divergence modes).",
+    )
+    add = parser.add_argument
+    add("-m", "--model", help="GGUF model or Hugging Face checkpoint directory (default: bundled SmolLM2-135M)")
+    add("-f", "--file", help="text to score (not needed with --kl-divergence: the tokens are in the base file)")
+    add("-c", "--ctx-size", type=int, default=512, help="tokens per chunk (default: 512)")
+    add("--chunks", type=int, default=-1, help="maximum number of chunks (default: all)")
+    add("-b", "--batch-size", type=int, default=2048, help="tokens per forward pass; n_seq = b / c (default: 2048)")
+    add("-t", "--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    add("--kl-divergence-base", metavar="FILE",
+        help="without --kl-divergence: save the base log-probabilities here; with it: read them from here")
+    add("--kl-divergence", action="store_true", help="compute the KL divergence from --kl-divergence-base")
+    add("--parse-special", action="store_true", help="parse special tokens in the text")
+    add("--round-to-f16", action="store_true",
+        help="round every quantized weight to F16 first (a quantized GGUF becomes the F16 model made from it)")
+    add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the model runs (default: auto)")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    _check(args)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    model_path = args.model or smollm2_path()
+    loaded = load_model(model_path, device=_device(args.device), round_to_f16=args.round_to_f16)
+    stderr_log(f"perplexity: loaded {model_path}")
+    if args.kl_divergence:
+        kl_divergence(loaded, args.kl_divergence_base, n_batch=args.batch_size, max_chunks=args.chunks,
+                      emit=stdout_emit, log=stderr_log)
+    else:
+        perplexity(loaded, args.file, n_ctx=args.ctx_size, max_chunks=args.chunks,
+                   save_base=args.kl_divergence_base, n_batch=args.batch_size, parse_special=args.parse_special,
+                   emit=stdout_emit, log=stderr_log)
+    return 0
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.ctx_size <= 3:
+        raise ImatrixError(f"--ctx-size must be > 3 (got {args.ctx_size})")
+    if args.batch_size <= 0:
+        raise ImatrixError(f"--batch-size must be > 0 (got {args.batch_size})")
+    if args.kl_divergence and not args.kl_divergence_base:
+        raise ImatrixError("--kl-divergence needs --kl-divergence-base FILE (the base model's log-probabilities)")
+    if args.kl_divergence and not Path(args.kl_divergence_base).is_file():
+        raise ImatrixError(f"{args.kl_divergence_base}: no such base logits file")
+    if not args.kl_divergence and not args.file:
+        raise ImatrixError("perplexity needs a text: -f FILE")
+    if not args.kl_divergence and not Path(args.file).is_file():
+        raise ImatrixError(f"{args.file}: no such text file")
+    if args.kl_divergence_base and not args.kl_divergence:
+        parent = Path(args.kl_divergence_base).parent
+        if not parent.is_dir():
+            raise ImatrixError(f"{args.kl_divergence_base}: output directory '{parent}' does not exist")
+
+
+def _device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ImatrixError("--device cuda requested but no CUDA device is available")
+    if choice == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")

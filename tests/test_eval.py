@@ -1,0 +1,294 @@
+"""`imatrix.eval`: perplexity and KL divergence scored like llama-perplexity.
+
+Fast tests use tiny random llama models and a character tokenizer; the slow one checks the real
+SmolLM2 F16 against llama-perplexity's figure in the golden quality.md.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from imatrix.cli.main import main
+from imatrix.errors import ImatrixError
+from imatrix.eval.kld import KLDResult, kl_divergence
+from imatrix.eval.logits_file import LogitsFile, dequantize_log_probs, quantize_log_probs, row_width
+from imatrix.eval.perplexity import perplexity
+from imatrix.models.architectures import architecture_for
+from imatrix.models.loader import LoadedModel, load_model
+
+VOCAB = 101  # odd, so the base file rows carry a padding value
+N_CTX = 32
+
+
+@dataclass
+class CharTokenizer:
+    bos_id: int | None = 0
+    add_bos: bool = True
+
+    def encode(self, text: str, parse_special: bool = False) -> list[int]:
+        ids = [1 + ord(char) % (VOCAB - 1) for char in text]
+        return [self.bos_id, *ids] if self.add_bos and self.bos_id is not None else ids
+
+
+def tiny_model(seed: int, add_bos: bool = True) -> LoadedModel:
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.3)  # peaked enough that the softmax is far from uniform
+    model.eval()
+    return LoadedModel(model, CharTokenizer(add_bos=add_bos), architecture_for("llama", "tiny"), {}, Path("tiny"))
+
+
+def perturbed(loaded: LoadedModel, seed: int, amount: float = 0.05) -> LoadedModel:
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(loaded.config)
+    model.load_state_dict(loaded.model.state_dict())
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(amount * torch.randn_like(param))
+    model.eval()
+    return LoadedModel(model, loaded.tokenizer, loaded.architecture, {}, Path("tiny-perturbed"))
+
+
+@pytest.fixture(scope="module")
+def model_a() -> LoadedModel:
+    return tiny_model(0)
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rng = np.random.default_rng(1)
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "it", "slept", "quietly", "\n"]
+    path.write_text(" ".join(rng.choice(words, size=60)) + "\n")
+    return path
+
+
+def exact_log_probs(loaded: LoadedModel, text: Path, n_ctx: int = N_CTX) -> tuple[torch.Tensor, torch.Tensor]:
+    """Independently: (log-probs float64 [n_chunk, n_scored, vocab], targets [n_chunk, n_scored])."""
+    tokens = loaded.tokenizer.encode(text.read_text()[:-1])
+    n_chunk = len(tokens) // n_ctx
+    chunks = torch.tensor(tokens[: n_chunk * n_ctx]).view(n_chunk, n_ctx)
+    inputs = chunks.clone()
+    inputs[:, 0] = loaded.tokenizer.bos_id
+    with torch.no_grad():
+        logits = loaded.model(input_ids=inputs).logits.double()
+    first = n_ctx // 2
+    return torch.log_softmax(logits[:, first:-1], dim=-1), chunks[:, first + 1 :]
+
+
+def test_ppl_is_exp_of_the_mean_nll(model_a: LoadedModel, text: Path) -> None:
+    log_probs, targets = exact_log_probs(model_a, text)
+    nll = -log_probs.gather(2, targets.unsqueeze(-1)).squeeze(-1)
+    printed: list[str] = []
+    result = perplexity(model_a, text, n_ctx=N_CTX, emit=printed.append)
+    assert result.n_tokens == nll.numel() == targets.shape[0] * (N_CTX // 2 - 1)
+    assert result.ppl == pytest.approx(math.exp(nll.mean()), rel=1e-5)
+    running = [math.exp(nll[: i + 1].mean()) for i in range(nll.shape[0])]
+    np.testing.assert_allclose(result.chunk_ppl, running, rtol=1e-5)
+    flat = nll.ravel()
+    error = math.sqrt(((flat**2).mean() - flat.mean() ** 2) / (flat.numel() - 1)) * math.exp(flat.mean())
+    assert result.ppl_error == pytest.approx(error, rel=1e-4)
+    out = "".join(printed)
+    assert re.fullmatch(r"(\[\d+\]\d+\.\d{4},)+\nFinal estimate: PPL = \d+\.\d{4} \+/- \d+\.\d{5}\n", out), out
+
+
+def test_max_chunks_and_batch_size(model_a: LoadedModel, text: Path) -> None:
+    one_by_one = perplexity(model_a, text, n_ctx=N_CTX, n_batch=N_CTX)
+    batched = perplexity(model_a, text, n_ctx=N_CTX, n_batch=4 * N_CTX)
+    np.testing.assert_allclose(one_by_one.chunk_ppl, batched.chunk_ppl, rtol=1e-5)
+    two = perplexity(model_a, text, n_ctx=N_CTX, max_chunks=2)
+    assert len(two.chunk_ppl) == 2 and two.chunk_ppl == pytest.approx(batched.chunk_ppl[:2], rel=1e-5)
+
+
+def test_text_too_short(model_a: LoadedModel, tmp_path: Path) -> None:
+    short = tmp_path / "short.txt"
+    short.write_text("only a few characters")
+    with pytest.raises(ImatrixError, match="short.txt.*at least 64"):
+        perplexity(model_a, short, n_ctx=N_CTX)
+    with pytest.raises(ImatrixError, match="short.txt: --chunks 0"):
+        perplexity(model_a, short, n_ctx=N_CTX, max_chunks=0)
+
+
+def test_kld_of_a_model_against_itself(model_a: LoadedModel, text: Path, tmp_path: Path) -> None:
+    base = tmp_path / "base.kld"
+    ppl = perplexity(model_a, text, n_ctx=N_CTX, save_base=base)
+    result = kl_divergence(model_a, base)
+    assert result.count == ppl.n_tokens
+    assert abs(result.mean_kld) < 1e-6 and np.abs(result.kld_values).max() < 1e-4
+    assert result.same_top_percent == 100.0
+    assert result.ppl == pytest.approx(ppl.ppl, rel=1e-6)
+    assert result.ppl_base == pytest.approx(ppl.ppl, rel=1e-4)
+    assert abs(result.log_ppl_ratio()[0]) < 1e-4
+
+
+def test_kld_against_another_model_matches_the_exact_value(model_a: LoadedModel, text: Path, tmp_path: Path) -> None:
+    base = tmp_path / "base.kld"
+    perplexity(model_a, text, n_ctx=N_CTX, save_base=base)
+    model_b = perturbed(model_a, seed=5)
+    printed: list[str] = []
+    result = kl_divergence(model_b, base, n_batch=N_CTX, emit=printed.append)
+    log_p, targets = exact_log_probs(model_a, text)
+    log_q, _ = exact_log_probs(model_b, text)
+    exact_kld = (log_p.exp() * (log_p - log_q)).sum(-1)
+    assert 1e-3 < result.mean_kld == pytest.approx(float(exact_kld.mean()), rel=1e-3, abs=1e-5)
+    np.testing.assert_allclose(result.kld_values, exact_kld.ravel().numpy(), atol=1e-3)
+    same = (log_p.argmax(-1) == log_q.argmax(-1)).sum()
+    assert abs(result.n_same_top - int(same)) <= 1
+    nll_q = -log_q.gather(2, targets.unsqueeze(-1)).squeeze(-1)
+    assert result.ppl == pytest.approx(math.exp(nll_q.mean()), rel=1e-5)
+    out = "".join(printed)
+    assert "ln(PPL(Q)/PPL(base))" in out and out.count(" %\n") >= targets.shape[0]
+
+
+def test_summary_block_like_llama_cpp(model_a: LoadedModel, text: Path, tmp_path: Path) -> None:
+    base = tmp_path / "base.kld"
+    perplexity(model_a, text, n_ctx=N_CTX, save_base=base)
+    printed: list[str] = []
+    result = kl_divergence(perturbed(model_a, seed=6), base, emit=printed.append)
+    summary = "".join(printed)
+    assert result.count >= 100
+    for label in ("Mean PPL(Q)", "Mean PPL(base)", "Mean ln(PPL(Q)/PPL(base))", "Mean    KLD:", "Maximum KLD:",
+                  "99.9%   KLD:", "Median  KLD:", "Minimum KLD:", "Mean    Δp:", "RMS Δp    :", "Same top p:"):
+        assert label in summary, label
+    top = float(re.search(r"Same top p: +([0-9.]+) ±", summary).group(1))
+    assert top == pytest.approx(result.same_top_percent, abs=1e-3)
+    kld = float(re.search(r"Mean    KLD: +([0-9.]+) ±", summary).group(1))
+    assert kld == pytest.approx(result.mean_kld, abs=1e-6)
+
+
+def test_base_file_layout(model_a: LoadedModel, text: Path, tmp_path: Path) -> None:
+    base = tmp_path / "base.kld"
+    perplexity(model_a, text, n_ctx=N_CTX, save_base=base)
+    raw = base.read_bytes()
+    assert raw[:8] == b"_logits_"
+    n_ctx, n_vocab, n_chunk = np.frombuffer(raw[8:20], dtype="<i4")
+    assert (n_ctx, n_vocab) == (N_CTX, VOCAB)
+    tokens = model_a.tokenizer.encode(text.read_text()[:-1])
+    assert n_chunk == len(tokens) // N_CTX
+    # tokens as tokenized: only the first chunk starts with BOS
+    assert np.frombuffer(raw[20 : 20 + 4 * n_chunk * n_ctx], dtype="<i4").tolist() == tokens[: n_chunk * n_ctx]
+    width = row_width(VOCAB)
+    assert width == VOCAB + 1 + 4
+    assert len(raw) == 20 + 4 * n_chunk * n_ctx + n_chunk * (n_ctx - 1 - n_ctx // 2) * width * 2
+    rows = LogitsFile(base).chunk_rows(0)
+    assert (rows[:, -1] == 0).all()  # the padding value
+
+
+def llama_cpp_row(logits: np.ndarray) -> np.ndarray:
+    """One row the way llama.cpp's scalar loop fills it, in float32."""
+    f32 = np.float32
+    max_logit, min_logit = logits.max(), max(logits.min(), logits.max() - f32(16))
+    log_sum_exp = f32(np.log(np.sum(np.exp(logits - max_logit).astype(np.float64))))
+    scale = f32((max_logit - min_logit) / f32(65535))
+    inv_scale = f32(1) / scale
+    row = np.zeros(row_width(logits.size), dtype=np.uint16)
+    row[:4] = np.array([scale, f32(min_logit - max_logit) - log_sum_exp], dtype=np.float32).view(np.uint16)
+    for i, value in enumerate(logits):
+        row[4 + i] = int(np.rint(inv_scale * (value - min_logit))) if value > min_logit else 0
+    return row
+
+
+def test_quantized_rows_match_llama_cpps_arithmetic() -> None:
+    rng = np.random.default_rng(3)
+    logits = (rng.standard_normal((4, VOCAB)) * np.array([[0.5], [3], [8], [20]])).astype(np.float32)
+    rows, nll = quantize_log_probs(torch.from_numpy(logits), torch.tensor([0, 1, 2, 3]))
+    expected = np.stack([llama_cpp_row(row) for row in logits])
+    assert (rows.astype(np.int64) - expected.astype(np.int64)).__abs__().max() <= 1
+    assert (rows[:, :4] == expected[:, :4]).all()
+    exact = torch.log_softmax(torch.from_numpy(logits).double(), dim=-1)
+    decoded = dequantize_log_probs(rows, VOCAB).double()
+    kept = exact > exact.max(dim=1, keepdim=True).values - 16
+    step = torch.from_numpy(rows[:, :4].copy().view(np.float32))[:, :1].double()
+    assert ((decoded - exact).abs() <= step * 0.51 + 1e-5)[kept].all()
+    np.testing.assert_allclose(nll.numpy(), -exact[torch.arange(4), torch.arange(4)].numpy(), rtol=1e-5)
+
+
+def test_truncated_or_foreign_base_file(model_a: LoadedModel, text: Path, tmp_path: Path) -> None:
+    base = tmp_path / "base.kld"
+    perplexity(model_a, text, n_ctx=N_CTX, save_base=base)
+    cut = tmp_path / "cut.kld"
+    cut.write_bytes(base.read_bytes()[:-10])
+    with pytest.raises(ImatrixError, match=r"cut\.kld: truncated"):
+        kl_divergence(model_a, cut)
+    foreign = tmp_path / "foreign.kld"
+    foreign.write_bytes(b"GGUF" + bytes(100))
+    with pytest.raises(ImatrixError, match=r"foreign\.kld: not a file of base log-probabilities"):
+        kl_divergence(model_a, foreign)
+    with pytest.raises(ImatrixError, match="absent.kld: no such"):
+        kl_divergence(model_a, tmp_path / "absent.kld")
+
+
+def test_vocab_mismatch(model_a: LoadedModel, text: Path, tmp_path: Path) -> None:
+    base = tmp_path / "base.kld"
+    perplexity(model_a, text, n_ctx=N_CTX, save_base=base)
+    raw = bytearray(base.read_bytes())
+    raw[12:16] = np.array([VOCAB + 1], dtype="<i4").tobytes()
+    other = tmp_path / "other.kld"
+    other.write_bytes(bytes(raw))
+    with pytest.raises(ImatrixError, match="other.kld"):
+        kl_divergence(model_a, other)
+
+
+def test_failed_run_leaves_no_base_file(model_a: LoadedModel, tmp_path: Path) -> None:
+    short = tmp_path / "short.txt"
+    short.write_text("x" * 10)
+    with pytest.raises(ImatrixError):
+        perplexity(model_a, short, n_ctx=N_CTX, save_base=tmp_path / "base.kld")
+    assert not (tmp_path / "base.kld").exists()
+
+
+def test_statistics_helpers_on_an_empty_result() -> None:
+    empty = KLDResult()
+    assert empty.summary() == "" and empty.kld() == (0.0, 0.0)
+
+
+@pytest.mark.parametrize(("argv", "fragment"), [
+    (["perplexity", "--kl-divergence"], "--kl-divergence needs --kl-divergence-base"),
+    (["perplexity", "-c", "512"], "needs a text: -f FILE"),
+    (["perplexity", "-f", "/nonexistent/x.txt"], "/nonexistent/x.txt: no such text file"),
+    (["perplexity", "--kl-divergence", "--kl-divergence-base", "/nonexistent/b.kld"], "/nonexistent/b.kld: no such"),
+    (["perplexity", "-c", "0", "-f", "x"], "--ctx-size must be > 3"),
+    (["perplexity", "--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str], argv: list[str], fragment: str) -> None:
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("imatrix: error: ") and fragment in err[0], err
+
+
+@pytest.mark.slow
+def test_smollm2_f16_matches_llama_perplexity(smollm2_q4_1: Path, eval_text: Path, golden: Path) -> None:
+    quality = (golden / "quant" / "quality.md").read_text()
+    expected = float(re.search(r"F16: PPL = ([0-9.]+) \+/- ([0-9.]+)", quality).group(1))
+    loaded = load_model(smollm2_q4_1, round_to_f16=True)
+    printed: list[str] = []
+    result = perplexity(loaded, eval_text, n_ctx=512, max_chunks=10, emit=printed.append)
+    assert abs(result.ppl / expected - 1) <= 3e-3, (result.ppl, expected)
+    assert re.findall(r"\[(\d+)\]", "".join(printed)) == [str(i) for i in range(1, 11)]
+
+
+@pytest.mark.slow
+def test_cli_base_then_kld_on_smollm2(capsys: pytest.CaptureFixture[str], eval_text: Path, tmp_path: Path) -> None:
+    base = tmp_path / "f16.kld"
+    common = ["perplexity", "-c", "128", "--chunks", "3"]
+    assert main([*common, "-f", str(eval_text), "--round-to-f16", "--kl-divergence-base", str(base)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"\[3\][0-9.]+,\nFinal estimate: PPL = [0-9.]+ \+/- [0-9.]+", out), out
+    assert main([*common, "--kl-divergence-base", str(base), "--kl-divergence"]) == 0  # Q4_1 against F16
+    out = capsys.readouterr().out
+    kld = float(re.search(r"Mean    KLD: +([0-9.]+)", out).group(1))
+    top = float(re.search(r"Same top p: +([0-9.]+)", out).group(1))
+    assert 0 < kld < 0.05 and top > 90

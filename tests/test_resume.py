@@ -1,0 +1,132 @@
+"""`--resume`: an interrupted run continued from its last saved file ends with the uninterrupted run's file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imatrix import ImatrixError, ImportanceMatrix
+from imatrix.cli.main import main
+from imatrix.collect.runner import CollectOptions, CollectResult, collect
+from imatrix.models.bundled import default_calibration_text
+from imatrix.models.loader import LoadedModel, load_model
+from tiny_models import write_tiny_llama_gguf
+
+N_CTX = 32
+N_CHUNKS = 10
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "calibration.txt"
+    path.write_bytes(default_calibration_text().read_bytes()[:8_000])
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_llama_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+@pytest.fixture(scope="module")
+def model(tiny_gguf: Path) -> LoadedModel:
+    return load_model(tiny_gguf)
+
+
+def options(out: Path, **overrides: object) -> CollectOptions:
+    settings = {"n_ctx": N_CTX, "n_batch": N_CTX, "max_chunks": N_CHUNKS, "output_file": out,
+                "output_frequency": 2, "progress": False, "verbosity": 0, "dataset_name": "calibration.txt",
+                **overrides}
+    return CollectOptions(**settings)
+
+
+def interrupt_after(chunk: int):  # noqa: ANN201
+    def stdout(line: str) -> None:
+        if line.startswith(f"[{chunk}]"):
+            raise Interrupted
+
+    return stdout
+
+
+def run(model: LoadedModel, text: Path, out: Path, stdout=None, base: ImportanceMatrix | None = None,  # noqa: ANN001
+        **overrides: object) -> CollectResult:
+    return collect(model, text, options(out, **overrides), base=base, stdout=stdout or (lambda _: None))
+
+
+def assert_same_file(ours: Path, reference: Path) -> None:
+    a, b = ImportanceMatrix.load(ours), ImportanceMatrix.load(reference)
+    assert (a.names(), a.chunk_count, a.chunk_size, a.datasets) == (b.names(), b.chunk_count, b.chunk_size,
+                                                                   b.datasets)
+    for name in b:
+        assert a[name].counts.tolist() == b[name].counts.tolist(), name
+        np.testing.assert_allclose(a[name].sums, b[name].sums, rtol=1e-5, err_msg=name)
+
+
+def test_resume_after_interruption(model: LoadedModel, text: Path, tmp_path: Path) -> None:
+    reference = tmp_path / "reference.gguf"
+    run(model, text, reference)
+    out = tmp_path / "resumed.gguf"
+    with pytest.raises(Interrupted):
+        run(model, text, out, stdout=interrupt_after(5))
+    assert ImportanceMatrix.load(out).chunk_count == 4  # saved after chunks 2 and 4; 5 was lost
+    printed: list[str] = []
+    result = run(model, text, out, stdout=printed.append, resume=True)
+    assert result.n_chunks == N_CHUNKS - 4
+    assert "".join(printed).startswith("[5]")  # chunk numbers continue
+    assert_same_file(out, reference)
+    assert ImportanceMatrix.load(out).datasets == ["calibration.txt"]
+
+
+def test_resume_with_from_chunk_and_in_file(model: LoadedModel, text: Path, tmp_path: Path) -> None:
+    earlier = tmp_path / "earlier.gguf"
+    run(model, text, earlier, max_chunks=3, dataset_name="earlier.txt")
+    base = ImportanceMatrix.load(earlier)
+    reference = tmp_path / "reference.gguf"
+    run(model, text, reference, base=base, from_chunk=2, n_batch=2 * N_CTX, max_chunks=8)
+    out = tmp_path / "resumed.gguf"
+    with pytest.raises(Interrupted):
+        run(model, text, out, base=base, from_chunk=2, n_batch=2 * N_CTX, max_chunks=8,
+            stdout=interrupt_after(4))
+    assert ImportanceMatrix.load(out).chunk_count == 3 + 4
+    run(model, text, out, base=base, from_chunk=2, n_batch=2 * N_CTX, max_chunks=8, resume=True)
+    assert_same_file(out, reference)
+    assert ImportanceMatrix.load(out).datasets == ["earlier.txt", "calibration.txt"]
+
+
+def test_resume_of_a_finished_run_changes_nothing(model: LoadedModel, text: Path, tmp_path: Path) -> None:
+    out = tmp_path / "done.gguf"
+    run(model, text, out)
+    before = ImportanceMatrix.load(out)
+    result = run(model, text, out, resume=True)
+    assert result.n_chunks == 0
+    assert_same_file(out, out)
+    assert ImportanceMatrix.load(out).chunk_count == before.chunk_count
+
+
+def test_resume_without_a_file_starts_afresh(model: LoadedModel, text: Path, tmp_path: Path) -> None:
+    reference, out = tmp_path / "reference.gguf", tmp_path / "fresh.gguf"
+    run(model, text, reference, max_chunks=4)
+    run(model, text, out, max_chunks=4, resume=True)
+    assert_same_file(out, reference)
+
+
+def test_resume_refuses_another_chunk_size(model: LoadedModel, text: Path, tmp_path: Path) -> None:
+    out = tmp_path / "c32.gguf"
+    run(model, text, out, max_chunks=4)
+    with pytest.raises(ImatrixError, match="chunks of 32 tokens, not 64"):
+        run(model, text, out, n_ctx=64, n_batch=64, resume=True)
+
+
+def test_cli_resume(tiny_gguf: Path, text: Path, tmp_path: Path) -> None:
+    common = ["-m", str(tiny_gguf), "-f", str(text), "-c", str(N_CTX), "-b", str(N_CTX), "-lv", "0", "-ofreq", "2"]
+    reference, out = tmp_path / "reference.gguf", tmp_path / "out.gguf"
+    assert main([*common, "--chunks", "6", "-o", str(reference)]) == 0
+    assert main([*common, "--chunks", "4", "-o", str(out)]) == 0  # as if stopped after 4 chunks
+    assert main([*common, "--chunks", "6", "-o", str(out), "--resume", "--sequential"]) == 0
+    assert_same_file(out, reference)
