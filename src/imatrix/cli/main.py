@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImatrixError as exc:
         print(f"imatrix: error: {exc}", file=sys.stderr)
         return 1
+    except MemoryError:
+        print("imatrix: error: out of memory (for collection, --sequential runs one layer at a time)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("imatrix: interrupted", file=sys.stderr)
         return 130

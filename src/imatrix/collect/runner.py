@@ -22,6 +22,7 @@ from imatrix.collect.chunks import read_calibration_text, tokenize_chunks
 from imatrix.collect.distributed import SINGLE, Group
 from imatrix.collect.executors import Executor, InMemoryExecutor
 from imatrix.collect.hooks import ActivationCollector
+from imatrix.collect.moe import expert_count_lines
 from imatrix.collect.perplexity import PerplexityMeter
 from imatrix.collect.targets import collection_targets
 from imatrix.errors import ImatrixError
@@ -268,6 +269,9 @@ def _run(executor: Executor, chunks: np.ndarray, options: CollectOptions, base: 
         progress.close()
         matrix = matrix_now()
     elapsed = time.perf_counter() - start
+    if group.is_main:
+        for line in expert_count_lines(matrix):
+            log(line, options.verbosity)
     log(f"compute_imatrix: {n_chunk * n_ctx} tokens in {elapsed:.2f} s ({n_chunk * n_ctx / elapsed:.1f} tokens/s)",
         options.verbosity)
     emit("\n")

@@ -29,13 +29,13 @@ from imatrix.errors import ImatrixError
 from imatrix.models.gguf_reader import GGUFModelFile
 from imatrix.models.loader import (
     LoadedModel,
-    _empty_model,
-    _gguf_tensor,
-    _rebuild_meta_buffers,
+    empty_model,
     expert_stack_map,
     gguf_expert_tensor,
     gguf_name_map,
+    gguf_tensor,
     hf_architecture,
+    rebuild_meta_buffers,
 )
 from imatrix.models.tokenizer import tokenizer_from_gguf
 
@@ -70,7 +70,7 @@ class GGUFWeights:
             name = "token_embd.weight"  # tied output projection
         if name is None or name not in self.model_file.tensors:
             raise ImatrixError(f"{self.model_file.path}: no tensor for '{param}'")
-        tensor = _gguf_tensor(self.model_file, self.loaded.architecture, self.loaded.config, name, False)
+        tensor = gguf_tensor(self.model_file, self.loaded.architecture, self.loaded.config, name, False)
         _release_pages(self.model_file, name)
         return tensor
 
@@ -135,7 +135,7 @@ def open_lazy_model(path: str | Path, device: str | torch.device) -> tuple[Loade
     model_file = GGUFModelFile(source)
     architecture = architecture_for(model_file.architecture, source)
     config = architecture.build_config(model_file)
-    model = _skeleton(_empty_model(architecture, config), device)
+    model = _skeleton(empty_model(architecture, config), device)
     n_blocks = config.num_hidden_layers
     loaded = LoadedModel(model, tokenizer_from_gguf(model_file), architecture,
                          gguf_name_map(model, architecture, n_blocks), source,
@@ -153,7 +153,7 @@ def _open_hf(directory: Path, device: str | torch.device) -> tuple[LoadedModel, 
     if not weights.handles:
         raise ImatrixError(f"{directory}: no *.safetensors weights found")
     config = getattr(transformers, architecture.config_class).from_pretrained(directory)
-    model = _skeleton(_empty_model(architecture, config), device)
+    model = _skeleton(empty_model(architecture, config), device)
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     wrapped = HFTokenizer(tokenizer, tokenizer.bos_token_id, bool(getattr(tokenizer, "add_bos_token", False)))
     names = gguf_name_map(model, architecture, config.num_hidden_layers)
@@ -161,7 +161,7 @@ def _open_hf(directory: Path, device: str | torch.device) -> tuple[LoadedModel, 
 
 
 def _skeleton(model: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:
-    _rebuild_meta_buffers(model, device)
+    rebuild_meta_buffers(model, device)
     return model.eval()
 
 

@@ -56,11 +56,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     model_file = GGUFModelFile(source)
     architecture = architecture_for_file(model_file)
     config = architecture.build_config(model_file)
-    model = _empty_model(architecture, config)
+    model = empty_model(architecture, config)
     gguf_names = gguf_name_map(model, architecture, config.num_hidden_layers)
     stacks = expert_stack_map(model, architecture, config.num_hidden_layers)
     state = {
-        param: _gguf_tensor(model_file, architecture, config, gguf_name, round_to_f16)
+        param: gguf_tensor(model_file, architecture, config, gguf_name, round_to_f16)
         for param, gguf_name in gguf_names.items()
         if gguf_name in model_file.tensors
     }
@@ -73,7 +73,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     return LoadedModel(model, tokenizer_from_gguf(model_file), architecture, gguf_names, source, stacks)
 
 
-def _empty_model(architecture: Architecture, config) -> torch.nn.Module:  # noqa: ANN001
+def empty_model(architecture: Architecture, config) -> torch.nn.Module:  # noqa: ANN001
     with torch.device("meta"):
         return architecture.model_type()(config)
 
@@ -111,7 +111,7 @@ def gguf_expert_tensor(model_file: GGUFModelFile, names: tuple[str, ...], round_
     return torch.from_numpy(np.array(join_stacks(stacks), dtype=np.float32, order="C"))
 
 
-def _gguf_tensor(model_file: GGUFModelFile, architecture: Architecture, config, name: str,  # noqa: ANN001
+def gguf_tensor(model_file: GGUFModelFile, architecture: Architecture, config, name: str,  # noqa: ANN001
                  round_to_f16: bool) -> torch.Tensor:
     weight = model_file.tensor_f32(name)
     if round_to_f16 and model_file.tensors[name].tensor_type != gguf.GGMLQuantizationType.F32:
@@ -137,11 +137,11 @@ def _assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], sour
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-    _rebuild_meta_buffers(model, device)
+    rebuild_meta_buffers(model, device)
     model.eval()
 
 
-def _rebuild_meta_buffers(model: torch.nn.Module, device: str | torch.device) -> None:
+def rebuild_meta_buffers(model: torch.nn.Module, device: str | torch.device) -> None:
     """Non-persistent buffers (rotary inv_freq) stay on 'meta' after assign; rebuild their modules."""
     for name, module in list(model.named_modules()):
         if any(buffer.is_meta for buffer in module.buffers(recurse=False)):
