@@ -69,13 +69,19 @@ class Statistics:
         return {
             "source": self.source,
             "mode": self.mode,
-            "tensors": [asdict(row) for row in self.tensors],
-            "layers": [asdict(row) for row in self.layers],
+            "tensors": [_finite(asdict(row)) for row in self.tensors],
+            "layers": [_finite(asdict(row)) for row in self.layers],
         }
+
+
+def _finite(values: dict) -> dict:
+    """NaN/inf (e.g. CosSim against an all-zero tensor) become null so the JSON stays valid."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()}
 
 
 def compute_statistics(matrix: ImportanceMatrix, mode: str = "legacy", source: str = "") -> Statistics:
     """Statistics of every tensor with data, sorted as llama-imatrix sorts them."""
+    source = source or "imatrix"
     if mode not in MODES:
         raise ImatrixError(f"{source}: unknown statistics mode '{mode}' (expected legacy or preferred)")
     if not matrix.tensors:
