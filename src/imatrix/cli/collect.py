@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from imatrix.cli.common import ArgumentParser
 from imatrix.collect import distributed
 from imatrix.collect.runner import CollectOptions, collect, log
 from imatrix.errors import ImatrixError
@@ -17,13 +18,8 @@ from imatrix.models.bundled import default_calibration_text, smollm2_path
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 1, like every other bad input
-        raise ImatrixError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = ArgumentParser(
         prog="imatrix", allow_abbrev=False,
         description="Compute an importance matrix (drop-in for llama-imatrix). Subcommands: "
                     "quantize, perplexity, report, compare (imatrix SUBCOMMAND -h).",

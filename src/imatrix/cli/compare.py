@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from imatrix.cli.common import ArgumentParser
 from imatrix.matrix import ImportanceMatrix
 from imatrix.stats.compare import compare_matrices, render_comparison
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="imatrix compare",
         description="Cosine similarity and symmetric KL divergence of normalised importance vectors.",
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from imatrix.cli.common import ArgumentParser
 from imatrix.errors import ImatrixError
 from imatrix.matrix import ImportanceMatrix
 from imatrix.stats import compute_statistics, render
@@ -26,7 +27,7 @@ def show_statistics(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imatrix report", description="Figures and statistics of an imatrix.")
+    parser = ArgumentParser(prog="imatrix report", description="Figures and statistics of an imatrix.")
     parser.add_argument("in_files", nargs="+", help="imatrix files (GGUF or legacy .dat); several are merged")
     parser.add_argument("-o", "--output", help="report file: .html (self-contained) or .png")
     parser.add_argument("--png-dir", help="also write each figure as a PNG into this folder")
