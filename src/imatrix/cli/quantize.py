@@ -1,0 +1,76 @@
+"""`imatrix quantize`: llama-quantize's arguments; the work is `imatrix.quant.model.quantize_model`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from imatrix.errors import ImatrixError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ImatrixError(f"quantize: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="imatrix quantize",
+        description="Quantize a GGUF model like llama-quantize, optionally guided by an importance matrix.",
+    )
+    p.add_argument("--imatrix", metavar="FILE", help="importance matrix (GGUF or legacy .dat)")
+    p.add_argument("--include-weights", action="append", default=[], metavar="T",
+                   help="use the imatrix only for tensors whose name contains T (repeatable)")
+    p.add_argument("--exclude-weights", action="append", default=[], metavar="T",
+                   help="do not use the imatrix for tensors whose name contains T (repeatable)")
+    p.add_argument("--output-tensor-type", metavar="TYPE", help="type for output.weight")
+    p.add_argument("--token-embedding-type", metavar="TYPE", help="type for token_embd.weight")
+    p.add_argument("--allow-requantize", action="store_true", help="allow input tensors that are already quantized")
+    p.add_argument("--pure", action="store_true", help="no mixture: every tensor gets the file type's type")
+    p.add_argument("--leave-output-tensor", action="store_true", help="leave output.weight as it is")
+    p.add_argument("input", help="input model (F32/F16/BF16 GGUF)")
+    p.add_argument("output", help="output GGUF")
+    p.add_argument("type", help="file type: Q4_K_M, Q4_0, IQ4_XS, ... or its llama.cpp number")
+    p.add_argument("nthreads", nargs="?", type=int, default=None, help="worker threads (default: all cores)")
+    return p
+
+
+def _show_warning(message: Warning | str, *_args: object, **_kwargs: object) -> None:
+    print(f"imatrix: warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.include_weights and args.exclude_weights:
+        raise ImatrixError("quantize: --include-weights and --exclude-weights cannot be used together")
+    from imatrix.matrix import ImportanceMatrix
+    from imatrix.quant.mixes import parse_file_type, parse_tensor_type
+    from imatrix.quant.model import quantize_model
+
+    ft = parse_file_type(args.type)
+    out_type = parse_tensor_type(args.output_tensor_type) if args.output_tensor_type else None
+    embd_type = parse_tensor_type(args.token_embedding_type) if args.token_embedding_type else None
+    started = time.perf_counter()
+    imatrix = None
+    if args.imatrix:
+        imatrix = ImportanceMatrix.load(args.imatrix)
+        print(f"load_imatrix: loaded {len(imatrix)} importance matrix entries from {args.imatrix} "
+              f"computed on {imatrix.chunk_count} chunks")
+    threads = f" using {args.nthreads} threads" if args.nthreads else ""
+    print(f"quantize: quantizing '{args.input}' to '{args.output}' as {ft.name}{threads}", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = _show_warning  # type: ignore[assignment]
+        quantize_model(
+            Path(args.input), Path(args.output), ft.name, imatrix,
+            include_weights=args.include_weights, exclude_weights=args.exclude_weights,
+            output_tensor_type=out_type, token_embedding_type=embd_type,
+            allow_requantize=args.allow_requantize, pure=args.pure,
+            leave_output_tensor=args.leave_output_tensor, n_threads=args.nthreads,
+            imatrix_file=args.imatrix, log=print,
+        )
+    print(f"\nquantize: total time = {(time.perf_counter() - started) * 1000:8.2f} ms")
+    return 0

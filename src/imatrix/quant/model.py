@@ -1,0 +1,485 @@
+"""Whole-model GGUF quantization: llama-quantize's job, tensor by tensor from the mmapped input.
+
+Metadata is copied as llama.cpp copies it (then `general.quantization_version` and
+`general.file_type` are set, and the `quantize.imatrix.*` keys added when an imatrix is used);
+tensors are written in llama.cpp's loader order with 32-byte alignment. Each tensor's rows are
+converted in chunks (optionally on several threads: the numpy kernels release the GIL), so memory
+stays near one output tensor plus a few chunks on top of the mapped input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import mmap
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+import imatrix.quant  # noqa: F401  (registers every kernel)
+from imatrix.errors import ImatrixError
+from imatrix.formats.atomic import atomic_path
+from imatrix.matrix import ImportanceMatrix
+from imatrix.quant.base import quant_type, quantize_rows
+from imatrix.quant.mixes import (
+    UNQUANTIZED,
+    Cat,
+    FileType,
+    Overrides,
+    category,
+    parse_file_type,
+    plan_types,
+    row_bytes,
+    type_name,
+)
+
+QType = gguf.GGMLQuantizationType
+VT = gguf.GGUFValueType
+GGML_QNT_VERSION = 2
+MiB = 1024.0 * 1024.0
+CHUNK_ELEMENTS = 1 << 18  # rows per work item: about this many values (kernel temporaries scale with it)
+DROPPED_KEYS = frozenset(
+    {"general.quantization_version", "general.file_type", "split.no", "split.count", "split.tensors.count"}
+)
+MAX_KV_STRING = 127  # llama-quantize stores the imatrix file and dataset in 128-byte buffers
+Log = Callable[[str], None]
+
+
+@dataclass
+class TensorReport:
+    name: str
+    shape: tuple[int, ...]  # ggml order: ne[0] (columns) first
+    src_type: enum.IntEnum
+    dst_type: enum.IntEnum
+    src_bytes: int
+    dst_bytes: int
+    used_imatrix: bool = False
+
+    @property
+    def quantized(self) -> bool:
+        return self.src_type != self.dst_type
+
+
+@dataclass
+class QuantizeReport:
+    input_path: Path
+    output_path: Path
+    ftype: str
+    file_type: int
+    tensors: list[TensorReport] = field(default_factory=list)
+    missing_imatrix: list[str] = field(default_factory=list)  # quantized without imatrix data
+    fallbacks: list[str] = field(default_factory=list)  # llama-quantize's fallback warning lines
+    seconds: float = 0.0
+
+    @property
+    def n_elements(self) -> int:
+        return sum(int(np.prod(t.shape)) for t in self.tensors)
+
+    @property
+    def src_bytes(self) -> int:
+        return sum(t.src_bytes for t in self.tensors)
+
+    @property
+    def dst_bytes(self) -> int:
+        return sum(t.dst_bytes for t in self.tensors)
+
+    @property
+    def src_bpw(self) -> float:
+        return self.src_bytes * 8.0 / max(self.n_elements, 1)
+
+    @property
+    def dst_bpw(self) -> float:
+        return self.dst_bytes * 8.0 / max(self.n_elements, 1)
+
+    def types(self) -> dict[str, enum.IntEnum]:
+        return {t.name: t.dst_type for t in self.tensors}
+
+
+# --- input ---
+
+
+def open_model(path: Path) -> gguf.GGUFReader:
+    if not path.is_file():
+        raise ImatrixError(f"{path}: no such model file")
+    with open(path, "rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise ImatrixError(f"{path}: not a GGUF file")
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, OSError) as exc:
+        raise ImatrixError(f"{path}: cannot read GGUF: {exc}") from exc
+
+
+def _field_value(f: gguf.ReaderField) -> tuple[object, VT, VT | None]:
+    """A metadata value as GGUFWriter takes it; strings stay raw bytes so nothing is re-encoded."""
+    main = VT(f.types[0])
+    if main == VT.STRING:
+        return bytes(f.parts[f.data[0]]), main, None
+    if main != VT.ARRAY:
+        return f.parts[f.data[0]][0].item(), main, None
+    sub = VT(f.types[1])
+    if sub == VT.STRING:
+        return [bytes(f.parts[i]) for i in f.data], main, sub
+    if sub == VT.ARRAY:
+        return f.contents(), main, sub
+    return [f.parts[i][0].item() for i in f.data], main, sub
+
+
+def _metadata_facts(reader: gguf.GGUFReader) -> dict[str, object]:
+    """Only the small scalar keys the mixes look at (decoding the vocabulary would be wasted)."""
+    facts: dict[str, object] = {}
+    for name, f in reader.fields.items():
+        if not name.startswith("GGUF.") and len(f.data) <= 1024 and VT(f.types[-1]) != VT.STRING:
+            facts[name] = f.contents()
+    if "general.architecture" in reader.fields:
+        facts["general.architecture"] = reader.fields["general.architecture"].contents()
+    return facts
+
+
+def _rows(tensor: gguf.ReaderTensor) -> np.ndarray:
+    """The tensor's bytes as `[n_rows, row_bytes]` (a view of the mapped file)."""
+    n_rows = int(np.prod([int(n) for n in tensor.shape[1:]], dtype=np.int64)) if len(tensor.shape) > 1 else 1
+    return np.asarray(tensor.data).reshape(-1).view(np.uint8).reshape(n_rows, -1)
+
+
+# --- conversions between float32 rows and stored bytes ---
+
+
+def _to_f32(raw: np.ndarray, src: enum.IntEnum) -> np.ndarray:
+    if src == QType.F32:
+        return raw.view(np.float32)
+    if src == QType.F16:
+        return raw.view(np.float16).astype(np.float32)
+    return np.asarray(gguf.quants.dequantize(raw, QType(src)), dtype=np.float32).reshape(raw.shape[0], -1)
+
+
+def _from_f32(rows: np.ndarray, dst: enum.IntEnum, im_row: np.ndarray | None) -> np.ndarray:
+    if dst == QType.F32:
+        return np.ascontiguousarray(rows, dtype=np.float32).view(np.uint8)
+    if dst == QType.F16:
+        return rows.astype(np.float16).view(np.uint8)
+    if dst == QType.BF16:
+        return np.ascontiguousarray(gguf.quants.quantize(rows, QType.BF16)).view(np.uint8).reshape(rows.shape[0], -1)
+    return quantize_rows(rows, dst, im_row)  # type: ignore[arg-type]
+
+
+def _check_convertible(path: Path, name: str, src: enum.IntEnum, dst: enum.IntEnum, allow_requantize: bool) -> None:
+    if src not in UNQUANTIZED:
+        if not allow_requantize:
+            raise ImatrixError(
+                f"{path}: {name} is already quantized ({type_name(src)}); requantizing needs --allow-requantize"
+            )
+        if not _can_dequantize(src):
+            raise ImatrixError(f"{path}: {name}: cannot dequantize type {src.name}")
+    if dst not in UNQUANTIZED:
+        try:
+            quant_type(dst)  # type: ignore[arg-type]
+        except ImatrixError as exc:
+            raise ImatrixError(f"{path}: {name}: {exc}") from None
+
+
+def _can_dequantize(src: enum.IntEnum) -> bool:
+    if not isinstance(src, QType) or src not in gguf.GGML_QUANT_SIZES:
+        return False
+    try:
+        gguf.quants.dequantize(np.zeros((1, gguf.GGML_QUANT_SIZES[src][1]), dtype=np.uint8), src)
+    except (NotImplementedError, ValueError, KeyError):
+        return False
+    return True
+
+
+def convert_tensor(
+    raw: np.ndarray,
+    src: enum.IntEnum,
+    dst: enum.IntEnum,
+    n_cols: int,
+    rows_per_matrix: int,
+    imatrix_rows: np.ndarray | None,
+    pool: ThreadPoolExecutor | None,
+) -> np.ndarray:
+    """Rows `raw [n_rows, src bytes]` to `[n_rows, dst bytes]`; matrix `k` uses `imatrix_rows[k]`."""
+    n_rows = raw.shape[0]
+    out = np.empty((n_rows, row_bytes(dst, n_cols)), dtype=np.uint8)
+    step = max(1, CHUNK_ELEMENTS // max(n_cols, 1))
+
+    def work(start: int, stop: int) -> None:
+        im_row = None if imatrix_rows is None else imatrix_rows[start // rows_per_matrix]
+        out[start:stop] = _from_f32(_to_f32(raw[start:stop], src), dst, im_row)
+
+    # chunks never cross a matrix (expert) boundary: each expert has its own imatrix row
+    spans = [
+        (start, min(start + step, first + rows_per_matrix, n_rows))
+        for first in range(0, n_rows, rows_per_matrix)
+        for start in range(first, min(first + rows_per_matrix, n_rows), step)
+    ]
+    if pool is None:
+        for span in spans:
+            work(*span)
+    else:
+        for future in [pool.submit(work, *span) for span in spans]:
+            future.result()
+    return out
+
+
+# --- the imatrix ---
+
+
+def imatrix_values(imatrix: ImportanceMatrix, include: Sequence[str], exclude: Sequence[str]) -> dict[str, np.ndarray]:
+    """Per-tensor weights `[n_mat, n_cols]` = Σx²/count, filtered as llama-quantize's flags filter them.
+
+    A matrix that saw no tokens gets weights 1 (llama-quantize's load_imatrix), not 0.
+    """
+    if include and exclude:
+        raise ImatrixError("--include-weights and --exclude-weights cannot be used together")
+    values: dict[str, np.ndarray] = {}
+    for name in imatrix.names():
+        if any(part in name for part in exclude):
+            continue
+        if include and not any(part in name for part in include):
+            continue
+        stats = imatrix[name]
+        means = stats.mean_sq()
+        means[stats.counts <= 0] = 1.0
+        if not np.isfinite(means).all():
+            raise ImatrixError(f"imatrix entry {name} contains non-finite values")
+        values[name] = means
+    return values
+
+
+def _imatrix_for(
+    path: Path, name: str, ne: Sequence[int], values: dict[str, np.ndarray]
+) -> np.ndarray | None:
+    means = values.get(name)
+    if means is None:
+        return None
+    n_mat = int(ne[2]) if len(ne) > 2 else 1
+    if means.size != int(ne[0]) * n_mat:
+        if category(name) == Cat.TOKEN_EMBD:
+            return None  # llama.cpp ignores a mismatched token_embd entry
+        raise ImatrixError(
+            f"{path}: imatrix size {means.size} is different from tensor size {int(ne[0]) * n_mat} for {name}"
+        )
+    return means.reshape(n_mat, int(ne[0]))
+
+
+def _imatrix_keys(
+    imatrix: ImportanceMatrix, values: dict[str, np.ndarray], imatrix_file: str | None
+) -> list[tuple[str, object, VT]]:
+    keys: list[tuple[str, object, VT]] = [("quantize.imatrix.file", (imatrix_file or "")[:MAX_KV_STRING], VT.STRING)]
+    if imatrix.datasets:
+        keys.append(("quantize.imatrix.dataset", imatrix.datasets[0][:MAX_KV_STRING], VT.STRING))
+    keys.append(("quantize.imatrix.entries_count", len(values), VT.UINT32))
+    if imatrix.chunk_count > 0:
+        keys.append(("quantize.imatrix.chunks_count", int(imatrix.chunk_count), VT.UINT32))
+    return keys
+
+
+# --- the driver ---
+
+
+@dataclass
+class _Job:
+    tensor: gguf.ReaderTensor
+    ne: tuple[int, ...]
+    src: enum.IntEnum
+    dst: enum.IntEnum
+    imatrix_rows: np.ndarray | None
+
+
+def _plan(
+    path: Path,
+    reader: gguf.GGUFReader,
+    ft: FileType,
+    overrides: Overrides,
+    values: dict[str, np.ndarray],
+    leave_output_tensor: bool,
+    allow_requantize: bool,
+) -> tuple[list[_Job], list[str]]:
+    by_name = {t.name: t for t in reader.tensors}
+    specs = [(t.name, [int(n) for n in t.shape], t.tensor_type) for t in reader.tensors]
+    chosen, state = plan_types(
+        ft, specs, _metadata_facts(reader), overrides, has_imatrix=bool(values), leave_output_tensor=leave_output_tensor
+    )
+    jobs = []
+    for name, dst in chosen.items():
+        tensor = by_name[name]
+        ne = tuple(int(n) for n in tensor.shape)
+        src = tensor.tensor_type
+        rows = None
+        if src != dst:
+            _check_convertible(path, name, src, dst, allow_requantize)
+            rows = _imatrix_for(path, name, ne, values)
+        jobs.append(_Job(tensor, ne, src, dst, rows))
+    return jobs, state.fallback_notes
+
+
+def _release(reader: gguf.GGUFReader, tensor: gguf.ReaderTensor) -> None:
+    """Drop the tensor's pages of the mapped input from memory (llama.cpp unmaps each weight too)."""
+    handle = getattr(reader.data, "_mmap", None)
+    if handle is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = tensor.data_offset - tensor.data_offset % mmap.PAGESIZE
+    with contextlib.suppress(OSError, ValueError):
+        handle.madvise(mmap.MADV_DONTNEED, start, tensor.data_offset + tensor.n_bytes - start)
+
+
+def _shape_text(ne: Sequence[int]) -> str:
+    dims = [*ne, *([1] * (4 - len(ne)))]
+    return ", ".join(f"{n:6d}" for n in dims)
+
+
+def _writer(
+    tmp: Path, reader: gguf.GGUFReader, ft: FileType, extra: Iterable[tuple[str, object, VT]]
+) -> gguf.GGUFWriter:
+    arch = str(reader.fields["general.architecture"].contents()) if "general.architecture" in reader.fields else ""
+    writer = gguf.GGUFWriter(tmp, arch)
+    writer.kv_data[0].clear()  # keep the input's key order, general.architecture included
+    for name, f in reader.fields.items():
+        if name.startswith("GGUF.") or name in DROPPED_KEYS or (VT(f.types[0]) == VT.ARRAY and not f.data):
+            continue
+        value, vtype, sub = _field_value(f)
+        writer.add_key_value(name, value, vtype, sub_type=sub)
+    if "general.alignment" in reader.fields:
+        writer.data_alignment = int(reader.fields["general.alignment"].contents())
+    writer.add_key_value("general.quantization_version", GGML_QNT_VERSION, VT.UINT32)
+    writer.add_key_value("general.file_type", int(ft.ftype), VT.UINT32)
+    for key, value, vtype in extra:
+        writer.add_key_value(key, value, vtype)
+    return writer
+
+
+def quantize_model(
+    input_path: str | Path,
+    output_path: str | Path,
+    ftype: str,
+    imatrix: ImportanceMatrix | None = None,
+    include_weights: Sequence[str] = (),
+    exclude_weights: Sequence[str] = (),
+    output_tensor_type: str | enum.IntEnum | None = None,
+    token_embedding_type: str | enum.IntEnum | None = None,
+    allow_requantize: bool = False,
+    pure: bool = False,
+    leave_output_tensor: bool = False,
+    n_threads: int | None = None,
+    imatrix_file: str | None = None,
+    log: Log | None = None,
+) -> QuantizeReport:
+    """Quantize a GGUF model to file type `ftype` (`Q4_K_M`, `IQ4_XS`, ...) as llama-quantize does.
+
+    `imatrix_file` is only recorded in the output's `quantize.imatrix.file`; `log` receives
+    llama-quantize's progress lines (nothing is printed without it).
+    """
+    started = time.perf_counter()
+    emit: Log = log or (lambda _line: None)
+    src_path, dst_path = Path(input_path), Path(output_path)
+    ft = parse_file_type(ftype)
+    overrides = Overrides(_as_type(output_tensor_type), _as_type(token_embedding_type), pure)
+    if dst_path.exists() and src_path.exists() and os.path.samefile(src_path, dst_path):
+        raise ImatrixError(f"{src_path}: input and output files are the same")
+    reader = open_model(src_path)
+    values = _check_imatrix(src_path, reader, imatrix, include_weights, exclude_weights)
+    jobs, fallbacks = _plan(src_path, reader, ft, overrides, values, leave_output_tensor, allow_requantize)
+    report = QuantizeReport(src_path, dst_path, ft.name, int(ft.ftype), fallbacks=fallbacks)
+    for note in fallbacks:
+        emit(note)
+    if values:
+        emit(f"quantize_model: have importance matrix data with {len(values)} entries")
+    extra = _imatrix_keys(imatrix, values, imatrix_file) if imatrix is not None and values else []
+    threads = n_threads if n_threads and n_threads > 0 else (os.cpu_count() or 1)
+    with atomic_path(dst_path) as tmp:
+        writer = _writer(tmp, reader, ft, extra)
+        for job in jobs:
+            writer.add_tensor_info(
+                job.tensor.name, tuple(reversed(job.ne)), np.dtype(np.float32),
+                row_bytes(job.dst, job.ne[0]) * (int(np.prod(job.ne[1:])) if len(job.ne) > 1 else 1),
+                raw_dtype=job.dst,  # type: ignore[arg-type]
+            )
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        with ThreadPoolExecutor(threads) if threads > 1 else _no_pool() as pool:
+            for index, job in enumerate(jobs, 1):
+                report.tensors.append(_write_one(writer, job, index, len(jobs), pool, emit))
+                _release(reader, job.tensor)
+        writer.close()
+    if imatrix is not None:
+        report.missing_imatrix = [t.name for t in report.tensors if t.quantized and not t.used_imatrix]
+    report.seconds = time.perf_counter() - started
+    _summarize(report, emit)
+    return report
+
+
+class _no_pool:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _as_type(value: str | enum.IntEnum | None) -> enum.IntEnum | None:
+    from imatrix.quant.mixes import parse_tensor_type
+
+    return parse_tensor_type(value) if isinstance(value, str) else value
+
+
+def _check_imatrix(
+    path: Path,
+    reader: gguf.GGUFReader,
+    imatrix: ImportanceMatrix | None,
+    include: Sequence[str],
+    exclude: Sequence[str],
+) -> dict[str, np.ndarray]:
+    if imatrix is None:
+        if include or exclude:
+            raise ImatrixError("--include-weights/--exclude-weights need an imatrix")
+        return {}
+    names = {t.name for t in reader.tensors}
+    if not names.intersection(imatrix.names()):
+        raise ImatrixError(f"{path}: no tensor of this model is in the imatrix (an imatrix of another model?)")
+    return imatrix_values(imatrix, include, exclude)
+
+
+def _write_one(
+    writer: gguf.GGUFWriter, job: _Job, index: int, total: int, pool: ThreadPoolExecutor | None, emit: Log
+) -> TensorReport:
+    raw = _rows(job.tensor)
+    head = f"[{index:4d}/{total:4d}] {job.tensor.name:>36} - [{_shape_text(job.ne)}], type = {type_name(job.src):>6}, "
+    report = TensorReport(job.tensor.name, job.ne, job.src, job.dst, raw.nbytes, raw.nbytes)
+    if not report.quantized:
+        writer.write_tensor_data(raw)
+        emit(head + f"size = {raw.nbytes / MiB:8.3f} MiB")
+        return report
+    rows_per_matrix = job.ne[1] if len(job.ne) > 1 else 1
+    out = convert_tensor(raw, job.src, job.dst, job.ne[0], rows_per_matrix, job.imatrix_rows, pool)
+    writer.write_tensor_data(out)
+    report.dst_bytes = out.nbytes
+    report.used_imatrix = job.imatrix_rows is not None
+    missing = "" if report.used_imatrix else " (no imatrix data)"
+    emit(
+        head + f"converting to {type_name(job.dst)} .. size = {raw.nbytes / MiB:8.2f} MiB -> "
+        f"{out.nbytes / MiB:8.2f} MiB{missing}"
+    )
+    return report
+
+
+def _summarize(report: QuantizeReport, emit: Log) -> None:
+    emit(f"quantize_model: model size  = {report.src_bytes / MiB:8.2f} MiB ({report.src_bpw:.2f} BPW)")
+    emit(f"quantize_model: quant size  = {report.dst_bytes / MiB:8.2f} MiB ({report.dst_bpw:.2f} BPW)")
+    if report.fallbacks:
+        emit(
+            f"quantize_model: WARNING: {len(report.fallbacks)} of {len(report.tensors)} tensor(s) "
+            "required fallback quantization"
+        )
+    expected = {Cat.TOKEN_EMBD, Cat.OUTPUT}
+    unexpected = [name for name in report.missing_imatrix if category(name) not in expected]
+    if unexpected:
+        warnings.warn(f"no imatrix data for {len(unexpected)} tensor(s): {', '.join(unexpected)}", stacklevel=3)
+    emit(f"quantize_model: quantize time = {report.seconds * 1000:8.2f} ms")
