@@ -8,16 +8,12 @@ import time
 import warnings
 from pathlib import Path
 
+from imatrix.cli.common import ArgumentParser
 from imatrix.errors import ImatrixError
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ImatrixError(f"quantize: {message}")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = ArgumentParser(
         prog="imatrix quantize",
         description="Quantize a GGUF model like llama-quantize, optionally guided by an importance matrix.",
     )
