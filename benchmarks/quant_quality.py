@@ -128,13 +128,13 @@ def measure(f16: Path, base: Path, work: Path, qtype: str, with_imatrix: bool) -
     try:
         row.quantize_s = quantize(f16, out, qtype, with_imatrix)
     except (ImatrixError, NotImplementedError, KeyError, ValueError) as exc:
-        row.note = f"quantize failed: {exc}"
+        row.note = f"quantize failed: {str(exc)[:60]}"
         return row
     row.mib, row.bpw = out.stat().st_size / MIB, bits_per_weight(out)
     try:
         loaded = load_model(out)
     except ImatrixError as exc:
-        row.note = f"not loadable: {exc}"
+        row.note = f"not loadable: {str(exc)[:60]}"
         return row
     result = kl_divergence(loaded, base, log=stderr_log)
     row.ppl, row.kld, row.top = result.ppl, result.mean_kld, result.same_top_percent

@@ -67,7 +67,8 @@ class ActivationCollector:
         # q/k/v (and gate/up) read the very same tensor: square it once
         if activations is self._last_input and self._last_sum_sq is not None:
             return self._last_sum_sq
-        sum_sq = rows.float().square().sum(dim=0)
+        # one fused pass over the activations, no [tokens, n_cols] temporary
+        sum_sq = torch.linalg.vector_norm(rows.float(), dim=0).square()
         finite = torch.isfinite(sum_sq).all()
         self._finite = finite if self._finite is None else self._finite & finite
         self._last_input, self._last_sum_sq = activations, sum_sq

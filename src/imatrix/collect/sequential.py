@@ -14,10 +14,9 @@ stand-ins that record what they are called with and pass the hidden states throu
 
 from __future__ import annotations
 
-import mmap
 import resource
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -63,7 +62,7 @@ class GGUFWeights:
         if stacks is not None:
             tensor = gguf_expert_tensor(self.model_file, stacks, False)
             for name in stacks:
-                _release_pages(self.model_file, name)
+                self.model_file.release_pages(name)
             return tensor
         name = self.loaded.gguf_names.get(param)
         if param == "lm_head.weight" and name not in self.model_file.tensors:
@@ -71,23 +70,8 @@ class GGUFWeights:
         if name is None or name not in self.model_file.tensors:
             raise ImatrixError(f"{self.model_file.path}: no tensor for '{param}'")
         tensor = gguf_tensor(self.model_file, self.loaded.architecture, self.loaded.config, name, False)
-        _release_pages(self.model_file, name)
+        self.model_file.release_pages(name)
         return tensor
-
-
-def _release_pages(model_file: GGUFModelFile, name: str) -> None:
-    """Drop the tensor's file pages from this process's resident set once they are dequantized.
-
-    They stay in the page cache; without this, every layer read would stay counted in our RSS and
-    the mapped file would look like a fully loaded model.
-    """
-    mapping = getattr(model_file.mmap, "_mmap", None)
-    if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
-        return
-    info = model_file.tensors[name]
-    start = info.offset // mmap.PAGESIZE * mmap.PAGESIZE
-    with suppress(OSError, ValueError):
-        mapping.madvise(mmap.MADV_DONTNEED, start, info.offset + info.n_bytes - start)
 
 
 class SafetensorsWeights:

@@ -7,6 +7,8 @@ and leaves tensor data in the mmap until a tensor is asked for (dequantized by g
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import struct
 from dataclasses import dataclass
 from functools import cached_property
@@ -139,6 +141,20 @@ class GGUFModelFile:
         info = self.tensors[name]
         data = self.mmap[info.offset : info.offset + info.n_bytes]
         return data.reshape(*info.shape[:-1], -1)
+
+    def release_pages(self, name: str) -> None:
+        """Drop a tensor's file pages from this process's resident set once they have been read.
+
+        They stay in the page cache; without this every tensor read stays counted in our RSS and
+        the mapped file looks like a second copy of the model.
+        """
+        mapping = getattr(self.mmap, "_mmap", None)
+        if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        info = self.tensors[name]
+        start = info.offset // mmap.PAGESIZE * mmap.PAGESIZE
+        with contextlib.suppress(OSError, ValueError):
+            mapping.madvise(mmap.MADV_DONTNEED, start, info.offset + info.n_bytes - start)
 
     def tensor_f32(self, name: str) -> np.ndarray:
         """Dequantize one tensor on demand (float32, numpy shape)."""

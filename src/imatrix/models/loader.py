@@ -59,16 +59,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     model = empty_model(architecture, config)
     gguf_names = gguf_name_map(model, architecture, config.num_hidden_layers)
     stacks = expert_stack_map(model, architecture, config.num_hidden_layers)
-    state = {
-        param: gguf_tensor(model_file, architecture, config, gguf_name, round_to_f16)
-        for param, gguf_name in gguf_names.items()
-        if gguf_name in model_file.tensors
-    }
-    state.update({
-        param: gguf_expert_tensor(model_file, names, round_to_f16)
-        for param, names in stacks.items()
-        if all(name in model_file.tensors for name in names)
-    })
+    state = {}
+    for param, gguf_name in gguf_names.items():
+        if gguf_name in model_file.tensors:
+            state[param] = gguf_tensor(model_file, architecture, config, gguf_name, round_to_f16).to(dtype)
+            model_file.release_pages(gguf_name)
+    for param, names in stacks.items():
+        if all(name in model_file.tensors for name in names):
+            state[param] = gguf_expert_tensor(model_file, names, round_to_f16).to(dtype)
+            for name in names:
+                model_file.release_pages(name)
     _assign_weights(model, state, source, device, dtype)
     return LoadedModel(model, tokenizer_from_gguf(model_file), architecture, gguf_names, source, stacks)
 
