@@ -8,12 +8,11 @@ import gguf
 import numpy as np
 import pytest
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import imatrix.quant  # noqa: F401  (registers the types)
 from imatrix.quant.base import quant_type, quantize_rows
 from imatrix.quant.hifi import HIFI_TYPE_ID, N_OUTLIERS, Q3K_SIZE, Q3KHifi, dequantize_q3_k_hifi
-from quant_golden import imatrix_rows, random_imatrix, random_rows, source_tensors
+from quant_golden import block_cases, imatrix_rows, random_imatrix, random_rows, source_tensors
 
 Q3_K = gguf.GGMLQuantizationType.Q3_K
 FFN_DOWN = [f"blk.{i}.ffn_down.weight" for i in (0, 5, 29)]
@@ -74,14 +73,7 @@ def test_beats_q3_k_on_ffn_down(golden: Path, name: str) -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(
-    seed=st.integers(0, 2**32 - 1),
-    n_rows=st.integers(1, 2),
-    n_blocks=st.integers(1, 2),
-    kind=st.sampled_from(["normal", "zeros", "constant", "sparse", "mixed"]),
-    log_scale=st.floats(-30, 4),
-    with_imatrix=st.booleans(),
-)
+@given(**block_cases(2, 2))
 def test_round_trip_invariants(
     seed: int, n_rows: int, n_blocks: int, kind: str, log_scale: float, with_imatrix: bool
 ) -> None:

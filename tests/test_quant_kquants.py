@@ -7,22 +7,31 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import example, given, settings
 
 import imatrix.quant  # noqa: F401  (registers the types)
 from imatrix.quant.base import quant_type, quantize_rows
-from quant_golden import Comparison, block_errors, imatrix_rows, random_imatrix, random_rows, source_tensors
+from quant_golden import (
+    Comparison,
+    block_cases,
+    block_errors,
+    check_reconstruction,
+    imatrix_rows,
+    random_imatrix,
+    random_rows,
+    source_tensors,
+)
 
 Q = gguf.GGMLQuantizationType
 # golden file -> the K type llama-quantize gave its ffn_down tensors (checked below); the other
 # tensors of those files fall back to legacy types, tested elsewhere
 GOLDEN_FILES = {"Q2_K": "Q2_K", "Q3_K": "Q3_K_S", "Q4_K": "Q4_K_S", "Q5_K": "Q5_K_S", "Q6_K": "Q6_K"}
 K_TYPES = list(GOLDEN_FILES)
-# Worst |error| / block max|x| of the unweighted kernels on random blocks (measured 0.33, 0.17,
-# 0.068, 0.035, 0.016, with margin). With an imatrix, values of zero weight may land anywhere in
+# Worst |error| / block max|x| of the unweighted kernels, over 9000 Gaussian, sparse and half-zero
+# blocks: 0.37, 0.23, 0.093, 0.051, 0.016 (the 99th percentiles are a third lower: the tail is long,
+# so the bounds carry a wide margin). With an imatrix, values of zero weight may land anywhere in
 # the block's range, so only a loose bound holds.
-REF_BOUND = {"Q2_K": 0.4, "Q3_K": 0.2, "Q4_K": 0.08, "Q5_K": 0.045, "Q6_K": 0.02}
+REF_BOUND = {"Q2_K": 0.5, "Q3_K": 0.3, "Q4_K": 0.12, "Q5_K": 0.07, "Q6_K": 0.02}
 WEIGHTED_BOUND = 2.0
 # Absolute slack for fp16 rounding of tiny (subnormal) super-block scales: half an fp16 subnormal
 # step times the largest scale * level product (Q6_K: 127 * 32).
@@ -121,36 +130,22 @@ def test_special_blocks(type_name: str) -> None:
         assert abs(recon[3, 17] + 2.0) <= REF_BOUND[type_name] * 2.0
 
 
-def check_invariants(qtype: gguf.GGMLQuantizationType, x: np.ndarray, qw: np.ndarray | None, bound: float) -> None:
-    out = quantize_rows(x, qtype, qw)
-    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
-    assert out.dtype == np.uint8 and out.shape == (x.shape[0], x.shape[1] // block_size * type_size)
-    recon = gguf.quants.dequantize(out, qtype).reshape(-1, block_size).astype(np.float64)
-    blocks = x.reshape(-1, block_size).astype(np.float64)
-    assert np.isfinite(recon).all()
-    amax = np.abs(blocks).max(axis=1, keepdims=True)
-    assert (np.abs(recon - blocks) <= bound * amax + ABS_TOL).all()
-    assert (recon[amax[:, 0] == 0] == 0).all()
-
-
 @pytest.mark.parametrize("type_name", K_TYPES)
 @settings(max_examples=30, deadline=None)
-@given(
-    seed=st.integers(0, 2**32 - 1),
-    n_rows=st.integers(1, 2),
-    n_blocks=st.integers(1, 2),
-    kind=st.sampled_from(["normal", "zeros", "constant", "sparse", "mixed"]),
-    log_scale=st.floats(-30, 4),
-    with_imatrix=st.booleans(),
-)
+@given(**block_cases(2, 2))
+@example(seed=142, n_rows=1, n_blocks=2, kind="sparse", log_scale=0.0, with_imatrix=False)  # a zero-laden Q2_K block
 def test_reconstruction_invariants(
     type_name: str, seed: int, n_rows: int, n_blocks: int, kind: str, log_scale: float, with_imatrix: bool
 ) -> None:
     n_cols = 256 * n_blocks
     x = random_rows(seed, n_rows, n_cols, kind, log_scale)
     qw = random_imatrix(seed, n_cols) if with_imatrix else None
+    # quantize_row_q2_K_ref weighs each value by |x|, and its sub-block minimum may be negative: without an
+    # imatrix, the exact zeros of a Q2_K block carry no weight and may land anywhere in their sub-block's range
+    weightless = (x == 0) if type_name == "Q2_K" and qw is None else None
     with np.errstate(divide="raise", invalid="raise", over="raise"):
-        check_invariants(Q[type_name], x, qw, WEIGHTED_BOUND if with_imatrix else REF_BOUND[type_name])
+        check_reconstruction(Q[type_name], x, qw, WEIGHTED_BOUND if with_imatrix else REF_BOUND[type_name], ABS_TOL,
+                             weightless)
 
 
 @pytest.mark.parametrize("type_name", K_TYPES)

@@ -8,11 +8,11 @@ import gguf
 import numpy as np
 import pytest
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import imatrix.quant  # noqa: F401  (registers the types)
 from imatrix.quant.base import quant_type, quantize_rows
 from quant_golden import (
+    block_cases,
     check_reconstruction,
     compare_with_golden,
     plain_weights,
@@ -63,14 +63,7 @@ def test_round_trip_gaussian(type_name: str, with_imatrix: bool) -> None:
 
 @pytest.mark.parametrize("type_name", LEGACY)
 @settings(max_examples=40, deadline=None)
-@given(
-    seed=st.integers(0, 2**32 - 1),
-    n_rows=st.integers(1, 3),
-    n_blocks=st.integers(1, 3),
-    kind=st.sampled_from(["normal", "zeros", "constant", "sparse", "mixed"]),
-    log_scale=st.floats(-30, 4),
-    with_imatrix=st.booleans(),
-)
+@given(**block_cases(3, 3))
 def test_reconstruction_invariants(
     type_name: str, seed: int, n_rows: int, n_blocks: int, kind: str, log_scale: float, with_imatrix: bool
 ) -> None:

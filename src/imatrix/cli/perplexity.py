@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from imatrix.cli.common import ArgumentParser
 from imatrix.errors import ImatrixError
 from imatrix.eval.kld import kl_divergence
 from imatrix.eval.perplexity import perplexity, stderr_log, stdout_emit
@@ -14,14 +15,9 @@ from imatrix.models.bundled import smollm2_path
 from imatrix.models.loader import load_model
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 1, like every other bad input
-        raise ImatrixError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="imatrix perplexity", allow_abbrev=False,
+    parser = ArgumentParser(
+        prog="imatrix perplexity",
         description="Perplexity of a model on a text, or its KL divergence from a base model's saved "
                     "log-probabilities (drop-in for llama-perplexity's default and --kl-divergence modes).",
     )
