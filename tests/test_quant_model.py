@@ -14,7 +14,9 @@ import pytest
 from imatrix import ImportanceMatrix
 from imatrix.cli.main import main
 from imatrix.matrix import TensorStats
+from imatrix.models.gguf_reader import GGUFModelFile
 from imatrix.quant.base import quantize_rows
+from imatrix.quant.hifi import HIFI_TYPE_ID, dequantize_q3_k_hifi
 from imatrix.quant.mixes import FILE_TYPES, Overrides, parse_file_type, plan_types, row_bytes
 from imatrix.quant.model import quantize_model
 
@@ -308,6 +310,34 @@ def test_end_to_end_tiny_model(tmp_path: Path) -> None:
         im_row = imatrix[t.name].mean_sq()[0] if t.name in imatrix else None
         expected = quantize_rows(original, t.tensor_type, im_row)
         assert np.array_equal(np.asarray(t.data).reshape(expected.shape), expected), t.name
+
+
+def test_q3_k_hifi_file_is_q3_k_s_with_outliers(tmp_path: Path) -> None:
+    """Q3_K_HIFI: Q3_K_S's choices with Q3_K stored as the outlier type; our own loader reads it back."""
+    src = tmp_path / "tiny-f16.gguf"
+    tensors = write_tiny_model(src)
+    names = [f"blk.{i}.{k}.weight" for i in range(LAYERS) for k in ("attn_q", "attn_v", "ffn_down")]
+    imatrix = tiny_imatrix(names)
+    hifi = quantize_model(src, tmp_path / "hifi.gguf", "Q3_K_HIFI", imatrix).types()
+    q3_k_s = quantize_model(src, tmp_path / "q3_k_s.gguf", "Q3_K_S", imatrix).types()
+    assert hifi == {name: HIFI_TYPE_ID if t == T.Q3_K else t for name, t in q3_k_s.items()}
+    assert sum(t == HIFI_TYPE_ID for t in hifi.values()) >= 4
+
+    model_file = GGUFModelFile(tmp_path / "hifi.gguf")
+    assert model_file.get("general.file_type") == int(HIFI_TYPE_ID)
+    for name, info in model_file.tensors.items():
+        assert info.tensor_type == hifi[name]
+        if info.tensor_type != HIFI_TYPE_ID:
+            continue
+        original = tensors[name].astype(np.float32)
+        im_row = imatrix[name].mean_sq()[0] if name in imatrix else None
+        expected = dequantize_q3_k_hifi(quantize_rows(original, HIFI_TYPE_ID, im_row)).reshape(original.shape)
+        assert np.array_equal(model_file.tensor_f32(name), expected), name
+    plain = GGUFModelFile(tmp_path / "q3_k_s.gguf")
+    for name in [n for n in names if hifi[n] == HIFI_TYPE_ID]:
+        original = tensors[name].astype(np.float32)
+        hifi_err = np.abs(model_file.tensor_f32(name) - original).sum()
+        assert hifi_err < np.abs(plain.tensor_f32(name) - original).sum(), name
 
 
 def test_options_pure_overrides_and_filters(tmp_path: Path) -> None:

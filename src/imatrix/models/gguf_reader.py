@@ -2,12 +2,14 @@
 
 gguf-py's `GGUFReader` builds a numpy view per string of every metadata array, which costs ~4 s
 for a 49k-token vocab plus its merges; this parser reads the same header in a fraction of that
-and leaves tensor data in the mmap until a tensor is asked for (dequantized by gguf-py).
+and leaves tensor data in the mmap until a tensor is asked for (dequantized by gguf-py, or by
+the project's own class for a type of ours such as Q3_K_HIFI).
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import mmap
 import struct
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ import gguf
 import numpy as np
 
 from imatrix.errors import ImatrixError
+from imatrix.quant.base import dequantize, tensor_type, type_sizes
 
 GGUF_MAGIC = b"GGUF"
 _SCALARS = {
@@ -36,7 +39,7 @@ _U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
 class TensorInfo:
     name: str
     ne: tuple[int, ...]  # ggml order: innermost (row length) first
-    tensor_type: gguf.GGMLQuantizationType
+    tensor_type: enum.IntEnum  # ggml's GGMLQuantizationType, or a project type such as Q3_K_HIFI
     offset: int  # absolute, in the file
 
     @property
@@ -46,7 +49,7 @@ class TensorInfo:
 
     @property
     def n_bytes(self) -> int:
-        block_size, type_size = gguf.GGML_QUANT_SIZES[self.tensor_type]
+        block_size, type_size = type_sizes(self.tensor_type)
         return int(np.prod(self.ne)) // block_size * type_size
 
 
@@ -109,7 +112,7 @@ class GGUFModelFile:
             name = header.string()
             n_dims = header.scalar("<I")
             ne = tuple(header.scalar("<Q") for _ in range(n_dims))
-            infos.append((name, ne, gguf.GGMLQuantizationType(header.scalar("<I")), header.scalar("<Q")))
+            infos.append((name, ne, self._tensor_type(header.scalar("<I")), header.scalar("<Q")))
         alignment = int(metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
         data_start = -(-header.pos // alignment) * alignment
         tensors = {name: TensorInfo(name, ne, kind, data_start + offset) for name, ne, kind, offset in infos}
@@ -117,6 +120,12 @@ class GGUFModelFile:
             if info.offset + info.n_bytes > self.mmap.size:
                 raise ImatrixError(f"{self.path}: truncated file (tensor '{info.name}' runs past the end)")
         return metadata, tensors
+
+    def _tensor_type(self, type_id: int) -> enum.IntEnum:
+        try:
+            return tensor_type(type_id)
+        except ImatrixError as exc:
+            raise ImatrixError(f"{self.path}: {exc}") from None
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
@@ -161,8 +170,7 @@ class GGUFModelFile:
         info = self.tensors[name]
         if info.tensor_type == gguf.GGMLQuantizationType.F32:
             return self.raw(name).view(np.float32).reshape(info.shape)
-        values = gguf.quants.dequantize(self.raw(name), info.tensor_type)
-        return values.astype(np.float32, copy=False).reshape(info.shape)
+        return dequantize(self.raw(name), info.tensor_type).reshape(info.shape)
 
 
 def _check_gguf(path: Path) -> None:

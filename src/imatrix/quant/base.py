@@ -8,6 +8,7 @@ in ggml's block layout. Dequantization is gguf-py's (`gguf.quants.dequantize`).
 
 from __future__ import annotations
 
+import enum
 from typing import ClassVar
 
 import gguf
@@ -50,6 +51,36 @@ class QuantType:
             tiled = np.broadcast_to(np.asarray(imatrix_row, dtype=np.float32), (n_rows, n_cols))
             weights = np.ascontiguousarray(tiled).reshape(-1, cls.block_size)
         return cls.quantize_blocks(blocks, weights).reshape(n_rows, -1)
+
+    @classmethod
+    def dequantize(cls, data: np.ndarray) -> np.ndarray:
+        """Bytes `[..., k * type_size]` to float32 `[..., k * block_size]` (gguf-py's, for ggml types)."""
+        return np.asarray(gguf.quants.dequantize(data, cls.qtype), dtype=np.float32)
+
+
+def tensor_type(type_id: int) -> enum.IntEnum:
+    """The type a GGUF tensor info names: one of ggml's, or one of this project's own (Q3_K_HIFI)."""
+    if type_id in QType._value2member_map_:
+        return QType(type_id)
+    for qtype in QuantType.registry:
+        if int(qtype) == type_id:
+            return qtype
+    raise ImatrixError(f"unknown tensor type {type_id}")
+
+
+def type_sizes(qtype: enum.IntEnum) -> tuple[int, int]:
+    """(values per block, bytes per block) of any tensor type, ggml's or this project's."""
+    if qtype in gguf.GGML_QUANT_SIZES:
+        return gguf.GGML_QUANT_SIZES[qtype]  # type: ignore[index]
+    kind = quant_type(qtype)  # type: ignore[arg-type]
+    return kind.block_size, kind.type_size
+
+
+def dequantize(data: np.ndarray, qtype: enum.IntEnum) -> np.ndarray:
+    """Stored bytes of any readable type to float32; project types decode with their own class."""
+    if qtype in gguf.GGML_QUANT_SIZES and qtype not in QuantType.registry:
+        return np.asarray(gguf.quants.dequantize(data, qtype), dtype=np.float32)
+    return quant_type(qtype).dequantize(data)  # type: ignore[arg-type]
 
 
 def quant_type(qtype: QType) -> type[QuantType]:

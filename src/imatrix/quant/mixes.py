@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import gguf
 
 from imatrix.errors import ImatrixError
+from imatrix.quant.base import QuantType, type_sizes
+from imatrix.quant.hifi import HIFI_TYPE_ID
 
 QType = gguf.GGMLQuantizationType
 T = QType  # short alias for the tables below
@@ -27,6 +29,14 @@ class FileType:
     name: str
     ftype: int  # llama.cpp's LLAMA_FTYPE number, written as general.file_type
     default: QType
+    # a file type of our own follows the per-tensor rules of the llama.cpp mix named here,
+    # then stores each type of `substitutes` as the type it maps to
+    rules: str = ""
+    substitutes: tuple[tuple[enum.IntEnum, enum.IntEnum], ...] = ()
+
+    @property
+    def rules_name(self) -> str:
+        return self.rules or self.name
 
 
 _FT = gguf.LlamaFileType
@@ -52,6 +62,8 @@ FILE_TYPES: dict[str, FileType] = {
         FileType("Q6_K", _FT.MOSTLY_Q6_K, T.Q6_K),
         FileType("IQ4_NL", _FT.MOSTLY_IQ4_NL, T.IQ4_NL),
         FileType("IQ4_XS", _FT.MOSTLY_IQ4_XS, T.IQ4_XS),
+        # Q3_K_S's choices with every Q3_K tensor stored as Q3_K_HIFI (general.file_type = the type id)
+        FileType("Q3_K_HIFI", int(HIFI_TYPE_ID), T.Q3_K, rules="Q3_K_S", substitutes=((T.Q3_K, HIFI_TYPE_ID),)),
     )
 }
 ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
@@ -72,8 +84,6 @@ def parse_file_type(text: str) -> FileType:
 
 def parse_tensor_type(text: str) -> enum.IntEnum:
     """A tensor type by its ggml name in any case (`q8_0`, `Q6_K`), or a registered project type."""
-    from imatrix.quant.base import QuantType
-
     known: dict[str, enum.IntEnum] = {q.name: q for q in QType}
     known.update({q.name: q for q in QuantType.registry})  # type: ignore[misc]
     try:
@@ -88,21 +98,11 @@ def type_name(qtype: enum.IntEnum) -> str:
 
 
 def block_size(qtype: enum.IntEnum) -> int:
-    if qtype in gguf.GGML_QUANT_SIZES:
-        return gguf.GGML_QUANT_SIZES[qtype][0]
-    from imatrix.quant.base import quant_type
-
-    return quant_type(qtype).block_size  # type: ignore[arg-type]
+    return type_sizes(qtype)[0]
 
 
 def row_bytes(qtype: enum.IntEnum, n_cols: int) -> int:
-    if qtype in gguf.GGML_QUANT_SIZES:
-        blck, size = gguf.GGML_QUANT_SIZES[qtype]
-    else:
-        from imatrix.quant.base import quant_type
-
-        kind = quant_type(qtype)  # type: ignore[arg-type]
-        blck, size = kind.block_size, kind.type_size
+    blck, size = type_sizes(qtype)
     return n_cols // blck * size
 
 
@@ -341,7 +341,7 @@ ATTN_OUTPUT_8_EXPERTS = frozenset({"Q2_K", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S
 
 
 def _attn_v(s: MixState, ft: FileType, new: QType, name: str) -> QType:
-    rule = ATTN_V_RULES.get(ft.name)
+    rule = ATTN_V_RULES.get(ft.rules_name)
     chosen = rule(s, s.i_attention_wv, s.model.n_attention_wv) if rule else None
     if chosen is not None:
         new = chosen
@@ -360,7 +360,7 @@ def _ffn_down(s: MixState, ft: FileType, new: QType, name: str) -> QType:
         i_layer = block_index(name)
         if not 0 <= i_layer < n_layer:
             raise ImatrixError(f"{name}: cannot tell its layer (must be in [0, {n_layer}))")
-    rule = FFN_DOWN_RULES.get(ft.name)
+    rule = FFN_DOWN_RULES.get(ft.rules_name)
     chosen = rule(s, i_layer, n_layer) if rule else None
     s.i_ffn_down += 1
     return new if chosen is None else chosen
@@ -368,10 +368,10 @@ def _ffn_down(s: MixState, ft: FileType, new: QType, name: str) -> QType:
 
 def _attn_output(s: MixState, ft: FileType, new: QType, name: str) -> QType:
     if s.model.falcon:
-        return ATTN_OUTPUT_FALCON_RULES.get(ft.name, new)
+        return ATTN_OUTPUT_FALCON_RULES.get(ft.rules_name, new)
     if s.model.n_expert == 8:
-        return T.Q5_K if ft.name in ATTN_OUTPUT_8_EXPERTS else new
-    return ATTN_OUTPUT_RULES.get(ft.name, new)
+        return T.Q5_K if ft.rules_name in ATTN_OUTPUT_8_EXPERTS else new
+    return ATTN_OUTPUT_RULES.get(ft.rules_name, new)
 
 
 def _attn_k(s: MixState, ft: FileType, new: QType, name: str) -> QType:
@@ -474,7 +474,8 @@ def choose_type(
         return ft.default
     n_cols = int(shape[0])
     chosen = ft.default if ov.pure else _mixed_type(s, ft, name, n_cols, ov)
-    return fallback(s, name, n_cols, chosen)
+    chosen = fallback(s, name, n_cols, chosen)
+    return dict(ft.substitutes).get(chosen, chosen)
 
 
 def plan_types(
