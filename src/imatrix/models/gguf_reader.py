@@ -53,22 +53,32 @@ class TensorInfo:
         return int(np.prod(self.ne)) // block_size * type_size
 
 
+@dataclass(frozen=True)
+class MetadataField:
+    """A metadata value exactly as stored: strings as raw bytes, with the value (and item) type."""
+
+    value: Any
+    value_type: gguf.GGUFValueType
+    item_type: gguf.GGUFValueType | None = None
+
+
 class _Header:
-    def __init__(self, data: memoryview, path: Path) -> None:
-        self.data, self.pos, self.path = data, 0, path
+    def __init__(self, data: memoryview, path: Path, raw_strings: bool = False) -> None:
+        self.data, self.pos, self.path, self.raw_strings = data, 0, path, raw_strings
 
     def scalar(self, fmt: str) -> Any:
         value = struct.unpack_from(fmt, self.data, self.pos)[0]
         self.pos += struct.calcsize(fmt)
         return value
 
-    def string(self) -> str:
+    def string(self) -> str | bytes:
         length = _U64.unpack_from(self.data, self.pos)[0]
         start = self.pos + 8
         self.pos = start + length
         if self.pos > len(self.data):
             raise ImatrixError(f"{self.path}: truncated GGUF header")
-        return bytes(self.data[start : self.pos]).decode("utf-8", errors="replace")
+        raw = bytes(self.data[start : self.pos])
+        return raw if self.raw_strings else raw.decode("utf-8", errors="replace")
 
     def value(self, kind: int) -> Any:
         kind = gguf.GGUFValueType(kind)
@@ -96,13 +106,17 @@ class GGUFModelFile:
         except (struct.error, ValueError, KeyError) as exc:
             raise ImatrixError(f"{self.path}: corrupt GGUF file ({exc})") from exc
 
-    def _parse(self) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
-        header = _Header(memoryview(self.mmap), self.path)
+    def _start(self, raw_strings: bool) -> tuple[_Header, int, int]:
+        header = _Header(memoryview(self.mmap), self.path, raw_strings)
         header.pos = 4
         version = header.scalar("<I")
         if version not in (2, 3):
             raise ImatrixError(f"{self.path}: unsupported GGUF version {version}")
         n_tensors, n_kv = header.scalar("<Q"), header.scalar("<Q")
+        return header, n_tensors, n_kv
+
+    def _parse(self) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
+        header, n_tensors, n_kv = self._start(raw_strings=False)
         metadata = {}
         for _ in range(n_kv):
             key = header.string()
@@ -126,6 +140,20 @@ class GGUFModelFile:
             return tensor_type(type_id)
         except ImatrixError as exc:
             raise ImatrixError(f"{self.path}: {exc}") from None
+
+    @cached_property
+    def fields(self) -> dict[str, MetadataField]:
+        """Every metadata key with its stored type and raw string bytes, in file order (for copying)."""
+        header, _, n_kv = self._start(raw_strings=True)
+        fields = {}
+        for _ in range(n_kv):
+            key = header.string().decode("utf-8", errors="replace")
+            kind = gguf.GGUFValueType(header.scalar("<I"))
+            item_kind = None
+            if kind == gguf.GGUFValueType.ARRAY:
+                item_kind = gguf.GGUFValueType(_U32.unpack_from(header.data, header.pos)[0])
+            fields[key] = MetadataField(header.value(kind), kind, item_kind)
+        return fields
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)

@@ -20,8 +20,25 @@ F32 = np.float32
 GROUP_MAX_EPS = F32(1e-15)
 
 
+def _reduce_in_order(values: np.ndarray, initial: np.float32 | None) -> np.ndarray | None:
+    """One `np.add.reduce` over the leading axis, where numpy is known to add row after row.
+
+    numpy sums the outer axis of a C-contiguous array one whole row at a time, which is C's order;
+    its pairwise summation only applies along a contiguous axis, which is what a row of a single
+    group would be, so that case (and any other layout) gets None and the explicit loop.
+    """
+    if values.dtype != F32 or not values.flags.c_contiguous or values[0].size < 2:
+        return None
+    flat = values.reshape(values.shape[0], -1)
+    total = np.add.reduce(flat, axis=0) if initial is None else np.add.reduce(flat, axis=0, initial=initial)
+    return total.reshape(values.shape[1:])
+
+
 def seq_sum(values: np.ndarray) -> np.ndarray:
     """Sum over the leading axis strictly in order, starting from 0.0f."""
+    total = _reduce_in_order(values, F32(0))
+    if total is not None:
+        return total
     acc = np.zeros(values.shape[1:], dtype=F32)
     for row in values:
         acc += row
@@ -30,6 +47,9 @@ def seq_sum(values: np.ndarray) -> np.ndarray:
 
 def seq_sum_from_first(values: np.ndarray) -> np.ndarray:
     """Sum over the leading axis in order, seeded with the first value (`make_qkx2_quants` does this)."""
+    total = _reduce_in_order(values, None)
+    if total is not None:
+        return total
     acc = values[0].astype(F32, copy=True)
     for row in values[1:]:
         acc += row
@@ -66,9 +86,13 @@ def make_qx_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray,
     zero = amax < GROUP_MAX_EPS
     vmax = np.where(zero, F32(1), vmax)
 
+    wx = w * x  # C computes w*x*l as (w*x)*l: the product can be shared by every candidate
+    lo, hi = F32(-nmax), F32(nmax - 1)
+
     def try_scale(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        levels = np.clip(nearest(iscale * x), -nmax, nmax - 1)
-        return levels, seq_sum(w * x * levels), seq_sum(w * levels * levels)
+        levels = nearest(iscale * x)
+        np.minimum(np.maximum(levels, lo, out=levels), hi, out=levels)
+        return levels, seq_sum(wx * levels), seq_sum(w * levels * levels)
 
     levels, sumlx, suml2 = try_scale(F32(-nmax) / vmax)
     scale = divide_where(sumlx, suml2, suml2 != 0)
@@ -78,9 +102,9 @@ def make_qx_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray,
             continue
         cand, lx, l2 = try_scale(-(F32(nmax) + F32(0.1) * F32(step)) / vmax)
         better = (l2 > 0) & (lx * lx > best * l2)
-        levels = np.where(better, cand, levels)
-        scale = np.where(better, divide_where(lx, l2, better), scale)
-        best = np.where(better, scale * lx, best)
+        np.copyto(levels, cand, where=better)
+        np.copyto(scale, divide_where(lx, l2, better), where=better)
+        np.copyto(best, scale * lx, where=better)
     levels = np.where(zero, F32(0), levels + F32(nmax))
     return np.where(zero, F32(0), scale).astype(F32), levels
 

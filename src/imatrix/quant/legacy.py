@@ -125,7 +125,8 @@ def make_qx_quants(blocks: np.ndarray, weights: np.ndarray, nmax: int) -> tuple[
 
 
 def _make_qx_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    scale, levels = kquants_search.make_qx_quants(x.T, nmax, w.T)  # it works on [group_size, n_groups]
+    # it works on [group_size, n_groups], C-contiguous so that its in-order sums take numpy's fast path
+    scale, levels = kquants_search.make_qx_quants(np.ascontiguousarray(x.T), nmax, np.ascontiguousarray(w.T))
     return scale, levels.T.astype(np.uint8)
 
 
@@ -139,7 +140,8 @@ def make_qkx3_quants(blocks: np.ndarray, weights: np.ndarray, nmax: int) -> tupl
 
 def _make_qkx3_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     # the K-quant search works on [group_size, n_groups] and returns the negated min
-    scale, negated_min, levels = kquants_search.make_qkx_quants(x.T, w.T, nmax, -0.9, 0.05, 36, use_mad=False)
+    x_t, w_t = np.ascontiguousarray(x.T), np.ascontiguousarray(w.T)
+    scale, negated_min, levels = kquants_search.make_qkx_quants(x_t, w_t, nmax, -0.9, 0.05, 36, use_mad=False)
     return scale, -negated_min, levels.T.astype(np.uint8)
 
 

@@ -9,9 +9,7 @@ stays near one output tensor plus a few chunks on top of the mapped input.
 
 from __future__ import annotations
 
-import contextlib
 import enum
-import mmap
 import os
 import time
 import warnings
@@ -27,7 +25,8 @@ import imatrix.quant  # noqa: F401  (registers every kernel)
 from imatrix.errors import ImatrixError
 from imatrix.formats.atomic import atomic_path
 from imatrix.matrix import ImportanceMatrix
-from imatrix.quant.base import quant_type, quantize_rows
+from imatrix.models.gguf_reader import GGUFModelFile, TensorInfo
+from imatrix.quant.base import dequantize, quant_type, quantize_rows, type_sizes
 from imatrix.quant.mixes import (
     UNQUANTIZED,
     Cat,
@@ -105,48 +104,25 @@ class QuantizeReport:
 # --- input ---
 
 
-def open_model(path: Path) -> gguf.GGUFReader:
+def open_model(path: Path) -> GGUFModelFile:
     if not path.is_file():
         raise ImatrixError(f"{path}: no such model file")
-    with open(path, "rb") as handle:
-        if handle.read(4) != b"GGUF":
-            raise ImatrixError(f"{path}: not a GGUF file")
-    try:
-        return gguf.GGUFReader(path)
-    except (ValueError, OSError) as exc:
-        raise ImatrixError(f"{path}: cannot read GGUF: {exc}") from exc
+    return GGUFModelFile(path)
 
 
-def _field_value(f: gguf.ReaderField) -> tuple[object, VT, VT | None]:
-    """A metadata value as GGUFWriter takes it; strings stay raw bytes so nothing is re-encoded."""
-    main = VT(f.types[0])
-    if main == VT.STRING:
-        return bytes(f.parts[f.data[0]]), main, None
-    if main != VT.ARRAY:
-        return f.parts[f.data[0]][0].item(), main, None
-    sub = VT(f.types[1])
-    if sub == VT.STRING:
-        return [bytes(f.parts[i]) for i in f.data], main, sub
-    if sub == VT.ARRAY:
-        return f.contents(), main, sub
-    return [f.parts[i][0].item() for i in f.data], main, sub
-
-
-def _metadata_facts(reader: gguf.GGUFReader) -> dict[str, object]:
+def _metadata_facts(model_file: GGUFModelFile) -> dict[str, object]:
     """Only the small scalar keys the mixes look at (decoding the vocabulary would be wasted)."""
     facts: dict[str, object] = {}
-    for name, f in reader.fields.items():
-        if not name.startswith("GGUF.") and len(f.data) <= 1024 and VT(f.types[-1]) != VT.STRING:
-            facts[name] = f.contents()
-    if "general.architecture" in reader.fields:
-        facts["general.architecture"] = reader.fields["general.architecture"].contents()
+    for name, value in model_file.metadata.items():
+        if not isinstance(value, list) or (len(value) <= 1024 and not any(isinstance(v, str) for v in value)):
+            facts[name] = value
     return facts
 
 
-def _rows(tensor: gguf.ReaderTensor) -> np.ndarray:
+def _rows(model_file: GGUFModelFile, tensor: TensorInfo) -> np.ndarray:
     """The tensor's bytes as `[n_rows, row_bytes]` (a view of the mapped file)."""
-    n_rows = int(np.prod([int(n) for n in tensor.shape[1:]], dtype=np.int64)) if len(tensor.shape) > 1 else 1
-    return np.asarray(tensor.data).reshape(-1).view(np.uint8).reshape(n_rows, -1)
+    n_rows = int(np.prod(tensor.ne[1:], dtype=np.int64)) if len(tensor.ne) > 1 else 1
+    return np.asarray(model_file.raw(tensor.name)).reshape(n_rows, -1)
 
 
 # --- conversions between float32 rows and stored bytes ---
@@ -157,7 +133,7 @@ def _to_f32(raw: np.ndarray, src: enum.IntEnum) -> np.ndarray:
         return raw.view(np.float32)
     if src == QType.F16:
         return raw.view(np.float16).astype(np.float32)
-    return np.asarray(gguf.quants.dequantize(raw, QType(src)), dtype=np.float32).reshape(raw.shape[0], -1)
+    return dequantize(raw, src).reshape(raw.shape[0], -1)
 
 
 def _from_f32(rows: np.ndarray, dst: enum.IntEnum, im_row: np.ndarray | None) -> np.ndarray:
@@ -186,11 +162,9 @@ def _check_convertible(path: Path, name: str, src: enum.IntEnum, dst: enum.IntEn
 
 
 def _can_dequantize(src: enum.IntEnum) -> bool:
-    if not isinstance(src, QType) or src not in gguf.GGML_QUANT_SIZES:
-        return False
     try:
-        gguf.quants.dequantize(np.zeros((1, gguf.GGML_QUANT_SIZES[src][1]), dtype=np.uint8), src)
-    except (NotImplementedError, ValueError, KeyError):
+        dequantize(np.zeros((1, type_sizes(src)[1]), dtype=np.uint8), src)
+    except (NotImplementedError, ValueError, KeyError, ImatrixError):
         return False
     return True
 
@@ -286,7 +260,7 @@ def _imatrix_keys(
 
 @dataclass
 class _Job:
-    tensor: gguf.ReaderTensor
+    tensor: TensorInfo
     ne: tuple[int, ...]
     src: enum.IntEnum
     dst: enum.IntEnum
@@ -295,22 +269,23 @@ class _Job:
 
 def _plan(
     path: Path,
-    reader: gguf.GGUFReader,
+    model_file: GGUFModelFile,
     ft: FileType,
     overrides: Overrides,
     values: dict[str, np.ndarray],
     leave_output_tensor: bool,
     allow_requantize: bool,
 ) -> tuple[list[_Job], list[str]]:
-    by_name = {t.name: t for t in reader.tensors}
-    specs = [(t.name, [int(n) for n in t.shape], t.tensor_type) for t in reader.tensors]
+    by_name = model_file.tensors
+    specs = [(t.name, list(t.ne), t.tensor_type) for t in by_name.values()]
     chosen, state = plan_types(
-        ft, specs, _metadata_facts(reader), overrides, has_imatrix=bool(values), leave_output_tensor=leave_output_tensor
+        ft, specs, _metadata_facts(model_file), overrides, has_imatrix=bool(values),
+        leave_output_tensor=leave_output_tensor,
     )
     jobs = []
     for name, dst in chosen.items():
         tensor = by_name[name]
-        ne = tuple(int(n) for n in tensor.shape)
+        ne = tensor.ne
         src = tensor.tensor_type
         rows = None
         if src != dst:
@@ -320,34 +295,22 @@ def _plan(
     return jobs, state.fallback_notes
 
 
-def _release(reader: gguf.GGUFReader, tensor: gguf.ReaderTensor) -> None:
-    """Drop the tensor's pages of the mapped input from memory (llama.cpp unmaps each weight too)."""
-    handle = getattr(reader.data, "_mmap", None)
-    if handle is None or not hasattr(mmap, "MADV_DONTNEED"):
-        return
-    start = tensor.data_offset - tensor.data_offset % mmap.PAGESIZE
-    with contextlib.suppress(OSError, ValueError):
-        handle.madvise(mmap.MADV_DONTNEED, start, tensor.data_offset + tensor.n_bytes - start)
-
-
 def _shape_text(ne: Sequence[int]) -> str:
     dims = [*ne, *([1] * (4 - len(ne)))]
     return ", ".join(f"{n:6d}" for n in dims)
 
 
 def _writer(
-    tmp: Path, reader: gguf.GGUFReader, ft: FileType, extra: Iterable[tuple[str, object, VT]]
+    tmp: Path, model_file: GGUFModelFile, ft: FileType, extra: Iterable[tuple[str, object, VT]]
 ) -> gguf.GGUFWriter:
-    arch = str(reader.fields["general.architecture"].contents()) if "general.architecture" in reader.fields else ""
-    writer = gguf.GGUFWriter(tmp, arch)
+    writer = gguf.GGUFWriter(tmp, str(model_file.get("general.architecture", "")))
     writer.kv_data[0].clear()  # keep the input's key order, general.architecture included
-    for name, f in reader.fields.items():
-        if name.startswith("GGUF.") or name in DROPPED_KEYS or (VT(f.types[0]) == VT.ARRAY and not f.data):
+    for name, stored in model_file.fields.items():
+        if name in DROPPED_KEYS or (stored.value_type == VT.ARRAY and not stored.value):
             continue
-        value, vtype, sub = _field_value(f)
-        writer.add_key_value(name, value, vtype, sub_type=sub)
-    if "general.alignment" in reader.fields:
-        writer.data_alignment = int(reader.fields["general.alignment"].contents())
+        writer.add_key_value(name, stored.value, stored.value_type, sub_type=stored.item_type)
+    if "general.alignment" in model_file.metadata:
+        writer.data_alignment = int(model_file.metadata["general.alignment"])
     writer.add_key_value("general.quantization_version", GGML_QNT_VERSION, VT.UINT32)
     writer.add_key_value("general.file_type", int(ft.ftype), VT.UINT32)
     for key, value, vtype in extra:
@@ -383,9 +346,9 @@ def quantize_model(
     overrides = Overrides(_as_type(output_tensor_type), _as_type(token_embedding_type), pure)
     if dst_path.exists() and src_path.exists() and os.path.samefile(src_path, dst_path):
         raise ImatrixError(f"{src_path}: input and output files are the same")
-    reader = open_model(src_path)
-    values = _check_imatrix(src_path, reader, imatrix, include_weights, exclude_weights)
-    jobs, fallbacks = _plan(src_path, reader, ft, overrides, values, leave_output_tensor, allow_requantize)
+    model_file = open_model(src_path)
+    values = _check_imatrix(src_path, model_file, imatrix, include_weights, exclude_weights)
+    jobs, fallbacks = _plan(src_path, model_file, ft, overrides, values, leave_output_tensor, allow_requantize)
     report = QuantizeReport(src_path, dst_path, ft.name, int(ft.ftype), fallbacks=fallbacks)
     for note in fallbacks:
         emit(note)
@@ -394,7 +357,7 @@ def quantize_model(
     extra = _imatrix_keys(imatrix, values, imatrix_file) if imatrix is not None and values else []
     threads = n_threads if n_threads and n_threads > 0 else (os.cpu_count() or 1)
     with atomic_path(dst_path) as tmp:
-        writer = _writer(tmp, reader, ft, extra)
+        writer = _writer(tmp, model_file, ft, extra)
         for job in jobs:
             writer.add_tensor_info(
                 job.tensor.name, tuple(reversed(job.ne)), np.dtype(np.float32),
@@ -406,8 +369,9 @@ def quantize_model(
         writer.write_ti_data_to_file()
         with ThreadPoolExecutor(threads) if threads > 1 else _no_pool() as pool:
             for index, job in enumerate(jobs, 1):
-                report.tensors.append(_write_one(writer, job, index, len(jobs), pool, emit))
-                _release(reader, job.tensor)
+                report.tensors.append(_write_one(writer, model_file, job, index, len(jobs), pool, emit))
+                # drop the input tensor's pages from our resident set (llama.cpp unmaps each weight too)
+                model_file.release_pages(job.tensor.name)
         writer.close()
     if imatrix is not None:
         report.missing_imatrix = [t.name for t in report.tensors if t.quantized and not t.used_imatrix]
@@ -432,7 +396,7 @@ def _as_type(value: str | enum.IntEnum | None) -> enum.IntEnum | None:
 
 def _check_imatrix(
     path: Path,
-    reader: gguf.GGUFReader,
+    model_file: GGUFModelFile,
     imatrix: ImportanceMatrix | None,
     include: Sequence[str],
     exclude: Sequence[str],
@@ -441,16 +405,22 @@ def _check_imatrix(
         if include or exclude:
             raise ImatrixError("--include-weights/--exclude-weights need an imatrix")
         return {}
-    names = {t.name for t in reader.tensors}
+    names = set(model_file.tensors)
     if not names.intersection(imatrix.names()):
         raise ImatrixError(f"{path}: no tensor of this model is in the imatrix (an imatrix of another model?)")
     return imatrix_values(imatrix, include, exclude)
 
 
 def _write_one(
-    writer: gguf.GGUFWriter, job: _Job, index: int, total: int, pool: ThreadPoolExecutor | None, emit: Log
+    writer: gguf.GGUFWriter,
+    model_file: GGUFModelFile,
+    job: _Job,
+    index: int,
+    total: int,
+    pool: ThreadPoolExecutor | None,
+    emit: Log,
 ) -> TensorReport:
-    raw = _rows(job.tensor)
+    raw = _rows(model_file, job.tensor)
     head = f"[{index:4d}/{total:4d}] {job.tensor.name:>36} - [{_shape_text(job.ne)}], type = {type_name(job.src):>6}, "
     report = TensorReport(job.tensor.name, job.ne, job.src, job.dst, raw.nbytes, raw.nbytes)
     if not report.quantized:
