@@ -30,14 +30,22 @@ _LEVELS = KVALUES.astype(F32)
 NTRY = 7  # quantize_iq4_nl / quantize_iq4_xs both search itry in [-7, 7]
 
 
+# llama.cpp's best_index_int8 takes the nearer of the two levels around x, the upper one on a tie. With
+# integer levels and |x| < 128 both differences it compares are exact in float32, so its choice is the
+# number of midpoints between levels that are <= x. The midpoints are multiples of 1/2, hence that
+# number is constant on every [k/2, (k+1)/2) and one table indexed by floor(2x) holds it.
+_MIDPOINTS = (_LEVELS[:-1] + _LEVELS[1:]) / F32(2)
+_HALF_STEP_MIN, _HALF_STEP_MAX = -256, 256  # floor(2x) for x in [-128, 128]; beyond, the end levels
+_INDEX_BY_HALF_STEP = np.searchsorted(
+    _MIDPOINTS, np.arange(_HALF_STEP_MIN, _HALF_STEP_MAX + 1, dtype=F32) / F32(2), side="right"
+).astype(np.uint8)
+
+
 def best_index(scaled: np.ndarray) -> np.ndarray:
     """Index of the nearest level (llama.cpp `best_index_int8`: a tie goes to the upper level)."""
-    upper = np.clip(np.searchsorted(_LEVELS, scaled, side="right"), 1, _LEVELS.size - 1)
-    below = _LEVELS[upper - 1]
-    above = _LEVELS[upper]
-    idx = np.where(scaled - below < above - scaled, upper - 1, upper)
-    idx = np.where(scaled <= _LEVELS[0], 0, idx)
-    return np.where(scaled >= _LEVELS[-1], _LEVELS.size - 1, idx).astype(np.uint8)
+    half_steps = np.floor(np.asarray(scaled, dtype=F32) * F32(2))
+    np.clip(half_steps, _HALF_STEP_MIN, _HALF_STEP_MAX, out=half_steps)
+    return _INDEX_BY_HALF_STEP[half_steps.astype(np.intp) - _HALF_STEP_MIN]
 
 
 def value_weights(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
