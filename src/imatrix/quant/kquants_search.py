@@ -89,23 +89,29 @@ def make_qx_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray,
     wx = w * x  # C computes w*x*l as (w*x)*l: the product can be shared by every candidate
     lo, hi = F32(-nmax), F32(nmax - 1)
 
-    def try_scale(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def levels_for(iscale: np.ndarray) -> np.ndarray:
         levels = nearest(iscale * x)
-        np.minimum(np.maximum(levels, lo, out=levels), hi, out=levels)
-        return levels, seq_sum(wx * levels), seq_sum(w * levels * levels)
+        return np.minimum(np.maximum(levels, lo, out=levels), hi, out=levels)
 
-    levels, sumlx, suml2 = try_scale(F32(-nmax) / vmax)
+    def try_scale(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        levels = levels_for(iscale)
+        return seq_sum(wx * levels), seq_sum(w * levels * levels)
+
+    best_iscale = F32(-nmax) / vmax
+    sumlx, suml2 = try_scale(best_iscale)
     scale = divide_where(sumlx, suml2, suml2 != 0)
     best = scale * sumlx
     for step in range(-9, 10):
         if step == 0:
             continue
-        cand, lx, l2 = try_scale(-(F32(nmax) + F32(0.1) * F32(step)) / vmax)
+        iscale = -(F32(nmax) + F32(0.1) * F32(step)) / vmax
+        lx, l2 = try_scale(iscale)
         better = (l2 > 0) & (lx * lx > best * l2)
-        np.copyto(levels, cand, where=better)
+        np.copyto(best_iscale, iscale, where=better)
         np.copyto(scale, divide_where(lx, l2, better), where=better)
         np.copyto(best, scale * lx, where=better)
-    levels = np.where(zero, F32(0), levels + F32(nmax))
+    # the levels of the winning candidate, recomputed once rather than kept for every candidate
+    levels = np.where(zero, F32(0), levels_for(best_iscale) + F32(nmax))
     return np.where(zero, F32(0), scale).astype(F32), levels
 
 
