@@ -17,11 +17,10 @@ import tempfile
 from pathlib import Path
 
 from collect_speed import run_cli
-from quant_quality import IMATRIX, QUALITY_MD, parse_quality
-
 from imatrix.models.bundled import smollm2_path
 from imatrix.models.f16 import write_f16_model
 from imatrix.quant.mixes import FILE_TYPES
+from quant_quality import IMATRIX, QUALITY_MD, parse_quality
 
 MIB = 1024 * 1024
 
