@@ -78,9 +78,10 @@ def type_sizes(qtype: enum.IntEnum) -> tuple[int, int]:
 
 def dequantize(data: np.ndarray, qtype: enum.IntEnum) -> np.ndarray:
     """Stored bytes of any readable type to float32; project types decode with their own class."""
-    if qtype in gguf.GGML_QUANT_SIZES and qtype not in QuantType.registry:
-        return np.asarray(gguf.quants.dequantize(data, qtype), dtype=np.float32)
-    return quant_type(qtype).dequantize(data)  # type: ignore[arg-type]
+    kind = QuantType.registry.get(qtype)  # type: ignore[call-overload]
+    if kind is not None:
+        return kind.dequantize(data)
+    return np.asarray(gguf.quants.dequantize(data, qtype), dtype=np.float32)
 
 
 def quant_type(qtype: QType) -> type[QuantType]:

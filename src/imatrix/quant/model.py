@@ -110,15 +110,6 @@ def open_model(path: Path) -> GGUFModelFile:
     return GGUFModelFile(path)
 
 
-def _metadata_facts(model_file: GGUFModelFile) -> dict[str, object]:
-    """Only the small scalar keys the mixes look at (decoding the vocabulary would be wasted)."""
-    facts: dict[str, object] = {}
-    for name, value in model_file.metadata.items():
-        if not isinstance(value, list) or (len(value) <= 1024 and not any(isinstance(v, str) for v in value)):
-            facts[name] = value
-    return facts
-
-
 def _rows(model_file: GGUFModelFile, tensor: TensorInfo) -> np.ndarray:
     """The tensor's bytes as `[n_rows, row_bytes]` (a view of the mapped file)."""
     n_rows = int(np.prod(tensor.ne[1:], dtype=np.int64)) if len(tensor.ne) > 1 else 1
@@ -279,7 +270,7 @@ def _plan(
     by_name = model_file.tensors
     specs = [(t.name, list(t.ne), t.tensor_type) for t in by_name.values()]
     chosen, state = plan_types(
-        ft, specs, _metadata_facts(model_file), overrides, has_imatrix=bool(values),
+        ft, specs, model_file.metadata, overrides, has_imatrix=bool(values),
         leave_output_tensor=leave_output_tensor,
     )
     jobs = []
