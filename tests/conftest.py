@@ -6,6 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# CI (`.ci/run`) replays the same examples every run, so a landing never hangs on a new random draw;
+# developers keep exploring fresh ones (or pass --hypothesis-seed to replay one)
+settings.register_profile("ci", derandomize=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("IMATRIX_SHARED", REPO.parent / "shared"))
