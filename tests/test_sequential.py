@@ -170,3 +170,17 @@ def test_smollm2_matches_in_memory(smollm2_q4_1: Path, calibration_text: Path) -
     ours = run(smollm2_q4_1, calibration_text, sequential=True, window_chunks=4, **options)
     assert_same_statistics(ours.matrix, reference.matrix)
     assert_same_ppl(ours, reference)
+
+
+def test_top_level_collect_after_submodule_imports(tiny_gguf: Path, text: Path) -> None:
+    """`imatrix.collect(...)` stays the collection entry point once `imatrix.collect.runner` is imported."""
+    import imatrix
+
+    assert callable(imatrix.collect)
+    options = CollectOptions(n_ctx=64, max_chunks=3, compute_ppl=False, verbosity=0)
+    via_package = imatrix.collect(tiny_gguf, text, options).matrix
+    direct = collect(tiny_gguf, text, options).matrix
+    assert via_package.names() == direct.names()
+    for name in direct.names():
+        np.testing.assert_array_equal(via_package[name].sums, direct[name].sums)
+        np.testing.assert_array_equal(via_package[name].counts, direct[name].counts)
