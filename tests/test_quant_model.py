@@ -429,6 +429,33 @@ def test_golden_bytes_through_the_whole_pipeline(golden: Path, tmp_path: Path) -
             assert same_rows >= 0.99, (ftype, t.name, same_rows)
 
 
+def test_moe_experts_use_their_own_imatrix_rows_on_any_number_of_workers(golden: Path, tmp_path: Path) -> None:
+    """Expert tensors [n_expert, rows, cols]: expert e is quantized with imatrix row e; forked workers
+    (spans split at expert boundaries) write the same bytes as one process."""
+    source = golden / "moe" / "tiny-qwen3moe-f16.gguf"
+    imatrix = ImportanceMatrix.load(golden / "moe" / "tiny-qwen3moe.c256.n8.imatrix.gguf")
+    files = {}
+    for workers in (1, 2):
+        files[workers] = tmp_path / f"q4_k_s-{workers}.gguf"
+        with pytest.warns(UserWarning, match=r"no imatrix data for 14 tensor\(s\): blk\.0\.attn_k"):
+            quantize_model(source, files[workers], "Q4_K_S", imatrix, include_weights=["blk.1."], n_threads=workers)
+    assert files[1].read_bytes() == files[2].read_bytes()
+
+    model = GGUFModelFile(source)
+    checked = 0
+    for t in gguf.GGUFReader(files[2]).tensors:
+        if "_exps" not in t.name:
+            continue
+        experts = model.tensor_f32(t.name)  # [n_expert, rows, cols]
+        stats = imatrix[t.name] if t.name.startswith("blk.1.") else None
+        data = np.asarray(t.data).reshape(experts.shape[0], experts.shape[1], -1)
+        for e, rows in enumerate(experts):
+            im_row = None if stats is None else stats.mean_sq()[e]
+            assert np.array_equal(data[e], quantize_rows(rows, t.tensor_type, im_row)), (t.name, e)
+        checked += 1
+    assert checked == 3 * int(model.arch_value("block_count"))
+
+
 # --- the real model ---
 
 

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="output GGUF")
     p.add_argument("type", help="file type: Q4_K_M, Q4_0, IQ4_XS, ... or its llama.cpp number; "
                                 "Q3_K_HIFI is our own outlier type, which only imatrix (not llama.cpp) loads")
-    p.add_argument("nthreads", nargs="?", type=int, default=None, help="worker threads (default: all cores)")
+    p.add_argument("nthreads", nargs="?", type=int, default=None, help="parallel workers (default: all cores)")
     return p
 
 

@@ -179,8 +179,9 @@ class GGUFModelFile:
         data = self.mmap[info.offset : info.offset + info.n_bytes]
         return data.reshape(*info.shape[:-1], -1)
 
-    def release_pages(self, name: str) -> None:
-        """Drop a tensor's file pages from this process's resident set once they have been read.
+    def release_pages(self, name: str, byte_range: tuple[int, int] | None = None) -> None:
+        """Drop a tensor's file pages (or those of `byte_range` within it) from this process's
+        resident set once they have been read.
 
         They stay in the page cache; without this every tensor read stays counted in our RSS and
         the mapped file looks like a second copy of the model.
@@ -189,9 +190,10 @@ class GGUFModelFile:
         if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
         info = self.tensors[name]
-        start = info.offset // mmap.PAGESIZE * mmap.PAGESIZE
+        first, stop = byte_range or (0, info.n_bytes)
+        start = (info.offset + first) // mmap.PAGESIZE * mmap.PAGESIZE
         with contextlib.suppress(OSError, ValueError):
-            mapping.madvise(mmap.MADV_DONTNEED, start, info.offset + info.n_bytes - start)
+            mapping.madvise(mmap.MADV_DONTNEED, start, info.offset + stop - start)
 
     def tensor_f32(self, name: str) -> np.ndarray:
         """Dequantize one tensor on demand (float32, numpy shape)."""

@@ -3,18 +3,20 @@
 Metadata is copied as llama.cpp copies it (then `general.quantization_version` and
 `general.file_type` are set, and the `quantize.imatrix.*` keys added when an imatrix is used);
 tensors are written in llama.cpp's loader order with 32-byte alignment. Each tensor's rows are
-converted in chunks (optionally on several threads: the numpy kernels release the GIL), so memory
-stays near one output tensor plus a few chunks on top of the mapped input.
+converted in spans of rows (on several forked worker processes when asked for more than one thread),
+so memory stays near one output tensor plus a few spans on top of the mapped input.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import multiprocessing
 import os
+import signal
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,37 +162,72 @@ def _can_dequantize(src: enum.IntEnum) -> bool:
     return True
 
 
-def convert_tensor(
-    raw: np.ndarray,
-    src: enum.IntEnum,
-    dst: enum.IntEnum,
-    n_cols: int,
-    rows_per_matrix: int,
-    imatrix_rows: np.ndarray | None,
-    pool: ThreadPoolExecutor | None,
-) -> np.ndarray:
-    """Rows `raw [n_rows, src bytes]` to `[n_rows, dst bytes]`; matrix `k` uses `imatrix_rows[k]`."""
-    n_rows = raw.shape[0]
-    out = np.empty((n_rows, row_bytes(dst, n_cols)), dtype=np.uint8)
+@dataclass(frozen=True)
+class Span:
+    """Rows `[start, stop)` of one tensor to convert: a unit of work, small enough to send to a worker."""
+
+    name: str
+    src: enum.IntEnum
+    dst: enum.IntEnum
+    start: int
+    stop: int
+    im_row: np.ndarray | None  # the imatrix row of the matrix (expert) these rows belong to
+
+
+def tensor_spans(job: _Job) -> list[Span]:
+    """About CHUNK_ELEMENTS values per span; spans never cross a matrix (expert) boundary, each expert
+    having its own imatrix row."""
+    n_cols = job.ne[0]
+    n_rows = int(np.prod(job.ne[1:], dtype=np.int64)) if len(job.ne) > 1 else 1
+    rows_per_matrix = job.ne[1] if len(job.ne) > 1 else 1
     step = max(1, CHUNK_ELEMENTS // max(n_cols, 1))
+    spans = []
+    for first in range(0, n_rows, rows_per_matrix):
+        im_row = None if job.imatrix_rows is None else job.imatrix_rows[first // rows_per_matrix]
+        for start in range(first, min(first + rows_per_matrix, n_rows), step):
+            stop = min(start + step, first + rows_per_matrix, n_rows)
+            spans.append(Span(job.tensor.name, job.src, job.dst, start, stop, im_row))
+    return spans
 
-    def work(start: int, stop: int) -> None:
-        im_row = None if imatrix_rows is None else imatrix_rows[start // rows_per_matrix]
-        out[start:stop] = _from_f32(_to_f32(raw[start:stop], src), dst, im_row)
 
-    # chunks never cross a matrix (expert) boundary: each expert has its own imatrix row
-    spans = [
-        (start, min(start + step, first + rows_per_matrix, n_rows))
-        for first in range(0, n_rows, rows_per_matrix)
-        for start in range(first, min(first + rows_per_matrix, n_rows), step)
-    ]
-    if pool is None:
-        for span in spans:
-            work(*span)
-    else:
-        for future in [pool.submit(work, *span) for span in spans]:
-            future.result()
+def convert_span(model_file: GGUFModelFile, span: Span) -> np.ndarray:
+    """The span's rows converted to `[rows, dst bytes]`; their input pages are released afterwards."""
+    raw = _rows(model_file, model_file.tensors[span.name])
+    out = _from_f32(_to_f32(raw[span.start : span.stop], span.src), span.dst, span.im_row)
+    model_file.release_pages(span.name, (span.start * raw.shape[1], span.stop * raw.shape[1]))
     return out
+
+
+# --- worker processes ---
+
+# numpy's kernels here are many short calls: threads serialize on the GIL (two were slower than one),
+# so the spans go to forked processes. They inherit the opened model and read the input through its
+# mapping; a task carries only a Span, a result only the converted bytes.
+_forked_model: GGUFModelFile | None = None
+
+
+def _worker_init() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
+
+
+def _convert_in_worker(span: Span) -> np.ndarray:
+    assert _forked_model is not None
+    return convert_span(_forked_model, span)
+
+
+@contextlib.contextmanager
+def _converter(model_file: GGUFModelFile, n_workers: int) -> Iterator[Callable[[Iterable[Span]], Iterator[np.ndarray]]]:
+    """A function mapping spans to converted rows in order: in this process, or on `n_workers` forked ones."""
+    global _forked_model
+    if n_workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        yield lambda spans: (convert_span(model_file, span) for span in spans)
+        return
+    _forked_model = model_file
+    try:
+        with multiprocessing.get_context("fork").Pool(n_workers, initializer=_worker_init) as pool:
+            yield lambda spans: pool.imap(_convert_in_worker, spans)
+    finally:
+        _forked_model = None
 
 
 # --- the imatrix ---
@@ -347,7 +384,11 @@ def quantize_model(
         emit(f"quantize_model: have importance matrix data with {len(values)} entries")
     extra = _imatrix_keys(imatrix, values, imatrix_file) if imatrix is not None and values else []
     threads = n_threads if n_threads and n_threads > 0 else (os.cpu_count() or 1)
-    with atomic_path(dst_path) as tmp:
+    spans = {id(job): tensor_spans(job) for job in jobs if job.src != job.dst}
+    with atomic_path(dst_path) as tmp, _converter(model_file, threads) as convert:
+        # one ordered stream over every tensor, so that small tensors leave no worker idle; the workers
+        # start on it while this process writes the header
+        converted = convert(span for job in jobs for span in spans.get(id(job), []))
         writer = _writer(tmp, model_file, ft, extra)
         for job in jobs:
             writer.add_tensor_info(
@@ -358,25 +399,17 @@ def quantize_model(
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        with ThreadPoolExecutor(threads) if threads > 1 else _no_pool() as pool:
-            for index, job in enumerate(jobs, 1):
-                report.tensors.append(_write_one(writer, model_file, job, index, len(jobs), pool, emit))
-                # drop the input tensor's pages from our resident set (llama.cpp unmaps each weight too)
-                model_file.release_pages(job.tensor.name)
+        for index, job in enumerate(jobs, 1):
+            parts = [next(converted) for _ in spans.get(id(job), [])]
+            report.tensors.append(_write_one(writer, model_file, job, parts, index, len(jobs), emit))
+            # drop the input tensor's pages from our resident set (llama.cpp unmaps each weight too)
+            model_file.release_pages(job.tensor.name)
         writer.close()
     if imatrix is not None:
         report.missing_imatrix = [t.name for t in report.tensors if t.quantized and not t.used_imatrix]
     report.seconds = time.perf_counter() - started
     _summarize(report, emit)
     return report
-
-
-class _no_pool:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _as_type(value: str | enum.IntEnum | None) -> enum.IntEnum | None:
@@ -406,11 +439,12 @@ def _write_one(
     writer: gguf.GGUFWriter,
     model_file: GGUFModelFile,
     job: _Job,
+    converted: list[np.ndarray],
     index: int,
     total: int,
-    pool: ThreadPoolExecutor | None,
     emit: Log,
 ) -> TensorReport:
+    """Write one tensor: the input bytes as they are, or its `converted` spans."""
     raw = _rows(model_file, job.tensor)
     head = f"[{index:4d}/{total:4d}] {job.tensor.name:>36} - [{_shape_text(job.ne)}], type = {type_name(job.src):>6}, "
     report = TensorReport(job.tensor.name, job.ne, job.src, job.dst, raw.nbytes, raw.nbytes)
@@ -418,8 +452,7 @@ def _write_one(
         writer.write_tensor_data(raw)
         emit(head + f"size = {raw.nbytes / MiB:8.3f} MiB")
         return report
-    rows_per_matrix = job.ne[1] if len(job.ne) > 1 else 1
-    out = convert_tensor(raw, job.src, job.dst, job.ne[0], rows_per_matrix, job.imatrix_rows, pool)
+    out = np.concatenate(converted) if len(converted) > 1 else converted[0]
     writer.write_tensor_data(out)
     report.dst_bytes = out.nbytes
     report.used_imatrix = job.imatrix_rows is not None
