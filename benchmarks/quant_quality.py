@@ -7,6 +7,10 @@ log-probabilities on `eval.txt` (`-c 512 --chunks 10`), then for every type with
 `smollm2-f16.c512.n40.imatrix.gguf`: quantize, measure file size and bits per weight, then PPL,
 mean KLD and same-top-token agreement against the F16. llama.cpp's figures come from the golden
 `quality.md`. Files are kept in the work directory, so a second run only re-measures.
+
+With `--emulate-llama-cpu` every model (the F16 base included) is measured a second time with the
+inputs of its matmuls rounded as llama.cpp's CPU backend rounds them (`imatrix.eval.cpu_matmul`), so
+that these columns compare with llama-perplexity's figures like for like.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 import torch
 
 from imatrix.errors import ImatrixError
+from imatrix.eval.cpu_matmul import emulate_cpu_matmul_inputs
 from imatrix.eval.kld import kl_divergence
 from imatrix.eval.perplexity import perplexity, stderr_log
 from imatrix.matrix import ImportanceMatrix
@@ -48,6 +53,9 @@ class Row:
     ppl: float | None = None
     kld: float | None = None
     top: float | None = None
+    cpu_ppl: float | None = None  # measured with llama.cpp's CPU matmul inputs emulated
+    cpu_kld: float | None = None
+    cpu_top: float | None = None
     note: str = ""
 
 
@@ -100,13 +108,15 @@ def make_f16(work: Path) -> Path:
     return f16
 
 
-def make_base(work: Path, n_chunks: int) -> tuple[Path, float]:
-    """F16 base log-probabilities; the F16 is built in memory (same values as the file)."""
-    base = work / f"f16.c512.n{n_chunks}.kld"
-    loaded = load_model(smollm2_path(), round_to_f16=True)
+def make_base(work: Path, n_chunks: int, f16: Path, emulate: bool = False) -> tuple[Path, float]:
+    """F16 base log-probabilities (with `emulate`: with llama.cpp's CPU matmul inputs) and its PPL."""
+    base = work / f"f16.c512.n{n_chunks}{'.cpu' if emulate else ''}.kld"
+    loaded = load_model(f16)
+    if emulate:
+        emulate_cpu_matmul_inputs(loaded)
     result = perplexity(loaded, EVAL_TEXT, n_ctx=512, max_chunks=n_chunks,
                         save_base=None if base.exists() else base, log=stderr_log)
-    stderr_log(f"F16: {result.final_line()}")
+    stderr_log(f"F16{' (CPU emulation)' if emulate else ''}: {result.final_line()}")
     return base, result.ppl
 
 
@@ -122,7 +132,7 @@ def quantize(f16: Path, out: Path, qtype: str, with_imatrix: bool) -> float | No
     return time.perf_counter() - start
 
 
-def measure(f16: Path, base: Path, work: Path, qtype: str, with_imatrix: bool) -> Row:
+def measure(f16: Path, base: Path, work: Path, qtype: str, with_imatrix: bool, cpu_base: Path | None) -> Row:
     row = Row(qtype, with_imatrix)
     out = work / f"smollm2-{qtype}-{'im' if with_imatrix else 'noim'}.gguf"
     try:
@@ -138,6 +148,10 @@ def measure(f16: Path, base: Path, work: Path, qtype: str, with_imatrix: bool) -
         return row
     result = kl_divergence(loaded, base, log=stderr_log)
     row.ppl, row.kld, row.top = result.ppl, result.mean_kld, result.same_top_percent
+    if cpu_base is not None:
+        emulate_cpu_matmul_inputs(loaded)
+        result = kl_divergence(loaded, cpu_base, log=stderr_log)
+        row.cpu_ppl, row.cpu_kld, row.cpu_top = result.ppl, result.mean_kld, result.same_top_percent
     return row
 
 
@@ -146,18 +160,25 @@ def _fmt(value: float | None, digits: int) -> str:
 
 
 def table(rows: list[Row], theirs: dict[tuple[str, bool], dict[str, float]], f16_ppl: float,
-          f16_ppl_theirs: float | None) -> str:
-    lines = [f"F16: PPL ours {f16_ppl:.4f}, llama.cpp {_fmt(f16_ppl_theirs, 4)}", "",
-             "| type | imatrix | file MiB | bits/weight | quantize s | PPL | mean KLD | same top % "
-             "| llama.cpp MiB | llama.cpp PPL | llama.cpp KLD | llama.cpp top % | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          f16_ppl_theirs: float | None, f16_cpu_ppl: float | None = None) -> str:
+    emulated = f16_cpu_ppl is not None
+    f16_line = f"F16: PPL ours {f16_ppl:.4f}, llama.cpp {_fmt(f16_ppl_theirs, 4)}"
+    if emulated:
+        f16_line += f"; ours with llama.cpp's CPU matmul inputs {f16_cpu_ppl:.4f}"
+    header = "| type | imatrix | file MiB | bits/weight | quantize s | PPL | mean KLD | same top % "
+    if emulated:
+        header += "| CPU-emulated PPL | CPU-emulated KLD | CPU-emulated top % "
+    header += "| llama.cpp MiB | llama.cpp PPL | llama.cpp KLD | llama.cpp top % | note |"
+    lines = [f16_line, "", header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
         ref = theirs.get((row.qtype, row.imatrix), {})
-        lines.append(
-            f"| {row.qtype} | {'yes' if row.imatrix else 'no'} | {_fmt(row.mib, 1)} | {_fmt(row.bpw, 2)} "
-            f"| {_fmt(row.quantize_s, 1)} | {_fmt(row.ppl, 4)} | {_fmt(row.kld, 6)} | {_fmt(row.top, 3)} "
-            f"| {_fmt(ref.get('mib'), 1)} | {_fmt(ref.get('ppl'), 4)} | {_fmt(ref.get('kld'), 6)} "
-            f"| {_fmt(ref.get('top'), 3)} | {row.note} |")
+        cells = (f"| {row.qtype} | {'yes' if row.imatrix else 'no'} | {_fmt(row.mib, 1)} | {_fmt(row.bpw, 2)} "
+                 f"| {_fmt(row.quantize_s, 1)} | {_fmt(row.ppl, 4)} | {_fmt(row.kld, 6)} | {_fmt(row.top, 3)} ")
+        if emulated:
+            cells += f"| {_fmt(row.cpu_ppl, 4)} | {_fmt(row.cpu_kld, 6)} | {_fmt(row.cpu_top, 3)} "
+        cells += (f"| {_fmt(ref.get('mib'), 1)} | {_fmt(ref.get('ppl'), 4)} | {_fmt(ref.get('kld'), 6)} "
+                  f"| {_fmt(ref.get('top'), 3)} | {row.note} |")
+        lines.append(cells)
     return "\n".join(lines) + "\n"
 
 
@@ -168,20 +189,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", default="/tmp/imatrix-quant-quality", help="models and base logits live here")
     parser.add_argument("-t", "--threads", type=int, default=0)
     parser.add_argument("-o", "--output", help="also write the table (markdown) here")
+    parser.add_argument("--emulate-llama-cpu", action="store_true",
+                        help="also measure with llama.cpp's CPU matmul inputs emulated (doubles the time)")
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     f16 = make_f16(work)
-    base, f16_ppl = make_base(work, args.chunks)
+    base, f16_ppl = make_base(work, args.chunks, f16)
+    cpu_base, f16_cpu_ppl = make_base(work, args.chunks, f16, emulate=True) if args.emulate_llama_cpu else (None, None)
     rows = []
     for qtype in [name.strip() for name in args.types.split(",") if name.strip()]:
         for with_imatrix in (False, True):
             stderr_log(f"--- {qtype} {'with' if with_imatrix else 'without'} imatrix")
-            rows.append(measure(f16, base, work, qtype, with_imatrix))
+            rows.append(measure(f16, base, work, qtype, with_imatrix, cpu_base))
             stderr_log(str(rows[-1]))
-    text = table(rows, parse_quality(QUALITY_MD), f16_ppl, parse_f16_ppl(QUALITY_MD))
+    text = table(rows, parse_quality(QUALITY_MD), f16_ppl, parse_f16_ppl(QUALITY_MD), f16_cpu_ppl)
     print(text)
     if args.output:
         Path(args.output).write_text(text)

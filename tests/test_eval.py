@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -18,12 +19,15 @@ import transformers
 
 from imatrix.cli.main import main
 from imatrix.errors import ImatrixError
+from imatrix.eval.cpu_matmul import activation_rounding, emulate_cpu_matmul_inputs, q8_0_values, q8_k_values
 from imatrix.eval.kld import KLDResult, kl_divergence
 from imatrix.eval.logits_file import LogitsFile, dequantize_log_probs, quantize_log_probs, row_width
 from imatrix.eval.perplexity import perplexity
 from imatrix.models.architectures import architecture_for
+from imatrix.models.gguf_reader import GGUFModelFile
 from imatrix.models.loader import LoadedModel, load_model
 
+T = gguf.GGMLQuantizationType
 VOCAB = 101  # odd, so the base file rows carry a padding value
 N_CTX = 32
 
@@ -292,3 +296,82 @@ def test_cli_base_then_kld_on_smollm2(capsys: pytest.CaptureFixture[str], eval_t
     kld = float(re.search(r"Mean    KLD: +([0-9.]+)", out).group(1))
     top = float(re.search(r"Same top p: +([0-9.]+)", out).group(1))
     assert 0 < kld < 0.05 and top > 90
+
+
+# --- llama.cpp's CPU matmul inputs (imatrix.eval.cpu_matmul) ---
+
+
+def test_q8_0_activations_match_gguf_round_trip() -> None:
+    x = torch.randn(7, 3 * 32, generator=torch.Generator().manual_seed(0)) * 3
+    x[2, :32] = 0  # an all-zero block stays zero
+    expected = gguf.quants.dequantize(gguf.quants.quantize(x.numpy(), T.Q8_0), T.Q8_0)
+    np.testing.assert_array_equal(q8_0_values(x).numpy(), expected)
+
+
+def test_q8_k_activations_are_256_blocks_of_127_levels() -> None:
+    x = torch.randn(5, 2 * 256, generator=torch.Generator().manual_seed(1), dtype=torch.float32) * 2
+    x[1, 256:] = 0
+    rounded = q8_k_values(x)
+    for block, values in zip(x.reshape(-1, 256), rounded.reshape(-1, 256), strict=True):
+        extreme = block[block.abs().argmax()]
+        if extreme == 0:
+            assert torch.all(values == 0)
+            continue
+        scale = 1 / (-127 / extreme)
+        levels = values / scale
+        assert torch.allclose(levels, levels.round(), atol=1e-4) and levels.abs().max() <= 127 + 1e-4
+        assert abs(float(levels[block.abs().argmax()]) + 127) < 1e-4  # the extreme is level -127
+        assert float((values - block).abs().max()) <= abs(float(scale)) * 0.5 * (1 + 1e-5)
+
+
+def test_emulation_rounds_each_matmul_input_for_its_weight_type(golden: Path, tmp_path: Path) -> None:
+    from imatrix.quant.model import quantize_model
+
+    quantized = tmp_path / "moe-q4_k_m.gguf"
+    quantize_model(golden / "moe" / "tiny-qwen3moe-f16.gguf", quantized, "Q4_K_M", n_threads=1)
+    loaded = load_model(quantized)
+    types = {name: info.tensor_type for name, info in GGUFModelFile(quantized).tensors.items()}
+    layer = loaded.model.model.layers[0].self_attn
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def watch(name: str) -> None:
+        module = dict(loaded.model.named_modules())[name]
+        module.register_forward_pre_hook(lambda _m, args: seen.__setitem__(name + ".before", args[0].clone()))
+
+    watch("model.layers.0.self_attn.q_proj")
+    handles = emulate_cpu_matmul_inputs(loaded)
+    layer.q_proj.register_forward_pre_hook(lambda _m, args: seen.__setitem__("after", args[0].clone()))
+    assert types["blk.0.attn_q.weight"] == T.Q4_K  # 256 columns: a real K-quant, Q8_K inputs
+    n_dense = sum(isinstance(m, torch.nn.Linear) for m in loaded.model.modules())
+    assert len(handles) == n_dense
+    with torch.inference_mode():
+        loaded.model(input_ids=torch.tensor([[1, 2, 3, 4, 5]]))
+    before, after = seen["model.layers.0.self_attn.q_proj.before"], seen["after"]
+    assert not torch.equal(before, after)
+    assert torch.equal(after, q8_k_values(before))
+    for handle in handles:
+        handle.remove()
+    assert activation_rounding(T.Q4_0, 576) is q8_0_values and activation_rounding(T.Q4_K, 576) is None
+    assert activation_rounding(T.F32, 576) is None
+
+
+@pytest.mark.slow
+def test_our_q2_k_scores_like_llama_cpps_own_under_cpu_emulation(
+    smollm2_q4_1: Path, eval_text: Path, golden: Path, tmp_path: Path
+) -> None:
+    """Our imatrix Q2_K of SmolLM2, scored with llama.cpp's CPU matmul inputs, within 1% of the PPL
+    llama-perplexity gives llama-quantize's Q2_K (golden quality.md)."""
+    from imatrix.matrix import ImportanceMatrix
+    from imatrix.models.f16 import write_f16_model
+    from imatrix.quant.model import quantize_model
+
+    quality = (golden / "quant" / "quality.md").read_text()
+    expected = float(re.search(r"\| Q2_K \| yes \| [0-9.]+ \| [0-9.]+ \| ([0-9.]+) \|", quality).group(1))
+    f16 = write_f16_model(smollm2_q4_1, tmp_path / "f16.gguf")
+    quantized = tmp_path / "q2_k.gguf"
+    imatrix = ImportanceMatrix.load(golden / "imatrix" / "smollm2-f16.c512.n40.imatrix.gguf")
+    quantize_model(f16, quantized, "Q2_K", imatrix, n_threads=2)
+    loaded = load_model(quantized)
+    emulate_cpu_matmul_inputs(loaded)
+    result = perplexity(loaded, eval_text, n_ctx=512, max_chunks=10)
+    assert abs(result.ppl / expected - 1) <= 0.01, (result.ppl, expected)

@@ -9,6 +9,7 @@ import torch
 
 from imatrix.cli.common import ArgumentParser
 from imatrix.errors import ImatrixError
+from imatrix.eval.cpu_matmul import emulate_cpu_matmul_inputs
 from imatrix.eval.kld import kl_divergence
 from imatrix.eval.perplexity import perplexity, stderr_log, stdout_emit
 from imatrix.models.bundled import smollm2_path
@@ -34,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--parse-special", action="store_true", help="parse special tokens in the text")
     add("--round-to-f16", action="store_true",
         help="round every quantized weight to F16 first (a quantized GGUF becomes the F16 model made from it)")
+    add("--emulate-llama-cpu", action="store_true",
+        help="round each matmul's input as llama.cpp's CPU backend does for the weight's type (Q8_0, Q8_K, "
+             "F16), to compare with llama-perplexity like for like (GGUF models)")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the model runs (default: auto)")
     return parser
 
@@ -46,6 +50,9 @@ def main(argv: list[str]) -> int:
     model_path = args.model or smollm2_path()
     loaded = load_model(model_path, device=_device(args.device), round_to_f16=args.round_to_f16)
     stderr_log(f"perplexity: loaded {model_path}")
+    if args.emulate_llama_cpu:
+        hooks = emulate_cpu_matmul_inputs(loaded)
+        stderr_log(f"perplexity: llama.cpp CPU matmul inputs emulated on {len(hooks)} matmuls")
     if args.kl_divergence:
         kl_divergence(loaded, args.kl_divergence_base, n_batch=args.batch_size, max_chunks=args.chunks,
                       emit=stdout_emit, log=stderr_log)
