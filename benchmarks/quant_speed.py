@@ -5,9 +5,13 @@ the golden imatrix, in a child process with 2 workers (as llama-quantize was tim
 and prints wall time, the ratio to llama-quantize's time (target: at most 2x), and peak memory
 against the input file's size (target: at most 2x). Memory is the peak, sampled every 20 ms, of the
 summed PSS of the whole process tree (the command and its forked workers, shared pages counted
-once), beside the peak RSS of its largest process.
+once). The child's `ru_maxrss` would not do: Linux carries the spawning process's peak across exec.
 
-    python benchmarks/quant_speed.py [--types Q4_0,Q4_K_M] [--threads 2]
+llama-quantize's times are the golden figures of the reference machine; with `--llama-quantize PATH`
+(a llama.cpp build) it is also run here, on the same input with the same threads, its time is the
+baseline of a second ratio, and the two output files are compared tensor by tensor.
+
+    python benchmarks/quant_speed.py [--types Q4_0,Q4_K_M] [--threads 2] [--llama-quantize PATH]
 """
 
 from __future__ import annotations
@@ -22,8 +26,11 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 from imatrix.models.bundled import smollm2_path
 from imatrix.models.f16 import write_f16_model
+from imatrix.models.gguf_reader import GGUFModelFile
 from imatrix.quant.mixes import FILE_TYPES
 from quant_quality import IMATRIX, QUALITY_MD, parse_quality
 
@@ -56,29 +63,49 @@ def pss_bytes(pid: int) -> int:
     return 0
 
 
-def run_quantize(args: list[str]) -> tuple[float, float, float]:
-    """Wall seconds, peak PSS of the process tree (GB) and the peak RSS of its largest process (GB)."""
-    peak = 0
-    start = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-m", "imatrix.cli.main", *args], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
-    done = threading.Event()
+def run_quantize(command: list[str]) -> tuple[float, float]:
+    """Wall seconds and the peak PSS of the process tree (GB)."""
+    # the output goes to a file, not a pipe: llama-quantize would block once a pipe's buffer is full
+    with tempfile.TemporaryFile("w+") as log:
+        start = time.perf_counter()
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
+        peak = peak_tree_pss(child.pid)
+        status = child.wait()
+        wall = time.perf_counter() - start
+        if status != 0:
+            log.seek(0)
+            raise SystemExit(f"{command[0]} failed:\n{log.read()[-4000:]}")
+    return wall, peak.result() / 1e9
 
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, sum(pss_bytes(pid) for pid in process_tree(child.pid)))
+
+class peak_tree_pss:
+    """Samples the summed PSS of `pid`'s process tree every 20 ms until `result()` (called once it has exited)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak, self.done = pid, 0, threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        while not self.done.is_set():
+            self.peak = max(self.peak, sum(pss_bytes(pid) for pid in process_tree(self.pid)))
             time.sleep(0.02)
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    _, status, usage = os.wait4(child.pid, 0)
-    wall = time.perf_counter() - start
-    done.set()
-    sampler.join()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"imatrix failed:\n{child.stderr.read() if child.stderr else ''}")
-    return wall, peak / 1e9, usage.ru_maxrss / 1e6
+    def result(self) -> int:
+        self.done.set()
+        self.thread.join()
+        return self.peak
+
+
+def same_tensors(ours: Path, theirs: Path) -> str:
+    """How many tensors of the two files hold the same type and bytes, as `n/total`."""
+    a, b = GGUFModelFile(ours), GGUFModelFile(theirs)
+    same = sum(
+        name in b.tensors and a.tensors[name].tensor_type == b.tensors[name].tensor_type
+        and np.array_equal(a.raw(name), b.raw(name))
+        for name in a.tensors
+    )
+    return f"{same}/{len(b.tensors)}"
 
 
 def main() -> None:
@@ -87,24 +114,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--types", default=",".join(supported))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--llama-quantize", metavar="PATH", help="a llama-quantize binary to time here too")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="imatrix-quant-speed-"))
     source = write_f16_model(smollm2_path(), workdir / "smollm2-f16.gguf")
     input_gb = source.stat().st_size / 1e9
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"{args.threads} threads; input {source.stat().st_size / MIB:.1f} MiB (F16)")
-    print("| type | imatrix | ours s | llama-quantize s | ratio | peak PSS GB (all processes) | PSS / input "
-          "| largest process peak RSS GB |")
-    print("|---|---|---|---|---|---|---|---|")
+    here = " | llama-quantize here s | ratio here | same tensors" if args.llama_quantize else ""
+    print(f"| type | imatrix | ours s | llama-quantize s (reference) | ratio{here} | peak PSS GB (all processes) "
+          "| PSS / input |")
+    print("|---" * (7 + 3 * bool(args.llama_quantize)) + "|")
     for qtype in args.types.split(","):
         for with_imatrix in (False, True):
             extra = ["--imatrix", str(IMATRIX)] if with_imatrix else []
             out = workdir / f"{qtype}-{'im' if with_imatrix else 'noim'}.gguf"
-            wall, pss, rss = run_quantize(["quantize", *extra, str(source), str(out), qtype, str(args.threads)])
+            ours = [sys.executable, "-m", "imatrix.cli.main", "quantize"]
+            wall, pss = run_quantize([*ours, *extra, str(source), str(out), qtype, str(args.threads)])
             reference = theirs.get((qtype, with_imatrix), {}).get("quantize_s")
-            ratio = f"{wall / reference:.2f}x" if reference else "–"
-            print(f"| {qtype} | {'yes' if with_imatrix else 'no'} | {wall:.1f} | {reference or '–'} | {ratio} | "
-                  f"{pss:.2f} | {pss / input_gb:.2f} | {rss:.2f} |", flush=True)
+            cells = [qtype, "yes" if with_imatrix else "no", f"{wall:.1f}", f"{reference or '–'}",
+                     f"{wall / reference:.2f}x" if reference else "–"]
+            if args.llama_quantize:
+                their_out = workdir / f"llama-{out.name}"
+                their_wall, _ = run_quantize([args.llama_quantize, *extra, str(source), str(their_out), qtype,
+                                                 str(args.threads)])
+                cells += [f"{their_wall:.1f}", f"{wall / their_wall:.2f}x", same_tensors(out, their_out)]
+                their_out.unlink()
+            cells += [f"{pss:.2f}", f"{pss / input_gb:.2f}"]
+            print("| " + " | ".join(cells) + " |", flush=True)
             out.unlink()
 
 

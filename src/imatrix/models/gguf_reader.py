@@ -80,6 +80,19 @@ class _Header:
         raw = bytes(self.data[start : self.pos])
         return raw if self.raw_strings else raw.decode("utf-8", errors="replace")
 
+    def strings(self, count: int) -> list[str] | list[bytes]:
+        """`count` strings in a row (a vocabulary: the hot loop of opening a model)."""
+        data, pos, unpack, out = self.data, self.pos, _U64.unpack_from, []
+        for _ in range(count):
+            length = unpack(data, pos)[0]
+            pos += 8
+            out.append(bytes(data[pos : pos + length]))
+            pos += length
+        if pos > len(data):
+            raise ImatrixError(f"{self.path}: truncated GGUF header")
+        self.pos = pos
+        return out if self.raw_strings else [raw.decode("utf-8", errors="replace") for raw in out]
+
     def value(self, kind: int) -> Any:
         kind = gguf.GGUFValueType(kind)
         if kind == gguf.GGUFValueType.STRING:
@@ -92,11 +105,26 @@ class _Header:
                 values = np.frombuffer(self.data, dtype=dtype, count=count, offset=self.pos)
                 self.pos += dtype.itemsize * count
                 return values.tolist()
+            if item_kind == gguf.GGUFValueType.STRING:
+                return self.strings(count)
             return [self.value(item_kind) for _ in range(count)]
         return self.scalar(_SCALARS[kind])
 
 
+def _decoded(value: Any) -> Any:
+    """A stored value with its strings (raw bytes) decoded as UTF-8."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, list) and value and isinstance(value[0], bytes):
+        return [item.decode("utf-8", errors="replace") for item in value]
+    if isinstance(value, list) and value and isinstance(value[0], list):
+        return [_decoded(item) for item in value]
+    return value
+
+
 class GGUFModelFile:
+    fields: dict[str, MetadataField]  # every metadata key with its stored type and raw string bytes, in file order
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         _check_gguf(self.path)
@@ -116,11 +144,18 @@ class GGUFModelFile:
         return header, n_tensors, n_kv
 
     def _parse(self) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
-        header, n_tensors, n_kv = self._start(raw_strings=False)
-        metadata = {}
+        header, n_tensors, n_kv = self._start(raw_strings=True)
+        fields = {}
         for _ in range(n_kv):
-            key = header.string()
-            metadata[key] = header.value(header.scalar("<I"))
+            key = header.string().decode("utf-8", errors="replace")
+            kind = gguf.GGUFValueType(header.scalar("<I"))
+            item_kind = None
+            if kind == gguf.GGUFValueType.ARRAY:
+                item_kind = gguf.GGUFValueType(_U32.unpack_from(header.data, header.pos)[0])
+            fields[key] = MetadataField(header.value(kind), kind, item_kind)
+        self.fields = fields
+        metadata = {key: _decoded(field.value) for key, field in fields.items()}
+        header.raw_strings = False
         infos = []
         for _ in range(n_tensors):
             name = header.string()
@@ -140,20 +175,6 @@ class GGUFModelFile:
             return tensor_type(type_id)
         except ImatrixError as exc:
             raise ImatrixError(f"{self.path}: {exc}") from None
-
-    @cached_property
-    def fields(self) -> dict[str, MetadataField]:
-        """Every metadata key with its stored type and raw string bytes, in file order (for copying)."""
-        header, _, n_kv = self._start(raw_strings=True)
-        fields = {}
-        for _ in range(n_kv):
-            key = header.string().decode("utf-8", errors="replace")
-            kind = gguf.GGUFValueType(header.scalar("<I"))
-            item_kind = None
-            if kind == gguf.GGUFValueType.ARRAY:
-                item_kind = gguf.GGUFValueType(_U32.unpack_from(header.data, header.pos)[0])
-            fields[key] = MetadataField(header.value(kind), kind, item_kind)
-        return fields
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
