@@ -69,7 +69,7 @@ def run_quantize(command: list[str]) -> tuple[float, float]:
     with tempfile.TemporaryFile("w+") as log:
         start = time.perf_counter()
         child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
-        peak = peak_tree_pss(child.pid)
+        peak = PeakTreePss(child.pid)
         status = child.wait()
         wall = time.perf_counter() - start
         if status != 0:
@@ -78,7 +78,7 @@ def run_quantize(command: list[str]) -> tuple[float, float]:
     return wall, peak.result() / 1e9
 
 
-class peak_tree_pss:
+class PeakTreePss:
     """Samples the summed PSS of `pid`'s process tree every 20 ms until `result()` (called once it has exited)."""
 
     def __init__(self, pid: int) -> None:

@@ -331,22 +331,18 @@ def test_emulation_rounds_each_matmul_input_for_its_weight_type(golden: Path, tm
     quantize_model(golden / "moe" / "tiny-qwen3moe-f16.gguf", quantized, "Q4_K_M", n_threads=1)
     loaded = load_model(quantized)
     types = {name: info.tensor_type for name, info in GGUFModelFile(quantized).tensors.items()}
-    layer = loaded.model.model.layers[0].self_attn
-    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def watch(name: str) -> None:
-        module = dict(loaded.model.named_modules())[name]
-        module.register_forward_pre_hook(lambda _m, args: seen.__setitem__(name + ".before", args[0].clone()))
-
-    watch("model.layers.0.self_attn.q_proj")
+    q_proj = loaded.model.model.layers[0].self_attn.q_proj
+    seen: dict[str, torch.Tensor] = {}
+    # pre-hooks run in registration order: one before the emulation's, one after it
+    q_proj.register_forward_pre_hook(lambda _m, args: seen.__setitem__("before", args[0].clone()))
     handles = emulate_cpu_matmul_inputs(loaded)
-    layer.q_proj.register_forward_pre_hook(lambda _m, args: seen.__setitem__("after", args[0].clone()))
+    q_proj.register_forward_pre_hook(lambda _m, args: seen.__setitem__("after", args[0].clone()))
     assert types["blk.0.attn_q.weight"] == T.Q4_K  # 256 columns: a real K-quant, Q8_K inputs
     n_dense = sum(isinstance(m, torch.nn.Linear) for m in loaded.model.modules())
     assert len(handles) == n_dense
     with torch.inference_mode():
         loaded.model(input_ids=torch.tensor([[1, 2, 3, 4, 5]]))
-    before, after = seen["model.layers.0.self_attn.q_proj.before"], seen["after"]
+    before, after = seen["before"], seen["after"]
     assert not torch.equal(before, after)
     assert torch.equal(after, q8_k_values(before))
     for handle in handles:

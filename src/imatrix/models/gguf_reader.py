@@ -63,24 +63,25 @@ class MetadataField:
 
 
 class _Header:
-    def __init__(self, data: memoryview, path: Path, raw_strings: bool = False) -> None:
-        self.data, self.pos, self.path, self.raw_strings = data, 0, path, raw_strings
+    """Reads the header in file order; strings come back as raw bytes (decoded by the caller)."""
+
+    def __init__(self, data: memoryview, path: Path) -> None:
+        self.data, self.pos, self.path = data, 0, path
 
     def scalar(self, fmt: str) -> Any:
         value = struct.unpack_from(fmt, self.data, self.pos)[0]
         self.pos += struct.calcsize(fmt)
         return value
 
-    def string(self) -> str | bytes:
+    def string(self) -> bytes:
         length = _U64.unpack_from(self.data, self.pos)[0]
         start = self.pos + 8
         self.pos = start + length
         if self.pos > len(self.data):
             raise ImatrixError(f"{self.path}: truncated GGUF header")
-        raw = bytes(self.data[start : self.pos])
-        return raw if self.raw_strings else raw.decode("utf-8", errors="replace")
+        return bytes(self.data[start : self.pos])
 
-    def strings(self, count: int) -> list[str] | list[bytes]:
+    def strings(self, count: int) -> list[bytes]:
         """`count` strings in a row (a vocabulary: the hot loop of opening a model)."""
         data, pos, unpack, out = self.data, self.pos, _U64.unpack_from, []
         for _ in range(count):
@@ -91,7 +92,7 @@ class _Header:
         if pos > len(data):
             raise ImatrixError(f"{self.path}: truncated GGUF header")
         self.pos = pos
-        return out if self.raw_strings else [raw.decode("utf-8", errors="replace") for raw in out]
+        return out
 
     def value(self, kind: int) -> Any:
         kind = gguf.GGUFValueType(kind)
@@ -134,8 +135,8 @@ class GGUFModelFile:
         except (struct.error, ValueError, KeyError) as exc:
             raise ImatrixError(f"{self.path}: corrupt GGUF file ({exc})") from exc
 
-    def _start(self, raw_strings: bool) -> tuple[_Header, int, int]:
-        header = _Header(memoryview(self.mmap), self.path, raw_strings)
+    def _start(self) -> tuple[_Header, int, int]:
+        header = _Header(memoryview(self.mmap), self.path)
         header.pos = 4
         version = header.scalar("<I")
         if version not in (2, 3):
@@ -144,7 +145,7 @@ class GGUFModelFile:
         return header, n_tensors, n_kv
 
     def _parse(self) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
-        header, n_tensors, n_kv = self._start(raw_strings=True)
+        header, n_tensors, n_kv = self._start()
         fields = {}
         for _ in range(n_kv):
             key = header.string().decode("utf-8", errors="replace")
@@ -155,10 +156,9 @@ class GGUFModelFile:
             fields[key] = MetadataField(header.value(kind), kind, item_kind)
         self.fields = fields
         metadata = {key: _decoded(field.value) for key, field in fields.items()}
-        header.raw_strings = False
         infos = []
         for _ in range(n_tensors):
-            name = header.string()
+            name = header.string().decode("utf-8", errors="replace")
             n_dims = header.scalar("<I")
             ne = tuple(header.scalar("<Q") for _ in range(n_dims))
             infos.append((name, ne, self._tensor_type(header.scalar("<I")), header.scalar("<Q")))

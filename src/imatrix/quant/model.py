@@ -384,11 +384,11 @@ def quantize_model(
         emit(f"quantize_model: have importance matrix data with {len(values)} entries")
     extra = _imatrix_keys(imatrix, values, imatrix_file) if imatrix is not None and values else []
     threads = n_threads if n_threads and n_threads > 0 else (os.cpu_count() or 1)
-    spans = {id(job): tensor_spans(job) for job in jobs if job.src != job.dst}
+    spans = [tensor_spans(job) if job.src != job.dst else [] for job in jobs]
     with atomic_path(dst_path) as tmp, _converter(model_file, threads) as convert:
         # one ordered stream over every tensor, so that small tensors leave no worker idle; the workers
         # start on it while this process writes the header
-        converted = convert(span for job in jobs for span in spans.get(id(job), []))
+        converted = convert(span for job_spans in spans for span in job_spans)
         writer = _writer(tmp, model_file, ft, extra)
         for job in jobs:
             writer.add_tensor_info(
@@ -399,8 +399,8 @@ def quantize_model(
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for index, job in enumerate(jobs, 1):
-            parts = [next(converted) for _ in spans.get(id(job), [])]
+        for index, (job, job_spans) in enumerate(zip(jobs, spans, strict=True), 1):
+            parts = [next(converted) for _ in job_spans]
             report.tensors.append(_write_one(writer, model_file, job, parts, index, len(jobs), emit))
             # drop the input tensor's pages from our resident set (llama.cpp unmaps each weight too)
             model_file.release_pages(job.tensor.name)
