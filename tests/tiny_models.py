@@ -54,8 +54,8 @@ def tiny_llama_state(config: transformers.LlamaConfig, seed: int = 0) -> dict[st
 
 
 def write_tiny_llama_gguf(path: Path, config: transformers.LlamaConfig | None = None, seed: int = 0,
-                          dtype: type = np.float32) -> Path:
-    """A llama GGUF with random weights (F32 norms; matrices in `dtype`: float32 or float16)."""
+                          dtype: type | torch.dtype = np.float32) -> Path:
+    """A llama GGUF with random weights (F32 norms; matrices in `dtype`: float32, float16 or torch.bfloat16)."""
     config = config or tiny_llama_config()
     state = tiny_llama_state(config, seed)
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -68,7 +68,13 @@ def write_tiny_llama_gguf(path: Path, config: transformers.LlamaConfig | None = 
             values = permute_rows(values, config.num_attention_heads)
         elif gguf_name.endswith("attn_k.weight"):
             values = permute_rows(values, config.num_key_value_heads)
-        writer.add_tensor(gguf_name, values.astype(np.float32 if values.ndim == 1 else dtype))
+        if values.ndim == 1:
+            writer.add_tensor(gguf_name, values.astype(np.float32))
+        elif dtype == torch.bfloat16:
+            bits = torch.from_numpy(np.ascontiguousarray(values)).bfloat16().view(torch.int16).numpy()
+            writer.add_tensor(gguf_name, bits, raw_dtype=gguf.GGMLQuantizationType.BF16)
+        else:
+            writer.add_tensor(gguf_name, values.astype(dtype))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

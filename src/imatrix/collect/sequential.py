@@ -36,6 +36,7 @@ from imatrix.models.loader import (
     hf_architecture,
     rebuild_meta_buffers,
 )
+from imatrix.models.storage import storage_dtype
 from imatrix.models.tokenizer import tokenizer_from_gguf
 
 # in memory only if the weights take at most this share of what is available: the rest is for
@@ -236,13 +237,17 @@ def _tensor_out(output: torch.Tensor | tuple) -> torch.Tensor:
 
 
 def weight_bytes(path: str | Path, dtype: torch.dtype) -> int:
-    """Bytes the model's weights take as `dtype` tensors (what the in-memory path holds)."""
+    """Bytes the model's weights take in memory on the in-memory path computing in `dtype`."""
     source = Path(path)
-    itemsize = torch.empty((), dtype=dtype).element_size()
     if source.is_dir():
-        return SafetensorsWeights(source).n_values() * itemsize
+        return SafetensorsWeights(source).n_values() * dtype.itemsize
     model_file = GGUFModelFile(source)
-    return sum(int(np.prod(info.ne)) for info in model_file.tensors.values()) * itemsize
+    total = 0
+    for info in model_file.tensors.values():
+        # matrices of 16-bit files stay 16-bit in memory (models.storage); expert stacks do not
+        kept_as = storage_dtype(info.tensor_type, dtype) if len(info.ne) == 2 else dtype
+        total += int(np.prod(info.ne)) * kept_as.itemsize
+    return total
 
 
 def available_memory(device: torch.device) -> int:

@@ -23,6 +23,12 @@ from imatrix.models.architectures import (
 )
 from imatrix.models.experts import fused_expert_stacks, join_stacks
 from imatrix.models.gguf_reader import GGUFModelFile
+from imatrix.models.storage import (
+    exact_16_bit_dtype,
+    narrow_capable_parameters,
+    storage_dtype,
+    widen_narrow_modules,
+)
 from imatrix.models.tokenizer import TextTokenizer, tokenizer_from_gguf
 
 
@@ -46,7 +52,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     """Load `path` (a .gguf file or a Hugging Face checkpoint directory) onto `device`.
 
     `round_to_f16` rounds every non-F32 weight to float16 first, which turns a quantized GGUF
-    into exactly the F16 model llama-quantize would make from it.
+    into exactly the F16 model llama-quantize would make from it. Matmul weights stored at 16 bits
+    (F16/BF16, or rounded) stay 16-bit in memory and are widened per call (`models.storage`).
     """
     source = Path(path)
     if source.is_dir():
@@ -59,10 +66,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     model = empty_model(architecture, config)
     gguf_names = gguf_name_map(model, architecture, config.num_hidden_layers)
     stacks = expert_stack_map(model, architecture, config.num_hidden_layers)
+    narrow_capable = narrow_capable_parameters(model)
     state = {}
     for param, gguf_name in gguf_names.items():
         if gguf_name in model_file.tensors:
-            state[param] = gguf_tensor(model_file, architecture, config, gguf_name, round_to_f16).to(dtype)
+            kept_as = dtype
+            if param in narrow_capable:
+                kept_as = storage_dtype(model_file.tensors[gguf_name].tensor_type, dtype, round_to_f16)
+            state[param] = gguf_tensor(model_file, architecture, config, gguf_name, round_to_f16, kept_as)
             model_file.release_pages(gguf_name)
     for param, names in stacks.items():
         if all(name in model_file.tensors for name in names):
@@ -112,14 +123,23 @@ def gguf_expert_tensor(model_file: GGUFModelFile, names: tuple[str, ...], round_
 
 
 def gguf_tensor(model_file: GGUFModelFile, architecture: Architecture, config, name: str,  # noqa: ANN001
-                 round_to_f16: bool) -> torch.Tensor:
-    weight = model_file.tensor_f32(name)
-    if round_to_f16 and model_file.tensors[name].tensor_type != gguf.GGMLQuantizationType.F32:
-        weight = weight.astype(np.float16).astype(np.float32)
+                round_to_f16: bool, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One weight in checkpoint layout as a `dtype` tensor of its own (not a view of the mmap).
+
+    A 16-bit tensor asked for in its own dtype is copied from the file as is, without a float32 pass.
+    """
+    info = model_file.tensors[name]
+    if exact_16_bit_dtype(info.tensor_type) == dtype:
+        weight = model_file.raw(name).view(np.uint16).reshape(info.shape)  # the bit patterns as stored
+    else:
+        weight = model_file.tensor_f32(name)
+        if round_to_f16 and info.tensor_type != gguf.GGMLQuantizationType.F32:
+            weight = weight.astype(np.float16).astype(np.float32)
     if architecture.permute_qk and name.endswith(("attn_q.weight", "attn_k.weight")):
         n_head = config.num_attention_heads if "attn_q" in name else config.num_key_value_heads
         weight = unpermute_rows(weight, n_head)
-    return torch.from_numpy(np.array(weight, dtype=np.float32, order="C"))  # own copy, not the mmap
+    tensor = torch.from_numpy(np.array(weight, order="C"))  # own copy, not the mmap
+    return tensor.view(dtype) if tensor.dtype == torch.uint16 else tensor.to(dtype)
 
 
 def _assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path,
@@ -133,10 +153,11 @@ def _assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], sour
                            + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
     shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
     # GGUF drops unit dimensions (Qwen2-MoE's ffn_gate_inp_shexp is [n_embd], the Linear's weight [1, n_embd])
-    state = {name: tensor.reshape(shapes[name]).to(device=device, dtype=dtype) for name, tensor in state.items()}
+    state = {name: tensor.reshape(shapes[name]).to(device=device) for name, tensor in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
+    widen_narrow_modules(model, dtype)
     rebuild_meta_buffers(model, device)
     model.eval()
 

@@ -1,0 +1,101 @@
+"""Memory of the in-memory path: 16-bit weights stay 16-bit and are widened per call (same numbers as
+float32 storage); on CPU one sequence goes through the model at a time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from imatrix.collect import sequential
+from imatrix.collect.executors import InMemoryExecutor, forward_in_memory
+from imatrix.models import storage
+from imatrix.models.loader import load_model
+from imatrix.models.storage import WideningEmbedding, WideningLinear
+from imatrix.quant.model import quantize_model
+from tiny_models import tiny_llama_config, write_tiny_llama_gguf
+
+FILE_DTYPES = {"F16": (np.float16, torch.float16), "BF16": (torch.bfloat16, torch.bfloat16)}
+
+
+def widened_to_float32(model: torch.nn.Module) -> None:
+    """Undo the narrow storage in place: float32 weights and plain Linear/Embedding modules."""
+    for module in model.modules():
+        if isinstance(module, WideningLinear):
+            module.__class__ = torch.nn.Linear
+        elif isinstance(module, WideningEmbedding):
+            module.__class__ = torch.nn.Embedding
+    for param in model.parameters():
+        param.data = param.data.float()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("file_type", list(FILE_DTYPES))
+def test_16_bit_weights_kept_narrow_and_logits_unchanged(tmp_path: Path, file_type: str, tied: bool) -> None:
+    file_dtype, kept_as = FILE_DTYPES[file_type]
+    path = write_tiny_llama_gguf(tmp_path / "tiny.gguf", tiny_llama_config(tied=tied), dtype=file_dtype)
+    model = load_model(path).model
+    layer = model.model.layers[0]
+    assert type(layer.self_attn.q_proj) is WideningLinear and layer.self_attn.q_proj.weight.dtype == kept_as
+    assert type(model.model.embed_tokens) is WideningEmbedding and model.model.embed_tokens.weight.dtype == kept_as
+    assert layer.input_layernorm.weight.dtype == torch.float32  # norms are F32 in the file
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        narrow = model(input_ids=ids).logits
+        assert narrow.dtype == torch.float32
+        widened_to_float32(model)
+        reference = model(input_ids=ids).logits
+    torch.testing.assert_close(narrow, reference, rtol=0, atol=0)
+
+
+def test_float32_file_and_bfloat16_compute_keep_their_dtype(tmp_path: Path) -> None:
+    f32_path = write_tiny_llama_gguf(tmp_path / "f32.gguf")
+    f32_model = load_model(f32_path).model
+    assert type(f32_model.model.layers[0].mlp.up_proj) is torch.nn.Linear
+    assert {param.dtype for param in f32_model.parameters()} == {torch.float32}
+    f16_path = write_tiny_llama_gguf(tmp_path / "f16.gguf", dtype=np.float16)
+    bf16_model = load_model(f16_path, dtype=torch.bfloat16).model
+    assert type(bf16_model.model.layers[0].mlp.up_proj) is torch.nn.Linear
+    assert {param.dtype for param in bf16_model.parameters()} == {torch.bfloat16}
+
+
+def test_round_to_f16_keeps_a_quantized_model_as_float16(tmp_path: Path) -> None:
+    q8_0 = quantize_model(write_tiny_llama_gguf(tmp_path / "f32.gguf"), tmp_path / "q8_0.gguf", "Q8_0", pure=True)
+    rounded = load_model(q8_0.output_path, round_to_f16=True).model.model.layers[0].mlp.down_proj.weight
+    dequantized = load_model(q8_0.output_path).model.model.layers[0].mlp.down_proj.weight
+    assert rounded.dtype == torch.float16 and dequantized.dtype == torch.float32
+    assert torch.equal(rounded, dequantized.half())
+
+
+def test_weight_bytes_counts_16_bit_matrices_at_2_bytes(tmp_path: Path) -> None:
+    path = write_tiny_llama_gguf(tmp_path / "f16.gguf", dtype=np.float16)
+    model = load_model(path).model
+    in_memory = sum(param.numel() * param.element_size() for param in model.parameters())
+    assert sequential.weight_bytes(path, torch.float32) == in_memory
+    matrices = sum(param.numel() for param in model.parameters() if param.dim() == 2)
+    vectors = sum(param.numel() for param in model.parameters() if param.dim() == 1)
+    assert in_memory == 2 * matrices + 4 * vectors
+
+
+def test_large_weights_widened_by_blocks_of_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_tiny_llama_gguf(tmp_path / "tied.gguf", tiny_llama_config(tied=True), dtype=np.float16)
+    model = load_model(path).model
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        whole = model(input_ids=ids).logits
+        monkeypatch.setattr(storage, "WIDEN_WHOLE_MAX_VALUES", 3 * model.config.hidden_size)  # 3 rows a block
+        by_blocks = model(input_ids=ids).logits
+    torch.testing.assert_close(by_blocks, whole, rtol=1e-4, atol=1e-4)  # other matmul kernels: rounding only
+
+
+def test_cpu_executor_runs_one_sequence_at_a_time_with_the_same_result(tmp_path: Path) -> None:
+    loaded = load_model(write_tiny_llama_gguf(tmp_path / "f16.gguf", dtype=np.float16))
+    batch = torch.randint(0, loaded.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        (split,) = InMemoryExecutor(loaded).hidden_states([batch])
+        together = forward_in_memory(loaded, batch)
+    assert split.shape == together.shape == (3, 16, loaded.config.hidden_size)
+    torch.testing.assert_close(split, together, rtol=1e-5, atol=1e-5)
