@@ -88,14 +88,19 @@ def make_qx_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray,
 
     wx = w * x  # C computes w*x*l as (w*x)*l: the product can be shared by every candidate
     lo, hi = F32(-nmax), F32(nmax - 1)
+    # 20 candidates over the same shapes: reused buffers instead of fresh temporaries each time
+    levels, product = np.empty_like(x), np.empty_like(x)
 
     def levels_for(iscale: np.ndarray) -> np.ndarray:
-        levels = nearest(iscale * x)
-        return np.minimum(np.maximum(levels, lo, out=levels), hi, out=levels)
+        np.multiply(iscale, x, out=levels)
+        np.rint(levels, out=levels)  # nearest_int
+        return np.clip(levels, lo, hi, out=levels)
 
     def try_scale(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        levels = levels_for(iscale)
-        return seq_sum(wx * levels), seq_sum(w * levels * levels)
+        levels_for(iscale)
+        sumlx = seq_sum(np.multiply(wx, levels, out=product))
+        np.multiply(w, levels, out=product)
+        return sumlx, seq_sum(np.multiply(product, levels, out=product))
 
     best_iscale = F32(-nmax) / vmax
     sumlx, suml2 = try_scale(best_iscale)
@@ -108,8 +113,8 @@ def make_qx_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray,
         lx, l2 = try_scale(iscale)
         better = (l2 > 0) & (lx * lx > best * l2)
         np.copyto(best_iscale, iscale, where=better)
-        np.copyto(scale, divide_where(lx, l2, better), where=better)
-        np.copyto(best, scale * lx, where=better)
+        np.divide(lx, l2, out=scale, where=better)
+        np.multiply(scale, lx, out=best, where=better)
     # the levels of the winning candidate, recomputed once rather than kept for every candidate
     levels = np.where(zero, F32(0), levels_for(best_iscale) + F32(nmax))
     return np.where(zero, F32(0), scale).astype(F32), levels
@@ -150,24 +155,48 @@ def _refine(
     remaining `sl2 > 0` beforehand, `make_q3_quants` needs the new `sl2 > 0` afterwards.
     """
     lo, hi = bounds
+    active = np.arange(x.shape[1])  # groups still changing: C leaves a group after a pass without change
+    x_act, w_act, levels_act, sumlx_act, suml2_act = x, w, levels, sumlx, suml2
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for _ in range(5):
+            changed = np.zeros(active.size, dtype=bool)
             for i in range(x.shape[0]):
-                wi, xi, li = w[i], x[i], levels[i]
-                slx = sumlx - wi * xi * li
-                sl2 = suml2 - wi * li * li
+                wi, xi, li = w_act[i], x_act[i], levels_act[i]
+                slx = sumlx_act - wi * xi * li
+                sl2 = suml2_act - wi * li * li
                 ok = (slx > 0) & (sl2 > 0) if qp_rules else slx > 0
                 new = np.clip(nearest(xi * sl2 / slx), lo, hi)
                 ok &= new != li
                 new_lx = slx + wi * xi * new
                 new_l2 = sl2 + wi * new * new
-                ok &= new_lx * new_lx * suml2 > sumlx * sumlx * new_l2
+                ok &= new_lx * new_lx * suml2_act > sumlx_act * sumlx_act * new_l2
                 if not qp_rules:
                     ok &= new_l2 > 0
-                levels[i] = np.where(ok, new, li)
-                sumlx = np.where(ok, new_lx, sumlx)
-                suml2 = np.where(ok, new_l2, suml2)
+                levels_act[i] = np.where(ok, new, li)
+                sumlx_act = np.where(ok, new_lx, sumlx_act)
+                suml2_act = np.where(ok, new_l2, suml2_act)
+                changed |= ok
+            if levels_act is not levels:
+                levels[:, active] = levels_act
+            sumlx = _scatter(sumlx, active, sumlx_act)
+            suml2 = _scatter(suml2, active, suml2_act)
+            still = np.flatnonzero(changed)
+            if still.size == 0:
+                break
+            if still.size < active.size:
+                active = active[still]
+                x_act, w_act, levels_act = x_act[:, still], w_act[:, still], levels_act[:, still]
+                sumlx_act, suml2_act = sumlx_act[still], suml2_act[still]
     return sumlx, suml2
+
+
+def _scatter(full: np.ndarray, index: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """`full` with `values` at `index` (just `values` while every group is still active)."""
+    if values.shape == full.shape:
+        return values
+    full = full.copy()
+    full[index] = values
+    return full
 
 
 def make_qp_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -220,20 +249,30 @@ def make_qkx_quants(
     iscale = F32(nmax) / (vmax - vmin)
     scale = F32(1) / iscale
     levels = np.clip(nearest(iscale * (x - vmin)), 0, nmax)
+    # every trial works on the same shapes: reused buffers instead of fresh temporaries
+    cand, weighted, diff, product = (np.empty_like(x) for _ in range(4))
 
     def error(s: np.ndarray, m: np.ndarray, lev: np.ndarray) -> np.ndarray:
-        diff = s * lev + m - x
-        return seq_sum(w * (np.abs(diff) if use_mad else diff * diff))
+        np.multiply(s, lev, out=diff)
+        np.add(diff, m, out=diff)
+        np.subtract(diff, x, out=diff)  # scale * l + min - x, in C's order
+        if use_mad:
+            return seq_sum(np.multiply(w, np.abs(diff, out=diff), out=product))
+        np.multiply(w, diff, out=product)
+        return seq_sum(np.multiply(product, diff, out=product))
 
     best = error(scale, vmin, levels)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for step in range(nstep + 1):
             # llama.cpp quirk: the trial range uses the min of the best fit so far, not the data min
             trial = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / (vmax - vmin)
-            cand = np.clip(nearest(trial * (x - vmin)), 0, nmax)
-            sum_l = seq_sum(w * cand)
-            sum_l2 = seq_sum(w * cand * cand)
-            sum_xl = seq_sum(w * cand * x)
+            np.subtract(x, vmin, out=cand)
+            np.multiply(trial, cand, out=cand)
+            np.clip(np.rint(cand, out=cand), 0, nmax, out=cand)
+            np.multiply(w, cand, out=weighted)  # C: w*l, then (w*l)*l and (w*l)*x
+            sum_l = seq_sum(weighted)
+            sum_l2 = seq_sum(np.multiply(weighted, cand, out=product))
+            sum_xl = seq_sum(np.multiply(weighted, x, out=product))
             det = sum_w * sum_l2 - sum_l * sum_l
             ok = (det > 0) & ~flat
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
@@ -243,7 +282,7 @@ def make_qkx_quants(
             this_scale = np.where(clamp, sum_xl / sum_l2, this_scale)
             cur = error(this_scale, this_min, cand)
             better = ok & (cur < best)
-            levels = np.where(better, cand, levels)
+            np.copyto(levels, cand, where=better)
             best = np.where(better, cur, best)
             scale = np.where(better, this_scale, scale)
             vmin = np.where(better, this_min, vmin)

@@ -186,8 +186,9 @@ def _symmetric_ref(blocks: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarra
     _, vmax = signed_extreme(blocks)
     d = vmax / F32(-nmax)
     inv = safe_reciprocal(d)
-    levels = np.trunc(blocks * inv[:, None] + F32(nmax + 0.5))
-    return d, np.minimum(levels, 2 * nmax - 1).astype(np.uint8)
+    # x/d lies in [-nmax, nmax], so the argument is positive and the uint8 cast is C's truncation
+    levels = (blocks * inv[:, None] + F32(nmax + 0.5)).astype(np.uint8)
+    return d, np.minimum(levels, np.uint8(2 * nmax - 1))
 
 
 def _affine_ref(blocks: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -196,8 +197,9 @@ def _affine_ref(blocks: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, 
     vmax = first_extreme(blocks, "max")
     d = (vmax - vmin) / F32(nmax)
     inv = safe_reciprocal(d)
-    levels = np.trunc((blocks - vmin[:, None]) * inv[:, None] + F32(0.5))
-    return d, vmin, np.minimum(levels, nmax).astype(np.uint8)
+    # (x-min)/d lies in [0, nmax]: a positive argument, truncated by the uint8 cast as C's cast does
+    levels = ((blocks - vmin[:, None]) * inv[:, None] + F32(0.5)).astype(np.uint8)
+    return d, vmin, np.minimum(levels, np.uint8(nmax))
 
 
 class Q8_0(_Legacy, qtype=gguf.GGMLQuantizationType.Q8_0):
@@ -206,11 +208,12 @@ class Q8_0(_Legacy, qtype=gguf.GGMLQuantizationType.Q8_0):
         amax = np.abs(blocks).max(axis=-1)
         d = amax / F32(127)
         scaled = blocks * safe_reciprocal(d)[:, None]
-        # C roundf: halves away from zero (np.rint would round them to even)
-        whole = np.trunc(scaled)
+        # C roundf: halves away from zero (np.rint would round them to even); |scaled| <= 127, so
+        # the int8 cast is an exact truncation
+        whole = scaled.astype(np.int8)
         frac = scaled - whole
-        q = whole + np.where(np.abs(frac) >= F32(0.5), np.sign(scaled), F32(0))
-        return np.concatenate([fp16_bytes(d), q.astype(np.int8).view(np.uint8)], axis=1)
+        q = whole + (frac >= F32(0.5)).view(np.int8) - (frac <= F32(-0.5)).view(np.int8)
+        return np.concatenate([fp16_bytes(d), q.view(np.uint8)], axis=1)
 
     @classmethod
     def weighted_blocks(cls, blocks: np.ndarray, weights: np.ndarray) -> np.ndarray:

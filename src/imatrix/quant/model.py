@@ -28,6 +28,7 @@ from imatrix.errors import ImatrixError
 from imatrix.formats.atomic import atomic_path
 from imatrix.matrix import ImportanceMatrix
 from imatrix.models.gguf_reader import GGUFModelFile, TensorInfo
+from imatrix.models.gguf_writer import ModelWriter
 from imatrix.quant.base import dequantize, quant_type, quantize_rows, type_sizes
 from imatrix.quant.mixes import (
     UNQUANTIZED,
@@ -172,62 +173,78 @@ class Span:
     start: int
     stop: int
     im_row: np.ndarray | None  # the imatrix row of the matrix (expert) these rows belong to
+    offset: int  # where the converted rows go in the output file
 
 
-def tensor_spans(job: _Job) -> list[Span]:
+def tensor_spans(job: _Job, data_offset: int) -> list[Span]:
     """About CHUNK_ELEMENTS values per span; spans never cross a matrix (expert) boundary, each expert
-    having its own imatrix row."""
+    having its own imatrix row. `data_offset`: where the tensor's data starts in the output file."""
     n_cols = job.ne[0]
     n_rows = int(np.prod(job.ne[1:], dtype=np.int64)) if len(job.ne) > 1 else 1
     rows_per_matrix = job.ne[1] if len(job.ne) > 1 else 1
+    out_row_bytes = row_bytes(job.dst, n_cols)
     step = max(1, CHUNK_ELEMENTS // max(n_cols, 1))
     spans = []
     for first in range(0, n_rows, rows_per_matrix):
         im_row = None if job.imatrix_rows is None else job.imatrix_rows[first // rows_per_matrix]
         for start in range(first, min(first + rows_per_matrix, n_rows), step):
             stop = min(start + step, first + rows_per_matrix, n_rows)
-            spans.append(Span(job.tensor.name, job.src, job.dst, start, stop, im_row))
+            spans.append(Span(job.tensor.name, job.src, job.dst, start, stop, im_row,
+                              data_offset + start * out_row_bytes))
     return spans
 
 
-def convert_span(model_file: GGUFModelFile, span: Span) -> np.ndarray:
-    """The span's rows converted to `[rows, dst bytes]`; their input pages are released afterwards."""
+def convert_span(model_file: GGUFModelFile, span: Span, output_fd: int) -> int:
+    """Convert the span's rows and write them at their place in the output; returns the bytes written.
+
+    Writing in place (rather than returning the rows) keeps worker results off the pipe to the
+    parent, whose pickling and page faults had made two workers slower than one.
+    """
     raw = _rows(model_file, model_file.tensors[span.name])
     out = _from_f32(_to_f32(raw[span.start : span.stop], span.src), span.dst, span.im_row)
+    write_at(output_fd, out, span.offset)
     model_file.release_pages(span.name, (span.start * raw.shape[1], span.stop * raw.shape[1]))
-    return out
+    return out.nbytes
+
+
+def write_at(fd: int, data: np.ndarray, offset: int) -> None:
+    view = memoryview(np.ascontiguousarray(data)).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 # --- worker processes ---
 
-# numpy's kernels here are many short calls: threads serialize on the GIL (two were slower than one),
-# so the spans go to forked processes. They inherit the opened model and read the input through its
-# mapping; a task carries only a Span, a result only the converted bytes.
+# set in the parent just before forking, so workers inherit the open model and the output file
 _forked_model: GGUFModelFile | None = None
+_forked_output_fd: int | None = None
 
 
 def _worker_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
 
 
-def _convert_in_worker(span: Span) -> np.ndarray:
-    assert _forked_model is not None
-    return convert_span(_forked_model, span)
+def _convert_in_worker(span: Span) -> int:
+    assert _forked_model is not None and _forked_output_fd is not None
+    return convert_span(_forked_model, span, _forked_output_fd)
 
 
 @contextlib.contextmanager
-def _converter(model_file: GGUFModelFile, n_workers: int) -> Iterator[Callable[[Iterable[Span]], Iterator[np.ndarray]]]:
-    """A function mapping spans to converted rows in order: in this process, or on `n_workers` forked ones."""
-    global _forked_model
+def _converter(model_file: GGUFModelFile, output_fd: int,
+               n_workers: int) -> Iterator[Callable[[Iterable[Span]], Iterator[int]]]:
+    """A function converting spans into the output, yielding their sizes in order: in this process,
+    or on `n_workers` forked ones."""
+    global _forked_model, _forked_output_fd
     if n_workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
-        yield lambda spans: (convert_span(model_file, span) for span in spans)
+        yield lambda spans: (convert_span(model_file, span, output_fd) for span in spans)
         return
-    _forked_model = model_file
+    _forked_model, _forked_output_fd = model_file, output_fd
     try:
         with multiprocessing.get_context("fork").Pool(n_workers, initializer=_worker_init) as pool:
             yield lambda spans: pool.imap(_convert_in_worker, spans)
     finally:
-        _forked_model = None
+        _forked_model = _forked_output_fd = None
 
 
 # --- the imatrix ---
@@ -328,10 +345,11 @@ def _shape_text(ne: Sequence[int]) -> str:
     return ", ".join(f"{n:6d}" for n in dims)
 
 
-def _writer(
-    tmp: Path, model_file: GGUFModelFile, ft: FileType, extra: Iterable[tuple[str, object, VT]]
-) -> gguf.GGUFWriter:
-    writer = gguf.GGUFWriter(tmp, str(model_file.get("general.architecture", "")))
+def _write_header(tmp: Path, model_file: GGUFModelFile, ft: FileType, extra: Iterable[tuple[str, object, VT]],
+                  jobs: Sequence[_Job]) -> list[int]:
+    """Write the header, metadata and tensor infos, size the file to its final length (zero padding
+    included, as gguf-py pads), and return where each tensor's data goes."""
+    writer = ModelWriter(tmp, str(model_file.get("general.architecture", "")))
     writer.kv_data[0].clear()  # keep the input's key order, general.architecture included
     for name, stored in model_file.fields.items():
         if name in DROPPED_KEYS or (stored.value_type == VT.ARRAY and not stored.value):
@@ -343,7 +361,23 @@ def _writer(
     writer.add_key_value("general.file_type", int(ft.ftype), VT.UINT32)
     for key, value, vtype in extra:
         writer.add_key_value(key, value, vtype)
-    return writer
+    sizes = [row_bytes(job.dst, job.ne[0]) * (int(np.prod(job.ne[1:])) if len(job.ne) > 1 else 1) for job in jobs]
+    for job, size in zip(jobs, sizes, strict=True):
+        writer.add_tensor_info(job.tensor.name, tuple(reversed(job.ne)), np.dtype(np.float32), size,
+                               raw_dtype=job.dst)  # type: ignore[arg-type]
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    assert writer.fout is not None
+    align = writer.data_alignment
+    offset = gguf.GGUFWriter.ggml_pad(writer.fout[0].tell(), align)
+    writer.close()
+    offsets = []
+    for size in sizes:
+        offsets.append(offset)
+        offset += gguf.GGUFWriter.ggml_pad(size, align)
+    os.truncate(tmp, offset)
+    return offsets
 
 
 def quantize_model(
@@ -384,27 +418,19 @@ def quantize_model(
         emit(f"quantize_model: have importance matrix data with {len(values)} entries")
     extra = _imatrix_keys(imatrix, values, imatrix_file) if imatrix is not None and values else []
     threads = n_threads if n_threads and n_threads > 0 else (os.cpu_count() or 1)
-    spans = [tensor_spans(job) if job.src != job.dst else [] for job in jobs]
-    with atomic_path(dst_path) as tmp, _converter(model_file, threads) as convert:
-        # one ordered stream over every tensor, so that small tensors leave no worker idle; the workers
-        # start on it while this process writes the header
-        converted = convert(span for job_spans in spans for span in job_spans)
-        writer = _writer(tmp, model_file, ft, extra)
-        for job in jobs:
-            writer.add_tensor_info(
-                job.tensor.name, tuple(reversed(job.ne)), np.dtype(np.float32),
-                row_bytes(job.dst, job.ne[0]) * (int(np.prod(job.ne[1:])) if len(job.ne) > 1 else 1),
-                raw_dtype=job.dst,  # type: ignore[arg-type]
-            )
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for index, (job, job_spans) in enumerate(zip(jobs, spans, strict=True), 1):
-            parts = [next(converted) for _ in job_spans]
-            report.tensors.append(_write_one(writer, model_file, job, parts, index, len(jobs), emit))
-            # drop the input tensor's pages from our resident set (llama.cpp unmaps each weight too)
-            model_file.release_pages(job.tensor.name)
-        writer.close()
+    with atomic_path(dst_path) as tmp:
+        offsets = _write_header(tmp, model_file, ft, extra, jobs)
+        spans = [tensor_spans(job, offset) if job.src != job.dst else []
+                 for job, offset in zip(jobs, offsets, strict=True)]
+        with open(tmp, "r+b") as output, _converter(model_file, output.fileno(), threads) as convert:
+            # one ordered stream over every tensor, so that small tensors leave no worker idle
+            converted = convert(span for job_spans in spans for span in job_spans)
+            for index, (job, job_spans, offset) in enumerate(zip(jobs, spans, offsets, strict=True), 1):
+                written = sum(next(converted) for _ in job_spans)
+                report.tensors.append(_write_one(output.fileno(), model_file, job, offset, written, index,
+                                                 len(jobs), emit))
+                # drop the input tensor's pages from our resident set (llama.cpp unmaps each weight too)
+                model_file.release_pages(job.tensor.name)
     if imatrix is not None:
         report.missing_imatrix = [t.name for t in report.tensors if t.quantized and not t.used_imatrix]
     report.seconds = time.perf_counter() - started
@@ -435,31 +461,23 @@ def _check_imatrix(
     return imatrix_values(imatrix, include, exclude)
 
 
-def _write_one(
-    writer: gguf.GGUFWriter,
-    model_file: GGUFModelFile,
-    job: _Job,
-    converted: list[np.ndarray],
-    index: int,
-    total: int,
-    emit: Log,
-) -> TensorReport:
-    """Write one tensor: the input bytes as they are, or its `converted` spans."""
+def _write_one(output_fd: int, model_file: GGUFModelFile, job: _Job, offset: int, converted_bytes: int,
+               index: int, total: int, emit: Log) -> TensorReport:
+    """Finish one tensor: copy the input bytes when it keeps its type (its converted spans are
+    already in place), and report it as llama-quantize does."""
     raw = _rows(model_file, job.tensor)
     head = f"[{index:4d}/{total:4d}] {job.tensor.name:>36} - [{_shape_text(job.ne)}], type = {type_name(job.src):>6}, "
     report = TensorReport(job.tensor.name, job.ne, job.src, job.dst, raw.nbytes, raw.nbytes)
     if not report.quantized:
-        writer.write_tensor_data(raw)
+        write_at(output_fd, raw, offset)
         emit(head + f"size = {raw.nbytes / MiB:8.3f} MiB")
         return report
-    out = np.concatenate(converted) if len(converted) > 1 else converted[0]
-    writer.write_tensor_data(out)
-    report.dst_bytes = out.nbytes
+    report.dst_bytes = converted_bytes
     report.used_imatrix = job.imatrix_rows is not None
     missing = "" if report.used_imatrix else " (no imatrix data)"
     emit(
         head + f"converting to {type_name(job.dst)} .. size = {raw.nbytes / MiB:8.2f} MiB -> "
-        f"{out.nbytes / MiB:8.2f} MiB{missing}"
+        f"{converted_bytes / MiB:8.2f} MiB{missing}"
     )
     return report
 
