@@ -157,17 +157,18 @@ def _refine(
     lo, hi = bounds
     active = np.arange(x.shape[1])  # groups still changing: C leaves a group after a pass without change
     x_act, w_act, levels_act, sumlx_act, suml2_act = x, w, levels, sumlx, suml2
+    wx_act = w * x  # C's w*x*l is (w*x)*l
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for _ in range(5):
             changed = np.zeros(active.size, dtype=bool)
             for i in range(x.shape[0]):
-                wi, xi, li = w_act[i], x_act[i], levels_act[i]
-                slx = sumlx_act - wi * xi * li
+                wi, xi, li, wxi = w_act[i], x_act[i], levels_act[i], wx_act[i]
+                slx = sumlx_act - wxi * li
                 sl2 = suml2_act - wi * li * li
                 ok = (slx > 0) & (sl2 > 0) if qp_rules else slx > 0
                 new = np.clip(nearest(xi * sl2 / slx), lo, hi)
                 ok &= new != li
-                new_lx = slx + wi * xi * new
+                new_lx = slx + wxi * new
                 new_l2 = sl2 + wi * new * new
                 ok &= new_lx * new_lx * suml2_act > sumlx_act * sumlx_act * new_l2
                 if not qp_rules:
@@ -186,6 +187,7 @@ def _refine(
             if still.size < active.size:
                 active = active[still]
                 x_act, w_act, levels_act = x_act[:, still], w_act[:, still], levels_act[:, still]
+                wx_act = wx_act[:, still]
                 sumlx_act, suml2_act = sumlx_act[still], suml2_act[still]
     return sumlx, suml2
 
