@@ -89,3 +89,35 @@ def test_q4_0_zero_block_layout() -> None:
     """quantize_row_q4_0_ref stores d = 0/-8 = -0.0 and level 8 for an all-zero block."""
     out = quantize_rows(np.zeros((1, 32), np.float32), Q.Q4_0)
     assert out.tobytes() == b"\x00\x80" + b"\x88" * 16
+
+
+def c_loop_extremes(block: np.ndarray) -> tuple[float, float, float, float]:
+    """What ggml-quants.c's scalar loops find: amax and the first value reaching it (strict `>`),
+    and min/max seeded with the first value."""
+    amax, signed = 0.0, 0.0
+    vmin = vmax = float(block[0])
+    for value in block:
+        if abs(value) > amax:
+            amax, signed = abs(float(value)), float(value)
+        vmin, vmax = min(vmin, float(value)), max(vmax, float(value))
+    return amax, signed, vmin, vmax
+
+
+def test_block_extremes_match_the_c_loops_on_ties_and_zeros() -> None:
+    from imatrix.quant.kquants_search import signed_absmax
+    from imatrix.quant.legacy import first_extreme, signed_extreme
+
+    rng = np.random.default_rng(7)
+    blocks = rng.integers(-2, 3, (4000, 32)).astype(np.float32)  # +a and -a in most blocks
+    blocks[:3] = 0.0
+    blocks[1, 5] = -0.0
+    blocks[2, 0] = -0.0
+    amax, signed = signed_extreme(blocks)
+    columns_amax, columns_signed = signed_absmax(np.ascontiguousarray(blocks.T))
+    vmin, vmax = first_extreme(blocks, "min"), first_extreme(blocks, "max")
+    for index, block in enumerate(blocks):
+        want_amax, want_signed, want_min, want_max = c_loop_extremes(block)
+        assert amax[index] == columns_amax[index] == want_amax
+        assert signed[index] == columns_signed[index] == want_signed
+        assert not np.signbit(signed[index]) or want_signed < 0
+        assert vmin[index] == want_min and vmax[index] == want_max

@@ -58,11 +58,14 @@ def seq_sum_from_first(values: np.ndarray) -> np.ndarray:
 
 def signed_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per group: largest |x| and the signed value first reaching it (a strict `>` loop keeps the first)."""
-    absval = np.abs(x)
-    idx = np.argmax(absval, axis=0)[None]
-    amax = np.take_along_axis(absval, idx, axis=0)[0]
-    signed = np.take_along_axis(x, idx, axis=0)[0]
-    return amax, np.where(amax > 0, signed, F32(0)).astype(F32)
+    vmax, vmin = x.max(axis=0), x.min(axis=0)
+    amax = np.maximum(vmax, -vmin)
+    signed = np.where(vmax >= -vmin, vmax, vmin)
+    ties = np.flatnonzero((vmax == -vmin) & (vmax > 0))  # +a and -a both present: the first one wins
+    if ties.size:
+        tied = x[:, ties]
+        signed[ties] = np.take_along_axis(tied, np.argmax(np.abs(tied), axis=0)[None], axis=0)[0]
+    return amax.astype(F32), np.where(amax > 0, signed, F32(0)).astype(F32)
 
 
 def divide_where(num: np.ndarray, den: np.ndarray, ok: np.ndarray) -> np.ndarray:

@@ -65,16 +65,23 @@ def signed_extreme(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     The C loops only update on a strictly larger |x|, so the first occurrence wins and an all-zero
     block keeps the initial +0.0 (which matters for the sign of a zero fp16 scale).
     """
-    absval = np.abs(blocks)
-    idx = np.argmax(absval, axis=-1)
-    amax = np.take_along_axis(absval, idx[..., None], axis=-1)[..., 0]
-    signed = np.take_along_axis(blocks, idx[..., None], axis=-1)[..., 0]
-    return amax, np.where(amax > 0, signed, F32(0))
+    # block-major copy: numpy reduces a short contiguous axis ~8× slower than across rows
+    columns = np.ascontiguousarray(blocks.reshape(-1, blocks.shape[-1]).T)
+    vmax, vmin = columns.max(axis=0), columns.min(axis=0)
+    amax = np.maximum(vmax, -vmin)
+    signed = np.where(vmax >= -vmin, vmax, vmin)
+    ties = np.flatnonzero((vmax == -vmin) & (vmax > 0))  # +a and -a both present: the first one wins
+    if ties.size:
+        tied = columns[:, ties]
+        signed[ties] = np.take_along_axis(tied, np.argmax(np.abs(tied), axis=0)[None], axis=0)[0]
+    shape = blocks.shape[:-1]
+    return amax.reshape(shape), np.where(amax > 0, signed, F32(0)).reshape(shape)
 
 
 def first_extreme(blocks: np.ndarray, which: str) -> np.ndarray:
     """Block min or max as a C loop with strict comparison finds it: among equal zeros, the first one's sign."""
-    value = blocks.min(axis=-1) if which == "min" else blocks.max(axis=-1)
+    columns = np.ascontiguousarray(blocks.reshape(-1, blocks.shape[-1]).T)  # see signed_extreme
+    value = (columns.min(axis=0) if which == "min" else columns.max(axis=0)).reshape(blocks.shape[:-1])
     is_zero = value == 0
     if is_zero.any():
         first_zero = np.argmax(blocks == 0, axis=-1)
