@@ -159,7 +159,8 @@ def _refine(
     """
     lo, hi = bounds
     active = np.arange(x.shape[1])  # groups still changing: C leaves a group after a pass without change
-    x_act, w_act, levels_act, sumlx_act, suml2_act = x, w, levels, sumlx, suml2
+    x_act, w_act, levels_act = x, w, levels
+    sumlx_act, suml2_act = sumlx.copy(), suml2.copy()
     wx_act = w * x  # C's w*x*l is (w*x)*l
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for _ in range(5):
@@ -170,16 +171,22 @@ def _refine(
                 sl2 = suml2_act - wi * li * li
                 ok = (slx > 0) & (sl2 > 0) if qp_rules else slx > 0
                 new = np.clip(nearest(xi * sl2 / slx), lo, hi)
-                ok &= new != li
-                new_lx = slx + wxi * new
-                new_l2 = sl2 + wi * new * new
-                ok &= new_lx * new_lx * suml2_act > sumlx_act * sumlx_act * new_l2
+                # most values keep their level: finish the test only where it would move
+                moving = np.flatnonzero(ok & (new != li))
+                if moving.size == 0:
+                    continue
+                new, slx, sl2 = new[moving], slx[moving], sl2[moving]
+                new_lx = slx + wxi[moving] * new
+                new_l2 = sl2 + wi[moving] * new * new
+                old_lx = sumlx_act[moving]
+                better = new_lx * new_lx * suml2_act[moving] > old_lx * old_lx * new_l2
                 if not qp_rules:
-                    ok &= new_l2 > 0
-                levels_act[i] = np.where(ok, new, li)
-                sumlx_act = np.where(ok, new_lx, sumlx_act)
-                suml2_act = np.where(ok, new_l2, suml2_act)
-                changed |= ok
+                    better &= new_l2 > 0
+                kept = moving[better]
+                li[kept] = new[better]
+                sumlx_act[kept] = new_lx[better]
+                suml2_act[kept] = new_l2[better]
+                changed[kept] = True
             if levels_act is not levels:
                 levels[:, active] = levels_act
             sumlx = _scatter(sumlx, active, sumlx_act)
