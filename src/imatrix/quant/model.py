@@ -2,9 +2,10 @@
 
 Metadata is copied as llama.cpp copies it (then `general.quantization_version` and
 `general.file_type` are set, and the `quantize.imatrix.*` keys added when an imatrix is used);
-tensors are written in llama.cpp's loader order with 32-byte alignment. Each tensor's rows are
-converted in spans of rows (on several forked worker processes when asked for more than one thread),
-so memory stays near one output tensor plus a few spans on top of the mapped input.
+tensors are written in llama.cpp's loader order with 32-byte alignment. The header is written
+first, which fixes every tensor's place in the file; each tensor's rows are then converted in spans
+(on several forked worker processes when asked for more than one thread) and written straight to
+their place, so memory stays near a few spans on top of the mapped input.
 """
 
 from __future__ import annotations
