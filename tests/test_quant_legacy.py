@@ -105,19 +105,21 @@ def c_loop_extremes(block: np.ndarray) -> tuple[float, float, float, float]:
 
 def test_block_extremes_match_the_c_loops_on_ties_and_zeros() -> None:
     from imatrix.quant.kquants_search import signed_absmax
-    from imatrix.quant.legacy import first_extreme, signed_extreme
+    from imatrix.quant.legacy import block_min_max, signed_extreme
 
     rng = np.random.default_rng(7)
     blocks = rng.integers(-2, 3, (4000, 32)).astype(np.float32)  # +a and -a in most blocks
     blocks[:3] = 0.0
     blocks[1, 5] = -0.0
     blocks[2, 0] = -0.0
+    blocks[3] = -0.0
     amax, signed = signed_extreme(blocks)
     columns_amax, columns_signed = signed_absmax(np.ascontiguousarray(blocks.T))
-    vmin, vmax = first_extreme(blocks, "min"), first_extreme(blocks, "max")
+    vmin, vmax = block_min_max(blocks)
     for index, block in enumerate(blocks):
         want_amax, want_signed, want_min, want_max = c_loop_extremes(block)
         assert amax[index] == columns_amax[index] == want_amax
+        assert not np.signbit(amax[index]) and not np.signbit(columns_amax[index])
         assert signed[index] == columns_signed[index] == want_signed
         assert not np.signbit(signed[index]) or want_signed < 0
         assert vmin[index] == want_min and vmax[index] == want_max

@@ -67,7 +67,7 @@ def storage_dtype(tensor_type: enum.IntEnum, compute_dtype: torch.dtype, round_t
         return compute_dtype
     if round_to_f16 and tensor_type != gguf.GGMLQuantizationType.F32:
         return torch.float16
-    return _EXACT_16_BIT.get(tensor_type, compute_dtype)
+    return exact_16_bit_dtype(tensor_type) or compute_dtype
 
 
 def narrow_capable_parameters(model: torch.nn.Module) -> set[str]:

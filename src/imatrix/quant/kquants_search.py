@@ -59,12 +59,12 @@ def seq_sum_from_first(values: np.ndarray) -> np.ndarray:
 def signed_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per group: largest |x| and the signed value first reaching it (a strict `>` loop keeps the first)."""
     vmax, vmin = x.max(axis=0), x.min(axis=0)
-    amax = np.maximum(vmax, -vmin)
     signed = np.where(vmax >= -vmin, vmax, vmin)
     ties = np.flatnonzero((vmax == -vmin) & (vmax > 0))  # +a and -a both present: the first one wins
     if ties.size:
         tied = x[:, ties]
         signed[ties] = np.take_along_axis(tied, np.argmax(np.abs(tied), axis=0)[None], axis=0)[0]
+    amax = np.abs(signed)  # fabsf: +0.0 for a block of zeros, whatever their signs
     return amax.astype(F32), np.where(amax > 0, signed, F32(0)).astype(F32)
 
 

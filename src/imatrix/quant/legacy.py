@@ -59,22 +59,30 @@ def safe_divide(num: np.ndarray, den: np.ndarray, ok: np.ndarray) -> np.ndarray:
     return out
 
 
+def block_major(blocks: np.ndarray) -> np.ndarray:
+    """Blocks `[..., block]` copied as `[block, n_blocks]`: numpy reduces a short contiguous axis ~8×
+    slower than across rows, so per-block extremes are taken over this copy's first axis."""
+    return np.ascontiguousarray(blocks.reshape(-1, blocks.shape[-1]).T)
+
+
 def signed_extreme(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per block: largest |x| and the signed value that first reaches it (0.0 for an all-zero block).
 
     The C loops only update on a strictly larger |x|, so the first occurrence wins and an all-zero
     block keeps the initial +0.0 (which matters for the sign of a zero fp16 scale).
     """
-    # block-major copy: numpy reduces a short contiguous axis ~8× slower than across rows
-    columns = np.ascontiguousarray(blocks.reshape(-1, blocks.shape[-1]).T)
-    amax, signed = kquants_search.signed_absmax(columns)
+    amax, signed = kquants_search.signed_absmax(block_major(blocks))
     return amax.reshape(blocks.shape[:-1]), signed.reshape(blocks.shape[:-1])
 
 
-def first_extreme(blocks: np.ndarray, which: str) -> np.ndarray:
-    """Block min or max as a C loop with strict comparison finds it: among equal zeros, the first one's sign."""
-    columns = np.ascontiguousarray(blocks.reshape(-1, blocks.shape[-1]).T)  # see signed_extreme
-    value = (columns.min(axis=0) if which == "min" else columns.max(axis=0)).reshape(blocks.shape[:-1])
+def block_min_max(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Block min and max as C loops with strict comparisons find them: among equal zeros, the first one's sign."""
+    columns = block_major(blocks)
+    extremes = (columns.min(axis=0).reshape(blocks.shape[:-1]), columns.max(axis=0).reshape(blocks.shape[:-1]))
+    return tuple(_first_zero_sign(blocks, value) for value in extremes)  # type: ignore[return-value]
+
+
+def _first_zero_sign(blocks: np.ndarray, value: np.ndarray) -> np.ndarray:
     is_zero = value == 0
     if is_zero.any():
         first_zero = np.argmax(blocks == 0, axis=-1)
@@ -193,8 +201,7 @@ def _symmetric_ref(blocks: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarra
 
 def _affine_ref(blocks: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`quantize_row_q4_1_ref` / `q5_1_ref`: scale (max-min)/nmax, levels trunc((x-min)/d + 0.5)."""
-    vmin = first_extreme(blocks, "min")
-    vmax = first_extreme(blocks, "max")
+    vmin, vmax = block_min_max(blocks)
     d = (vmax - vmin) / F32(nmax)
     inv = safe_reciprocal(d)
     # (x-min)/d lies in [0, nmax]: a positive argument, truncated by the uint8 cast as C's cast does
@@ -205,7 +212,7 @@ def _affine_ref(blocks: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, 
 class Q8_0(_Legacy, qtype=gguf.GGMLQuantizationType.Q8_0):
     @classmethod
     def ref_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        amax = np.abs(blocks).max(axis=-1)
+        amax, _ = signed_extreme(blocks)
         d = amax / F32(127)
         scaled = blocks * safe_reciprocal(d)[:, None]
         # C roundf: halves away from zero (np.rint would round them to even); |scaled| <= 127, so

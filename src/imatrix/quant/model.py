@@ -114,10 +114,14 @@ def open_model(path: Path) -> GGUFModelFile:
     return GGUFModelFile(path)
 
 
+def _n_rows(ne: Sequence[int]) -> int:
+    """Rows of a tensor of ggml shape `ne` (every dimension but the row length)."""
+    return int(np.prod(ne[1:], dtype=np.int64)) if len(ne) > 1 else 1
+
+
 def _rows(model_file: GGUFModelFile, tensor: TensorInfo) -> np.ndarray:
     """The tensor's bytes as `[n_rows, row_bytes]` (a view of the mapped file)."""
-    n_rows = int(np.prod(tensor.ne[1:], dtype=np.int64)) if len(tensor.ne) > 1 else 1
-    return np.asarray(model_file.raw(tensor.name)).reshape(n_rows, -1)
+    return np.asarray(model_file.raw(tensor.name)).reshape(_n_rows(tensor.ne), -1)
 
 
 # --- conversions between float32 rows and stored bytes ---
@@ -181,7 +185,7 @@ def tensor_spans(job: _Job, data_offset: int) -> list[Span]:
     """About CHUNK_ELEMENTS values per span; spans never cross a matrix (expert) boundary, each expert
     having its own imatrix row. `data_offset`: where the tensor's data starts in the output file."""
     n_cols = job.ne[0]
-    n_rows = int(np.prod(job.ne[1:], dtype=np.int64)) if len(job.ne) > 1 else 1
+    n_rows = _n_rows(job.ne)
     rows_per_matrix = job.ne[1] if len(job.ne) > 1 else 1
     out_row_bytes = row_bytes(job.dst, n_cols)
     step = max(1, CHUNK_ELEMENTS // max(n_cols, 1))
@@ -362,7 +366,7 @@ def _write_header(tmp: Path, model_file: GGUFModelFile, ft: FileType, extra: Ite
     writer.add_key_value("general.file_type", int(ft.ftype), VT.UINT32)
     for key, value, vtype in extra:
         writer.add_key_value(key, value, vtype)
-    sizes = [row_bytes(job.dst, job.ne[0]) * (int(np.prod(job.ne[1:])) if len(job.ne) > 1 else 1) for job in jobs]
+    sizes = [row_bytes(job.dst, job.ne[0]) * _n_rows(job.ne) for job in jobs]
     for job, size in zip(jobs, sizes, strict=True):
         writer.add_tensor_info(job.tensor.name, tuple(reversed(job.ne)), np.dtype(np.float32), size,
                                raw_dtype=job.dst)  # type: ignore[arg-type]
