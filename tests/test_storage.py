@@ -99,3 +99,60 @@ def test_cpu_executor_runs_one_sequence_at_a_time_with_the_same_result(tmp_path:
         together = forward_in_memory(loaded, batch)
     assert split.shape == together.shape == (3, 16, loaded.config.hidden_size)
     torch.testing.assert_close(split, together, rtol=1e-5, atol=1e-5)
+
+
+def _file_mapping(path: Path) -> tuple[list[tuple[int, int]], int]:
+    """Address ranges of this process's mappings of `path`, and their resident kB (/proc/self/smaps)."""
+    ranges, resident, current = [], 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and not fields[0].endswith(":"):
+            current = len(fields) >= 6 and fields[-1] == str(path)
+            if current:
+                start, stop = (int(part, 16) for part in fields[0].split("-"))
+                ranges.append((start, stop))
+        elif current and fields[0] == "Rss:":
+            resident += int(fields[1])
+    return ranges, resident
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps (Linux)")
+def test_16_bit_weights_read_in_place_from_the_file_and_their_pages_given_back(tmp_path: Path) -> None:
+    config = tiny_llama_config(hidden=256, heads=4, kv_heads=2, intermediate=1024, tied=True)
+    path = write_tiny_llama_gguf(tmp_path / "f16.gguf", config, dtype=np.float16).resolve()
+    model = load_model(path).model
+    ranges, _ = _file_mapping(path)
+    up = model.model.layers[0].mlp.up_proj.weight
+    assert any(start <= up.data_ptr() < stop for start, stop in ranges)  # the file's bytes, not a copy
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert not any(start <= q.data_ptr() < stop for start, stop in ranges)  # rows reordered: a copy
+    ids = torch.randint(0, config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        logits = model(input_ids=ids).logits
+        _, released = _file_mapping(path)
+        for module in model.modules():
+            if isinstance(module, WideningLinear | WideningEmbedding):
+                module.release_pages = None
+        assert torch.equal(model(input_ids=ids).logits, logits)
+        _, kept = _file_mapping(path)
+    matrices_kb = sum(p.numel() * 2 for p in model.parameters() if p.dim() == 2) // 1024
+    assert kept - released > matrices_kb // 2  # without release the weights stay resident
+    assert released < matrices_kb // 4
+
+
+def test_widening_reuses_one_buffer_only_without_autograd() -> None:
+    first, second = torch.nn.Linear(8, 8, bias=False), torch.nn.Linear(8, 8, bias=False)
+    reference = torch.nn.Sequential(first, second)
+    narrow = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False), torch.nn.Linear(8, 8, bias=False))
+    for module, source in zip(narrow, reference, strict=True):
+        source.weight.data = source.weight.data.half().float()
+        module.weight = torch.nn.Parameter(source.weight.data.half(), requires_grad=False)
+        source.weight.requires_grad_(False)
+    storage.widen_narrow_modules(narrow, torch.float32)
+    x = torch.randn(4, 8, requires_grad=True)
+    narrow(x).sum().backward()  # both layers' weights share a shape: the first must not be overwritten
+    expected = x.detach().clone().requires_grad_(True)
+    reference(expected).sum().backward()
+    torch.testing.assert_close(x.grad, expected.grad, rtol=0, atol=0)
+    with torch.inference_mode():
+        assert storage.widened(narrow[0].weight, torch.float32) is storage.widened(narrow[1].weight, torch.float32)

@@ -7,6 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
+from imatrix.models.storage import linear_rows, output_blocks
+
+# output-projection weights per scoring block: SmolLM2's 49k-token vocabulary in blocks of 1820 tokens,
+# whose float32 weights and logits stay a few MB (larger blocks only grew the heap, not the speed)
+SCORE_BLOCK_VALUES = 1 << 20
+
 
 @dataclass
 class PerplexityMeter:
@@ -16,9 +22,19 @@ class PerplexityMeter:
 
     def add(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
         """`logits [n, vocab]` predicting `targets [n]`; accumulates Σ-log p and Σ(log p)²."""
-        logits = logits.float()
-        # logsumexp - logit[target]: no vocab-sized log-softmax copy per position
-        nll = (torch.logsumexp(logits, dim=-1) - logits.gather(1, targets.view(-1, 1)).view(-1)).double()
+        self.add_nll(_LogSumExp(logits.shape[0], logits.device).fold(logits.float(), 0, targets).nll())
+
+    def add_projected(self, head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor) -> None:
+        """Score final hidden states `[n, d_model]` through the output projection `head` a block of
+        vocabulary rows at a time, never holding the `[n, vocab]` logits (50 MB per SmolLM2 chunk)."""
+        total = _LogSumExp(hidden.shape[0], hidden.device)
+        for rows in output_blocks(head, SCORE_BLOCK_VALUES):
+            total.fold(linear_rows(head, hidden, rows).float(), rows.start, targets)
+        self.add_nll(total.nll())
+
+    def add_nll(self, nll: torch.Tensor) -> None:
+        """Add −log p of each scored position."""
+        nll = nll.double()
         self.nll += float(nll.sum())
         self.nll2 += float((nll * nll).sum())
         self.count += int(nll.numel())
@@ -41,3 +57,33 @@ class PerplexityMeter:
         if estimate is None:
             return "Unexpected negative standard deviation of log(prob)"
         return f"Final estimate: PPL = {estimate[0]:.4f} +/- {estimate[1]:.5f}"
+
+
+class _LogSumExp:
+    """log Σ exp(logit) and the target's logit per position, folded in over blocks of the vocabulary.
+
+    As llama.cpp's `log_softmax`: maxima and exponentials in float32, the sum of exponentials in
+    float64, so that blocks combine without loss: Σ = Σ_blocks s_b·exp(m_b − M).
+    """
+
+    def __init__(self, n_positions: int, device: torch.device) -> None:
+        self.max = torch.full((n_positions,), -torch.inf, dtype=torch.float32, device=device)
+        self.sum_exp = torch.zeros(n_positions, dtype=torch.float64, device=device)
+        self.target_logit = torch.zeros(n_positions, dtype=torch.float32, device=device)
+
+    def fold(self, logits: torch.Tensor, first_id: int, targets: torch.Tensor) -> _LogSumExp:
+        """Add `logits [n, block]` of the token ids `first_id …`."""
+        block_max = logits.max(dim=1).values
+        new_max = torch.maximum(self.max, block_max)
+        block_sum = torch.exp(logits - block_max[:, None]).double().sum(dim=1)
+        self.sum_exp = (self.sum_exp * torch.exp((self.max - new_max).double())
+                        + block_sum * torch.exp((block_max - new_max).double()))
+        self.max = new_max
+        here = (targets >= first_id) & (targets < first_id + logits.shape[1])
+        picked = logits.gather(1, (targets - first_id).clamp(0, logits.shape[1] - 1).view(-1, 1)).view(-1)
+        self.target_logit = torch.where(here, picked, self.target_logit)
+        return self
+
+    def nll(self) -> torch.Tensor:
+        """−log p(target) per position, float64."""
+        return self.sum_exp.log() + self.max.double() - self.target_logit.double()

@@ -296,29 +296,31 @@ def _run_window(executor: Executor, chunks: np.ndarray, window: list[_Step], opt
         return scores  # the output projection is not even loaded
     with executor.output_head() as head:
         for (first, _), batch, states in zip(mine, tensors, hidden, strict=True):
-            for seq, logits in enumerate(_output_projection(head, executor.loaded, states, options)):
-                partial = PerplexityMeter()
-                partial.add(logits, batch[seq, options.n_ctx // 2 + 1 :])
+            for seq, partial in enumerate(_score_sequences(head, executor.loaded, states, batch, options)):
                 scores.append((first + seq, partial))
     return scores
 
 
-def _output_projection(head: torch.nn.Module, loaded: LoadedModel, hidden: torch.Tensor,
-                       options: CollectOptions) -> Iterator[torch.Tensor]:
-    """Logits of the scored positions (n_ctx/2 … n_ctx−2), one chunk at a time.
+def _score_sequences(head: torch.nn.Module, loaded: LoadedModel, hidden: torch.Tensor, batch: torch.Tensor,
+                     options: CollectOptions) -> Iterator[PerplexityMeter]:
+    """The perplexity partial of each chunk: positions n_ctx/2 … n_ctx−2 predicting the next token.
 
-    With --process-output on an untied model every position goes through `output.weight`, as
-    llama.cpp requests all logits; otherwise only the scored half is projected, and nothing at
-    all without perplexity.
+    With --process-output on an untied model every position goes through `output.weight` (its hook
+    measures them), as llama.cpp requests all logits; otherwise only the scored half is projected,
+    a block of the vocabulary at a time, and nothing at all without perplexity.
     """
     first = options.n_ctx // 2
     collect_output = _collects_output(loaded, options)
-    if not (options.compute_ppl or collect_output):
-        return
-    for sequence in hidden:
-        logits = head(sequence)[first:-1] if collect_output else head(sequence[first:-1])
-        if options.compute_ppl:
-            yield logits
+    for sequence, tokens in zip(hidden, batch, strict=True):
+        logits = head(sequence)[first:-1] if collect_output else None
+        if not options.compute_ppl:
+            continue
+        partial = PerplexityMeter()
+        if logits is not None:
+            partial.add(logits, tokens[first + 1 :])
+        else:
+            partial.add_projected(head, sequence[first:-1], tokens[first + 1 :])
+        yield partial
 
 
 def _collects_output(loaded: LoadedModel, options: CollectOptions) -> bool:

@@ -123,13 +123,39 @@ def _decoded(value: Any) -> Any:
     return value
 
 
+class MappedPages:
+    """Gives the pages of parts of a mapped file back once they have been read.
+
+    They stay in the page cache, so the next read is a minor fault, not disk I/O; without this every
+    byte read stays counted in the process's resident set, and a model whose weights are read in
+    place (or copied out) looks like a second copy of itself.
+    """
+
+    def __init__(self, mapped: np.memmap) -> None:
+        self._mapping = getattr(mapped, "_mmap", None)
+        self.base = int(mapped.ctypes.data)
+        self.size = int(mapped.size)
+
+    def release(self, address: int, n_bytes: int) -> None:
+        """Release the pages under `[address, address + n_bytes)`; addresses outside the file are ignored."""
+        offset = address - self.base
+        if self._mapping is None or not hasattr(mmap, "MADV_DONTNEED") or not 0 <= offset < self.size:
+            return
+        # a page shared with a neighbouring tensor goes too: it is read back from the page cache on use
+        start = offset // mmap.PAGESIZE * mmap.PAGESIZE
+        with contextlib.suppress(OSError, ValueError):
+            self._mapping.madvise(mmap.MADV_DONTNEED, start, min(offset + n_bytes, self.size) - start)
+
+
 class GGUFModelFile:
     fields: dict[str, MetadataField]  # every metadata key with its stored type and raw string bytes, in file order
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         _check_gguf(self.path)
-        self.mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+        # copy-on-write, so that weights can be used in place as (writable) tensors; nothing writes to it
+        self.mmap = np.memmap(self.path, dtype=np.uint8, mode="c")
+        self.pages = MappedPages(self.mmap)
         try:
             self.metadata, self.tensors = self._parse()
         except (struct.error, ValueError, KeyError) as exc:
@@ -202,19 +228,10 @@ class GGUFModelFile:
 
     def release_pages(self, name: str, byte_range: tuple[int, int] | None = None) -> None:
         """Drop a tensor's file pages (or those of `byte_range` within it) from this process's
-        resident set once they have been read.
-
-        They stay in the page cache; without this every tensor read stays counted in our RSS and
-        the mapped file looks like a second copy of the model.
-        """
-        mapping = getattr(self.mmap, "_mmap", None)
-        if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
-            return
+        resident set once they have been read (see `MappedPages`)."""
         info = self.tensors[name]
         first, stop = byte_range or (0, info.n_bytes)
-        start = (info.offset + first) // mmap.PAGESIZE * mmap.PAGESIZE
-        with contextlib.suppress(OSError, ValueError):
-            mapping.madvise(mmap.MADV_DONTNEED, start, info.offset + stop - start)
+        self.pages.release(self.pages.base + info.offset + first, stop - first)
 
     def tensor_f32(self, name: str) -> np.ndarray:
         """Dequantize one tensor on demand (float32, numpy shape)."""

@@ -1,7 +1,9 @@
 """Load a model for collection: GGUF file or Hugging Face directory -> transformers module + tokenizer.
 
 The GGUF path is ours: config from metadata, state dict through gguf-py's name map in reverse,
-weights dequantized tensor by tensor from the mmapped file, tokenizer from the GGUF vocab.
+weights dequantized tensor by tensor from the mmapped file, tokenizer from the GGUF vocab. On CPU,
+F16/BF16 matrices are not even copied: the model reads them in place from the mmap, and gives
+their pages back after each use (`models.storage`), so they cost page cache, not resident memory.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from imatrix.models.architectures import (
     unpermute_rows,
 )
 from imatrix.models.experts import fused_expert_stacks, join_stacks
-from imatrix.models.gguf_reader import GGUFModelFile
+from imatrix.models.gguf_reader import GGUFModelFile, MappedPages
 from imatrix.models.storage import (
+    PageRelease,
     exact_16_bit_dtype,
     narrow_capable_parameters,
     storage_dtype,
@@ -67,20 +70,21 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     gguf_names = gguf_name_map(model, architecture, config.num_hidden_layers)
     stacks = expert_stack_map(model, architecture, config.num_hidden_layers)
     narrow_capable = narrow_capable_parameters(model)
+    in_place = torch.device(device).type == "cpu"
     state = {}
     for param, gguf_name in gguf_names.items():
         if gguf_name in model_file.tensors:
             kept_as = dtype
             if param in narrow_capable:
                 kept_as = storage_dtype(model_file.tensors[gguf_name].tensor_type, dtype, round_to_f16)
-            state[param] = gguf_tensor(model_file, architecture, config, gguf_name, round_to_f16, kept_as)
+            state[param] = gguf_tensor(model_file, architecture, config, gguf_name, round_to_f16, kept_as, in_place)
             model_file.release_pages(gguf_name)
     for param, names in stacks.items():
         if all(name in model_file.tensors for name in names):
             state[param] = gguf_expert_tensor(model_file, names, round_to_f16).to(dtype)
             for name in names:
                 model_file.release_pages(name)
-    _assign_weights(model, state, source, device, dtype)
+    _assign_weights(model, state, source, device, dtype, tensor_page_release(model_file.pages))
     return LoadedModel(model, tokenizer_from_gguf(model_file), architecture, gguf_names, source, stacks)
 
 
@@ -123,27 +127,40 @@ def gguf_expert_tensor(model_file: GGUFModelFile, names: tuple[str, ...], round_
 
 
 def gguf_tensor(model_file: GGUFModelFile, architecture: Architecture, config, name: str,  # noqa: ANN001
-                round_to_f16: bool, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """One weight in checkpoint layout as a `dtype` tensor of its own (not a view of the mmap).
+                round_to_f16: bool, dtype: torch.dtype = torch.float32, in_place: bool = False) -> torch.Tensor:
+    """One weight in checkpoint layout as a `dtype` tensor of its own.
 
-    A 16-bit tensor asked for in its own dtype is copied from the file as is, without a float32 pass.
+    A 16-bit tensor asked for in its own dtype is taken from the file as is, without a float32 pass:
+    with `in_place`, as a view of the mmap unless its rows must be reordered, else as a copy.
     """
     info = model_file.tensors[name]
+    permuted = architecture.permute_qk and name.endswith(("attn_q.weight", "attn_k.weight"))
     if exact_16_bit_dtype(info.tensor_type) == dtype:
         weight = model_file.raw(name).view(np.uint16).reshape(info.shape)  # the bit patterns as stored
+        if in_place and not permuted:
+            return torch.from_numpy(weight).view(dtype)
     else:
         weight = model_file.tensor_f32(name)
         if round_to_f16 and info.tensor_type != gguf.GGMLQuantizationType.F32:
             weight = weight.astype(np.float16).astype(np.float32)
-    if architecture.permute_qk and name.endswith(("attn_q.weight", "attn_k.weight")):
+    if permuted:
         n_head = config.num_attention_heads if "attn_q" in name else config.num_key_value_heads
         weight = unpermute_rows(weight, n_head)
     tensor = torch.from_numpy(np.array(weight, order="C"))  # own copy, not the mmap
     return tensor.view(dtype) if tensor.dtype == torch.uint16 else tensor.to(dtype)
 
 
+def tensor_page_release(pages: MappedPages) -> PageRelease:
+    """Release the file pages under a tensor that is a view of the mapped file (others are left alone)."""
+
+    def release(tensor: torch.Tensor) -> None:
+        pages.release(tensor.data_ptr(), tensor.numel() * tensor.element_size())
+
+    return release
+
+
 def _assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path,
-                    device: str | torch.device, dtype: torch.dtype) -> None:
+                    device: str | torch.device, dtype: torch.dtype, release_pages: PageRelease | None = None) -> None:
     expected = set(model.state_dict())
     if getattr(model.config, "tie_word_embeddings", False):
         expected.discard("lm_head.weight")
@@ -157,7 +174,7 @@ def _assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], sour
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-    widen_narrow_modules(model, dtype)
+    widen_narrow_modules(model, dtype, release_pages)
     rebuild_meta_buffers(model, device)
     model.eval()
 

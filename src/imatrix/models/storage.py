@@ -3,6 +3,9 @@
 A float32 run of an F16 or BF16 model would otherwise hold every weight twice as large as the file
 does (SmolLM2-135M: 0.54 GB instead of 0.27 GB). Widening is exact, so the results are the same
 bits; it costs one conversion of each weight per forward (~1% of the matmul time on CPU).
+On CPU the 16-bit weights are the file's own bytes, used in place from its mmap (`models.loader`):
+a module given `release_pages` hands its weight's pages back after each widening, so only the
+layer being computed is resident; the next forward reads them back from the page cache.
 Only parameters of plain `nn.Linear` and `nn.Embedding` modules are kept narrow: other modules
 (MoE routers and expert stacks, norms) read their weights directly in the compute dtype.
 """
@@ -10,6 +13,8 @@ Only parameters of plain `nn.Linear` and `nn.Embedding` modules are kept narrow:
 from __future__ import annotations
 
 import enum
+import threading
+from collections.abc import Callable
 
 import gguf
 import torch
@@ -24,32 +29,78 @@ _EXACT_16_BIT = {gguf.GGMLQuantizationType.F16: torch.float16, gguf.GGMLQuantiza
 WIDEN_WHOLE_MAX_VALUES = 1 << 22
 
 
+PageRelease = Callable[[torch.Tensor], None]
+
+
 class WideningLinear(torch.nn.Linear):
     """An `nn.Linear` whose weight is stored narrower than its input and widened for each call."""
 
+    release_pages: PageRelease | None = None  # set when the weight is read in place from a mapped file
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Linear's own signature
         if self.weight.numel() <= WIDEN_WHOLE_MAX_VALUES:
-            return _widened_linear(input, self.weight, self.bias)
+            return self._widened_linear(input, self.weight, self.bias)
         output = input.new_empty(*input.shape[:-1], self.out_features)
-        rows_per_block = max(1, WIDEN_WHOLE_MAX_VALUES // self.in_features)
-        for first in range(0, self.out_features, rows_per_block):
-            rows = slice(first, first + rows_per_block)
-            bias = None if self.bias is None else self.bias[rows]
-            output[..., rows] = _widened_linear(input, self.weight[rows], bias)
+        for rows in output_blocks(self):
+            output[..., rows] = linear_rows(self, input, rows)
         return output
 
+    def _widened_linear(self, input: torch.Tensor, weight: torch.Tensor,  # noqa: A002
+                        bias: torch.Tensor | None) -> torch.Tensor:
+        wide = widened(weight, input.dtype)
+        if self.release_pages is not None:
+            self.release_pages(weight)
+        return F.linear(input, wide, None if bias is None else bias.to(input.dtype))
 
-def _widened_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # noqa: A002
-    return F.linear(input, weight.to(input.dtype), None if bias is None else bias.to(input.dtype))
+
+_scratch = threading.local()
+
+
+def widened(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`weight` converted to `dtype`, valid until the next call for the same shape in this thread.
+
+    Without autograd the widened copy lives for one matmul, so one buffer per shape is reused: a
+    fresh one per call is 0.5 GB of multi-MB allocations per SmolLM2 forward, which left glibc's
+    heap larger by up to 0.2 GB. With autograd the matmul keeps its weight: a copy each time.
+    """
+    if torch.is_grad_enabled():
+        return weight.to(dtype)
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
+    key = (weight.shape, dtype, weight.device)
+    buffer = buffers.get(key)
+    if buffer is None:
+        buffer = buffers[key] = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    return buffer.copy_(weight)
+
+
+def output_blocks(linear: torch.nn.Linear, max_values: int | None = None) -> list[slice]:
+    """Blocks of output rows of at most `max_values` weights (default: small enough to widen at
+    once; one block for most weights)."""
+    rows_per_block = max(1, (max_values or WIDEN_WHOLE_MAX_VALUES) // linear.in_features)
+    return [slice(first, first + rows_per_block) for first in range(0, linear.out_features, rows_per_block)]
+
+
+def linear_rows(linear: torch.nn.Linear, input: torch.Tensor, rows: slice) -> torch.Tensor:  # noqa: A002
+    """The output features `rows` of `linear(input)`, for a plain or a widening Linear."""
+    weight, bias = linear.weight[rows], None if linear.bias is None else linear.bias[rows]
+    if isinstance(linear, WideningLinear):
+        return linear._widened_linear(input, weight, bias)
+    return F.linear(input, weight, bias)
 
 
 class WideningEmbedding(torch.nn.Embedding):
     """An `nn.Embedding` stored narrower than the compute dtype: looked-up rows are widened."""
 
     compute_dtype: torch.dtype = torch.float32
+    release_pages: PageRelease | None = None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002
-        return super().forward(input).to(self.compute_dtype)
+        rows = super().forward(input).to(self.compute_dtype)
+        if self.release_pages is not None:
+            self.release_pages(self.weight)
+        return rows
 
 
 def exact_16_bit_dtype(tensor_type: enum.IntEnum) -> torch.dtype | None:
@@ -80,8 +131,10 @@ def narrow_capable_parameters(model: torch.nn.Module) -> set[str]:
     return names
 
 
-def widen_narrow_modules(model: torch.nn.Module, compute_dtype: torch.dtype) -> None:
-    """Make every Linear/Embedding whose weight is narrower than `compute_dtype` widen it on use.
+def widen_narrow_modules(model: torch.nn.Module, compute_dtype: torch.dtype,
+                         release_pages: PageRelease | None = None) -> None:
+    """Make every Linear/Embedding whose weight is narrower than `compute_dtype` widen it on use
+    (and then call `release_pages` with the narrow weight, or the block of it, just read).
 
     The module objects stay the same (their class is swapped), so hooks and tied weights keep working.
     """
@@ -94,3 +147,6 @@ def widen_narrow_modules(model: torch.nn.Module, compute_dtype: torch.dtype) -> 
         elif type(module) is torch.nn.Embedding:
             module.__class__ = WideningEmbedding
             module.compute_dtype = compute_dtype
+        else:
+            continue
+        module.release_pages = release_pages

@@ -1,0 +1,38 @@
+"""The collector's perplexity: scoring through the output projection a block of the vocabulary at a
+time gives llama.cpp's −log p (max and exp in float32, Σexp in float64) without the full logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from imatrix.collect import perplexity
+from imatrix.collect.perplexity import PerplexityMeter
+from imatrix.models import storage
+from imatrix.models.loader import load_model
+from tiny_models import tiny_llama_config, write_tiny_llama_gguf
+
+
+@pytest.mark.parametrize("file_dtype", [np.float32, np.float16])
+def test_blockwise_scoring_equals_scoring_the_full_logits(tmp_path: Path, file_dtype: type,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tiny_llama_config(tied=True)
+    head = load_model(write_tiny_llama_gguf(tmp_path / "tiny.gguf", config, dtype=file_dtype)).model.lm_head
+    generator = torch.Generator().manual_seed(4)
+    hidden = 3 * torch.randn(40, config.hidden_size, generator=generator)
+    targets = torch.randint(0, config.vocab_size, (40,), generator=generator)
+    monkeypatch.setattr(perplexity, "SCORE_BLOCK_VALUES", 37 * config.hidden_size)  # blocks of 37 tokens
+    assert len(storage.output_blocks(head, perplexity.SCORE_BLOCK_VALUES)) > 5
+    with torch.inference_mode():
+        logits = head(hidden).double()
+        by_blocks, whole = PerplexityMeter(), PerplexityMeter()
+        by_blocks.add_projected(head, hidden, targets)
+        whole.add(head(hidden), targets)
+    expected = torch.logsumexp(logits, dim=1) - logits.gather(1, targets.view(-1, 1)).view(-1)
+    assert by_blocks.count == whole.count == 40
+    assert by_blocks.nll == pytest.approx(float(expected.sum()), rel=1e-6)
+    assert by_blocks.nll2 == pytest.approx(float((expected * expected).sum()), rel=1e-6)
+    assert whole.nll == pytest.approx(by_blocks.nll, rel=1e-9)
