@@ -137,7 +137,7 @@ def gguf_tensor(model_file: GGUFModelFile, architecture: Architecture, config, n
     permuted = architecture.permute_qk and name.endswith(("attn_q.weight", "attn_k.weight"))
     if exact_16_bit_dtype(info.tensor_type) == dtype:
         weight = model_file.raw(name).view(np.uint16).reshape(info.shape)  # the bit patterns as stored
-        if in_place and not permuted:
+        if in_place and not permuted and info.offset % 2 == 0:  # GGUF aligns tensors to 32 bytes by default
             return torch.from_numpy(weight).view(dtype)
     else:
         weight = model_file.tensor_f32(name)
