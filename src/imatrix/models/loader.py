@@ -56,7 +56,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 
     `round_to_f16` rounds every non-F32 weight to float16 first, which turns a quantized GGUF
     into exactly the F16 model llama-quantize would make from it. Matmul weights stored at 16 bits
-    (F16/BF16, or rounded) stay 16-bit in memory and are widened per call (`models.storage`).
+    (F16/BF16, or rounded) stay 16-bit in memory and are widened per call (`models.storage`);
+    on CPU those the file stores as F16/BF16 are read in place from its mmap.
     """
     source = Path(path)
     if source.is_dir():
