@@ -62,18 +62,13 @@ class ActivationCollector:
         return hook
 
     def observe(self, name: str, activations: torch.Tensor) -> None:
-        """Add one matmul input `[..., n_cols]` to `name`'s statistics."""
+        """Add one matmul input `[..., n_cols]` to the statistics of `name`, a dense target."""
         rows = activations.reshape(-1, activations.shape[-1])
         sum_sq = self._sum_sq(activations, rows)
         if not self.sums:
             self._allocate_sums(activations.device)
-        accumulated = self.sums.get(name)
-        if accumulated is None:
-            self.sums[name] = sum_sq.clone()
-            self.counts[name] = rows.shape[0]
-        else:
-            accumulated.add_(sum_sq)
-            self.counts[name] += rows.shape[0]
+        self.sums[name].add_(sum_sq)
+        self.counts[name] += rows.shape[0]
 
     def _allocate_sums(self, device: torch.device) -> None:
         """Every dense target's accumulator at once, as views of one zeroed buffer.
@@ -94,8 +89,7 @@ class ActivationCollector:
         if activations is self._last_input and self._last_sum_sq is not None:
             return self._last_sum_sq
         sum_sq = column_sum_sq(rows)
-        finite = torch.isfinite(sum_sq).all()
-        self._finite = finite if self._finite is None else self._finite & finite
+        self._check_finite(sum_sq)
         self._last_input, self._last_sum_sq = activations, sum_sq
         return sum_sq
 
