@@ -85,7 +85,8 @@ def main() -> None:
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="imatrix-bench-"))
     model = write_f16_model(smollm2_path(), workdir / "smollm2-f16.gguf")
-    weights_gb = 4 * sum(int(torch.tensor(i.ne).prod()) for i in GGUFModelFile(model).tensors.values()) / 1e9
+    model_file = GGUFModelFile(model)
+    weights_gb = 4 * sum(int(torch.tensor(i.ne).prod()) for i in model_file.tensors.values()) / 1e9
     # a shared VM's speed drifts: the roofline is the best sgemm rate seen before, between and after the runs
     samples = [sgemm_gflops(args.threads)]
     common = ["-m", str(model), "-f", str(default_calibration_text()), "-c", "512", "--chunks", str(args.chunks),
@@ -97,7 +98,8 @@ def main() -> None:
         rows.append((label, not extra, measured(r"loaded .* in ([0-9.]+) s", log),
                      measured(r"\(([0-9.]+) tokens/s\)", log), wall, rss))
     gflops = max(samples)
-    model_flops = flops_per_token(GGUFModelFile(model), 512, 1.0)
+    model_flops = flops_per_token(model_file, 512, 1.0)
+    roofline = gflops * 1e9 / model_flops
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, {args.threads} threads; fp32 sgemm {gflops:.0f} GFLOP/s "
           f"(best of {', '.join(f'{rate:.0f}' for rate in samples)}); "
@@ -107,8 +109,7 @@ def main() -> None:
           "| peak RSS GB | RSS / fp32 weights |")
     print("|---|---|---|---|---|---|---|---|---|")
     for label, with_ppl, load, tps, wall, rss in rows:
-        roofline = gflops * 1e9 / model_flops
-        executed = gflops * 1e9 / flops_per_token(GGUFModelFile(model), 512, 0.5 if with_ppl else 0.0)
+        executed = gflops * 1e9 / flops_per_token(model_file, 512, 0.5 if with_ppl else 0.0)
         print(f"| {label} | {load:.2f} | {tps:.0f} | {roofline:.0f} | {100 * tps / roofline:.0f}% | "
               f"{100 * tps / executed:.0f}% | {wall:.1f} | {rss:.2f} | {rss / weights_gb:.2f} |")
     print(f"| llama-imatrix (reference machine) | | {LLAMA_CPP['tokens/s']:.0f} | | | | "
