@@ -14,6 +14,7 @@ from imatrix.collect.runner import CollectOptions, collect, log
 from imatrix.errors import ImatrixError
 from imatrix.matrix import ImportanceMatrix
 from imatrix.models.bundled import default_calibration_text, smollm2_path
+from imatrix.models.heap import keep_freed_memory
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
              "weights would not fit in memory)")
     add("--window-chunks", type=int, default=64,
         help="with --sequential: chunks pushed through each loaded layer at most (default: 64)")
+    add("--chunks-in-flight", type=int, default=0,
+        help="model in memory on the CPU: chunks computed at once, each in its own thread on "
+             "threads/N threads (default: 2 with two threads or more)")
     add("--resume", action="store_true",
         help="continue an interrupted run from its last saved --output-file")
     add("--chunk", "--from-chunk", dest="from_chunk", type=int, default=0, help="skip the first N chunks")
@@ -77,6 +81,7 @@ def main(argv: list[str]) -> int:
         log(f"combining {len(in_files)} imatrix file(s) into {output}", args.verbosity)
         base.save(output, output_format)
         return 0
+    keep_freed_memory()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     options = CollectOptions(
@@ -85,6 +90,7 @@ def main(argv: list[str]) -> int:
         output_file=output, output_format=output_format, output_frequency=args.output_frequency,
         save_frequency=args.save_frequency, verbosity=args.verbosity, dtype=DTYPES[args.dtype],
         sequential=args.sequential, window_chunks=args.window_chunks, resume=args.resume,
+        chunks_in_flight=args.chunks_in_flight,
     )
     model = args.model or _bundled("model", smollm2_path(), args.verbosity)
     text = args.file or _bundled("calibration text", default_calibration_text(), args.verbosity)
@@ -110,6 +116,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise ImatrixError(f"--batch-size {args.batch_size} smaller than --ctx-size {args.ctx_size} is not supported")
     if args.window_chunks <= 0:
         raise ImatrixError(f"--window-chunks must be > 0 (got {args.window_chunks})")
+    if args.chunks_in_flight < 0:
+        raise ImatrixError(f"--chunks-in-flight must be >= 0 (got {args.chunks_in_flight})")
     if args.output_frequency <= 0:
         raise ImatrixError(f"--output-frequency must be > 0 (got {args.output_frequency})")
 

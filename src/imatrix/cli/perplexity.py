@@ -13,6 +13,7 @@ from imatrix.eval.cpu_matmul import emulate_cpu_matmul_inputs
 from imatrix.eval.kld import kl_divergence
 from imatrix.eval.perplexity import perplexity, stderr_log, stdout_emit
 from imatrix.models.bundled import smollm2_path
+from imatrix.models.heap import keep_freed_memory
 from imatrix.models.loader import load_model
 
 
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     _check(args)
+    keep_freed_memory()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     model_path = args.model or smollm2_path()

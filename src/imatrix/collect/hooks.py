@@ -4,10 +4,18 @@
 `targets` (GGUF name per module: `nn.Linear`s and MoE routers) and hooks the routed experts
 (`ExpertTarget`s, see `collect.moe`), and removes all of it on exit. Sums and expert counts stay on
 the model's device; nothing is copied to the host until `snapshot()`.
+
+Several chunks may run through the model at once, in threads (`collect.runner`): each thread adds
+into the accumulators of the slot it entered (`in_slot`), and snapshots add the slots up in slot
+order, so the result does not depend on which thread ran first.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from types import TracebackType
 
 import torch
@@ -27,18 +35,29 @@ def column_sum_sq(rows: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(rows, rows, dim=0)
 
 
+@dataclass
+class _Slot:
+    """The accumulators one thread adds into."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)  # dense tensors: token rows (no device sync to read)
+    # routed experts, keyed by the GGUF names sharing them: [n_expert, n_cols] sums, [n_expert] counts
+    expert_sums: dict[Names, torch.Tensor] = field(default_factory=dict)
+    expert_counts: dict[Names, torch.Tensor] = field(default_factory=dict)
+    last_input: torch.Tensor | None = None
+    last_sum_sq: torch.Tensor | None = None
+    finite: torch.Tensor | None = None
+
+    def all_sums(self) -> list[tuple[str, torch.Tensor]]:
+        return [*self.sums.items(), *((names[0], total) for names, total in self.expert_sums.items())]
+
+
 class ActivationCollector:
     def __init__(self, targets: dict[str, torch.nn.Module | ExpertTarget]) -> None:
         self.targets = targets  # GGUF name -> module whose input is measured, or routed experts
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}  # dense tensors: token rows (no device sync to read)
-        # routed experts, keyed by the GGUF names sharing them: [n_expert, n_cols] sums, [n_expert] counts
-        self.expert_sums: dict[Names, torch.Tensor] = {}
-        self.expert_counts: dict[Names, torch.Tensor] = {}
+        self._slots = [_Slot()]
+        self._current = threading.local()  # .slot: the _Slot this thread adds into (default: the first)
         self._handles: list[Handle] = []
-        self._last_input: torch.Tensor | None = None
-        self._last_sum_sq: torch.Tensor | None = None
-        self._finite: torch.Tensor | None = None
 
     def __enter__(self) -> ActivationCollector:
         experts = {name: target for name, target in self.targets.items() if isinstance(target, ExpertTarget)}
@@ -53,7 +72,23 @@ class ActivationCollector:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._last_input = self._last_sum_sq = None
+        self._forget_last_inputs()
+
+    def use_slots(self, n_slots: int) -> None:
+        """Have `n_slots` accumulator sets (call before the threads that use them start)."""
+        self._slots.extend(_Slot() for _ in range(n_slots - len(self._slots)))
+
+    @contextmanager
+    def in_slot(self, index: int) -> Iterator[None]:
+        """This thread adds into slot `index` (see `use_slots`) while inside."""
+        self._current.slot = self._slots[index]
+        try:
+            yield
+        finally:
+            del self._current.slot
+
+    def _slot(self) -> _Slot:
+        return getattr(self._current, "slot", self._slots[0])
 
     def _hook_for(self, name: str):  # noqa: ANN202
         def hook(module: torch.nn.Module, args: tuple) -> None:
@@ -63,14 +98,15 @@ class ActivationCollector:
 
     def observe(self, name: str, activations: torch.Tensor) -> None:
         """Add one matmul input `[..., n_cols]` to the statistics of `name`, a dense target."""
+        slot = self._slot()
         rows = activations.reshape(-1, activations.shape[-1])
-        sum_sq = self._sum_sq(activations, rows)
-        if not self.sums:
-            self._allocate_sums(activations.device)
-        self.sums[name].add_(sum_sq)
-        self.counts[name] += rows.shape[0]
+        sum_sq = self._sum_sq(slot, activations, rows)
+        if not slot.sums:
+            self._allocate_sums(slot, activations.device)
+        slot.sums[name].add_(sum_sq)
+        slot.counts[name] += rows.shape[0]
 
-    def _allocate_sums(self, device: torch.device) -> None:
+    def _allocate_sums(self, slot: _Slot, device: torch.device) -> None:
         """Every dense target's accumulator at once, as views of one zeroed buffer.
 
         Allocated one by one in the middle of the first forward, these small long-lived tensors split
@@ -81,72 +117,83 @@ class ActivationCollector:
                   if not isinstance(module, ExpertTarget)}
         flat = torch.zeros(sum(widths.values()), dtype=torch.float32, device=device)
         for name, width in widths.items():
-            self.sums[name], flat = flat[:width], flat[width:]
-            self.counts[name] = 0
+            slot.sums[name], flat = flat[:width], flat[width:]
+            slot.counts[name] = 0
 
-    def _sum_sq(self, activations: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def _sum_sq(self, slot: _Slot, activations: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         # q/k/v (and gate/up) read the very same tensor: square it once
-        if activations is self._last_input and self._last_sum_sq is not None:
-            return self._last_sum_sq
+        if activations is slot.last_input and slot.last_sum_sq is not None:
+            return slot.last_sum_sq
         sum_sq = column_sum_sq(rows)
-        self._check_finite(sum_sq)
-        self._last_input, self._last_sum_sq = activations, sum_sq
+        self._check_finite(slot, sum_sq)
+        slot.last_input, slot.last_sum_sq = activations, sum_sq
         return sum_sq
 
     def observe_routed(self, names: Names, n_expert: int, tokens: torch.Tensor, routing: torch.Tensor) -> None:
         """Add token rows `[n_tokens, n_cols]` to the experts they were routed to (`routing`: [n_tokens, n_expert])."""
+        slot = self._slot()
         squares = tokens.reshape(-1, tokens.shape[-1]).float().square()
-        sums, counts = self._expert_accumulators(names, n_expert, squares.shape[1], tokens.device)
+        sums, counts = self._expert_accumulators(slot, names, n_expert, squares.shape[1], tokens.device)
         sums.addmm_(routing.t(), squares)
         counts.add_(routing.sum(dim=0).round().long())
-        self._check_finite(sums)
+        self._check_finite(slot, sums)
 
     def observe_by_expert(self, names: Names, n_expert: int, rows: torch.Tensor, expert_ids: torch.Tensor) -> None:
         """Add rows `[n_rows, n_cols]`, row i belonging to expert `expert_ids[i]`."""
+        slot = self._slot()
         rows = rows.reshape(-1, rows.shape[-1])
-        sums, counts = self._expert_accumulators(names, n_expert, rows.shape[1], rows.device)
+        sums, counts = self._expert_accumulators(slot, names, n_expert, rows.shape[1], rows.device)
         sums.index_add_(0, expert_ids, rows.float().square())
         counts.index_add_(0, expert_ids, torch.ones_like(expert_ids, dtype=torch.int64))
-        self._check_finite(sums)
+        self._check_finite(slot, sums)
 
     def observe_expert(self, names: Names, n_expert: int, expert: int, rows: torch.Tensor) -> None:
         """Add rows `[..., n_cols]` that all went through expert `expert`."""
+        slot = self._slot()
         rows = rows.reshape(-1, rows.shape[-1])
-        sums, counts = self._expert_accumulators(names, n_expert, rows.shape[1], rows.device)
+        sums, counts = self._expert_accumulators(slot, names, n_expert, rows.shape[1], rows.device)
         sums[expert].add_(column_sum_sq(rows))
         counts[expert] += rows.shape[0]
-        self._check_finite(sums[expert])
+        self._check_finite(slot, sums[expert])
 
-    def _expert_accumulators(self, names: Names, n_expert: int, n_cols: int,
+    @staticmethod
+    def _expert_accumulators(slot: _Slot, names: Names, n_expert: int, n_cols: int,
                              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if names not in self.expert_sums:
-            self.expert_sums[names] = torch.zeros(n_expert, n_cols, dtype=torch.float32, device=device)
-            self.expert_counts[names] = torch.zeros(n_expert, dtype=torch.int64, device=device)
-        return self.expert_sums[names], self.expert_counts[names]
+        if names not in slot.expert_sums:
+            slot.expert_sums[names] = torch.zeros(n_expert, n_cols, dtype=torch.float32, device=device)
+            slot.expert_counts[names] = torch.zeros(n_expert, dtype=torch.int64, device=device)
+        return slot.expert_sums[names], slot.expert_counts[names]
 
-    def _check_finite(self, values: torch.Tensor) -> None:
+    @staticmethod
+    def _check_finite(slot: _Slot, values: torch.Tensor) -> None:
         finite = torch.isfinite(values).all()
-        self._finite = finite if self._finite is None else self._finite & finite
+        slot.finite = finite if slot.finite is None else slot.finite & finite
+
+    def _forget_last_inputs(self) -> None:
+        for slot in self._slots:
+            slot.last_input = slot.last_sum_sq = None
 
     def end_batch(self) -> None:
-        """Drop the per-forward cache and stop on non-finite activations (one host sync per batch)."""
-        self._last_input = self._last_sum_sq = None
-        if self._finite is not None and not bool(self._finite):
-            bad = next(name for name, total in self._all_sums() if not torch.isfinite(total).all())
-            raise ImatrixError(f"non-finite activations (NaN or Inf) reaching '{bad}'")
-        self._finite = None
+        """Drop the per-forward caches and stop on non-finite activations (one host sync per slot).
+
+        Called between batches, when no thread is adding.
+        """
+        self._forget_last_inputs()
+        for slot in self._slots:
+            if slot.finite is not None and not bool(slot.finite):
+                bad = next(name for name, total in slot.all_sums() if not torch.isfinite(total).all())
+                raise ImatrixError(f"non-finite activations (NaN or Inf) reaching '{bad}'")
+            slot.finite = None
 
     def snapshot(self, base: ImportanceMatrix | None = None) -> ImportanceMatrix:
         """The collected statistics added onto `base` (files loaded with --in-file), on the host."""
         merged = base.copy() if base is not None else ImportanceMatrix()
-        for name, total in self.sums.items():
-            if self.counts[name]:  # a copy: the live accumulator keeps changing
-                merged.accumulate(name, total.detach().cpu().numpy().reshape(1, -1).copy(), [self.counts[name]])
-        for names, total in self.expert_sums.items():
-            sums, counts = total.detach().cpu().numpy(), self.expert_counts[names].cpu().numpy()
-            for name in names:
-                merged.accumulate(name, sums.copy(), counts.copy())
+        for slot in self._slots:
+            for name, total in slot.sums.items():
+                if slot.counts[name]:  # a copy: the live accumulator keeps changing
+                    merged.accumulate(name, total.detach().cpu().numpy().reshape(1, -1).copy(), [slot.counts[name]])
+            for names, total in slot.expert_sums.items():
+                sums, counts = total.detach().cpu().numpy(), slot.expert_counts[names].cpu().numpy()
+                for name in names:
+                    merged.accumulate(name, sums.copy(), counts.copy())
         return merged
-
-    def _all_sums(self) -> list[tuple[str, torch.Tensor]]:
-        return [*self.sums.items(), *((names[0], total) for names, total in self.expert_sums.items())]

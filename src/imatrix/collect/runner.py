@@ -11,6 +11,7 @@ import dataclasses
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from imatrix.collect.chunks import read_calibration_text, tokenize_chunks
 from imatrix.collect.distributed import SINGLE, Group
 from imatrix.collect.executors import Executor, InMemoryExecutor
 from imatrix.collect.hooks import ActivationCollector
+from imatrix.collect.in_flight import ChunksInFlight, default_chunks_in_flight
 from imatrix.collect.moe import expert_count_lines
 from imatrix.collect.perplexity import PerplexityMeter
 from imatrix.collect.targets import collection_targets
@@ -50,6 +52,9 @@ class CollectOptions:
     sequential: bool | None = None  # layer by layer; None: when the weights would not fit in memory
     window_chunks: int = 64  # sequential: chunks pushed through each loaded layer at most
     resume: bool = False  # continue from output_file's chunk_count
+    # model in memory on the CPU: chunks run at once, each in its own thread on threads/n intra-op
+    # threads; 0: two with two threads or more (see collect.in_flight)
+    chunks_in_flight: int = 0
 
     @property
     def n_seq(self) -> int:
@@ -238,13 +243,16 @@ def _run(executor: Executor, chunks: np.ndarray, options: CollectOptions, base: 
              f"batch_size={options.n_batch}, n_seq={n_seq}\n")
     meter = PerplexityMeter() if options.compute_ppl and n_chunk else None
     saver = _Saver(options, emit, group)
-    windows = plan_windows(n_chunk, n_ctx, n_seq, group, base.max_count(), saver, executor.window_chunks)
+    in_flight = chunks_in_flight(executor, options)
+    window_chunks = max(executor.window_chunks, in_flight) if in_flight > 1 else executor.window_chunks
+    windows = plan_windows(n_chunk, n_ctx, n_seq, group, base.max_count(), saver, window_chunks)
     targets = collection_targets(executor.loaded, options.process_output)
     chunk_ppl: list[float] = []
     progress = tqdm(total=n_chunk * n_ctx, unit="tok", unit_scale=True, file=sys.stderr,
                     disable=not options.progress or options.verbosity < 1, desc="imatrix")
     start = time.perf_counter()
-    with ActivationCollector(targets) as collector, torch.inference_mode():
+    with ActivationCollector(targets) as collector, torch.inference_mode(), \
+            _pool(in_flight, collector) as pool:
         def matrix_now() -> ImportanceMatrix:
             if group.world == 1:
                 matrix = collector.snapshot(base)
@@ -257,7 +265,7 @@ def _run(executor: Executor, chunks: np.ndarray, options: CollectOptions, base: 
             return matrix
 
         for window in windows:
-            scores = _run_window(executor, chunks, window, options, group)
+            scores = _run_window(executor, chunks, window, options, group, pool)
             collector.end_batch()
             scores = dict(pair for rank_scores in group.gather(scores) for pair in rank_scores)
             for step in window:
@@ -282,23 +290,58 @@ def _run(executor: Executor, chunks: np.ndarray, options: CollectOptions, base: 
     return CollectResult(matrix, meter, n_chunk, n_chunk * n_ctx / max(elapsed, 1e-9), chunk_ppl)
 
 
+def chunks_in_flight(executor: Executor, options: CollectOptions) -> int:
+    """How many chunks run at once: several only for a model held in memory on the CPU."""
+    if not isinstance(executor, InMemoryExecutor) or executor.device.type != "cpu":
+        return 1
+    return options.chunks_in_flight or default_chunks_in_flight(executor.device, torch.get_num_threads())
+
+
+def _pool(in_flight: int, collector: ActivationCollector) -> AbstractContextManager[ChunksInFlight | None]:
+    return ChunksInFlight(in_flight, collector, torch.get_num_threads()) if in_flight > 1 else nullcontext()
+
+
 def _run_window(executor: Executor, chunks: np.ndarray, window: list[_Step], options: CollectOptions,
-                group: Group) -> list[tuple[int, PerplexityMeter]]:
+                group: Group, pool: ChunksInFlight | None) -> list[tuple[int, PerplexityMeter]]:
     """This rank's batches of the window through the model; the perplexity partial of each chunk."""
     mine = [batch for step in window for index, batch in enumerate(step.batches, step.first_batch)
             if group.owns(index)]
     if not mine:
         return []
+    if pool is not None:
+        return _run_chunks_in_flight(executor, chunks, [first + seq for first, size in mine for seq in range(size)],
+                                     options, pool)
     tensors = [torch.from_numpy(chunks[first : first + size]).to(executor.device) for first, size in mine]
     hidden = executor.hidden_states(tensors)
     scores: list[tuple[int, PerplexityMeter]] = []
-    if not (options.compute_ppl or _collects_output(executor.loaded, options)):
+    if not _projects_output(executor, options):
         return scores  # the output projection is not even loaded
     with executor.output_head() as head:
         for (first, _), batch, states in zip(mine, tensors, hidden, strict=True):
             for seq, partial in enumerate(_score_sequences(head, executor.loaded, states, batch, options)):
                 scores.append((first + seq, partial))
     return scores
+
+
+def _run_chunks_in_flight(executor: Executor, chunks: np.ndarray, indices: list[int], options: CollectOptions,
+                          pool: ChunksInFlight) -> list[tuple[int, PerplexityMeter]]:
+    """Each chunk through the model and scored in its pool slot (one sequence per forward)."""
+    project = _projects_output(executor, options)
+
+    def run_chunk(chunk: int) -> PerplexityMeter | None:
+        batch = torch.from_numpy(chunks[chunk : chunk + 1]).to(executor.device)
+        (states,) = executor.hidden_states([batch])
+        if not project:
+            return None
+        with executor.output_head() as head:
+            return next(_score_sequences(head, executor.loaded, states, batch, options), None)
+
+    partials = pool.map(run_chunk, indices)
+    return [(chunk, partials[chunk]) for chunk in indices if partials[chunk] is not None]
+
+
+def _projects_output(executor: Executor, options: CollectOptions) -> bool:
+    return options.compute_ppl or _collects_output(executor.loaded, options)
 
 
 def _score_sequences(head: torch.nn.Module, loaded: LoadedModel, hidden: torch.Tensor, batch: torch.Tensor,

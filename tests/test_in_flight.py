@@ -1,0 +1,132 @@
+"""Several chunks through the model at once (`collect.in_flight`): the same statistics and perplexity
+as one at a time, whichever thread finishes first, and nothing left changed behind."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from imatrix import ImportanceMatrix
+from imatrix.cli.main import main
+from imatrix.collect.executors import InMemoryExecutor
+from imatrix.collect.hooks import ActivationCollector
+from imatrix.collect.runner import CollectOptions, CollectResult, chunks_in_flight, collect
+from imatrix.collect.sequential import SequentialExecutor, open_lazy_model
+from imatrix.collect.targets import collection_targets
+from imatrix.models.bundled import default_calibration_text
+from imatrix.models.loader import LoadedModel, load_model
+from tiny_models import write_tiny_llama_gguf
+
+N_CTX = 32
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "calibration.txt"
+    path.write_bytes(default_calibration_text().read_bytes()[:12_000])
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_llama_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", dtype=np.float16)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_gguf: Path) -> LoadedModel:
+    return load_model(tiny_gguf)
+
+
+def run(model: LoadedModel, text: Path, **options: object) -> CollectResult:
+    settings = {"n_ctx": N_CTX, "n_batch": 2 * N_CTX, "max_chunks": 11, "progress": False, "verbosity": 0, **options}
+    return collect(model, text, CollectOptions(**settings), stdout=lambda _: None)
+
+
+@pytest.mark.parametrize("n_slots", [2, 3])
+def test_same_numbers_as_one_chunk_at_a_time(model: LoadedModel, text: Path, n_slots: int) -> None:
+    alone = run(model, text, chunks_in_flight=1)
+    together = run(model, text, chunks_in_flight=n_slots)
+    assert together.matrix.names() == alone.matrix.names() and len(alone.matrix) == 2 * 7
+    for name in alone.matrix:
+        assert together.matrix[name].counts.tolist() == alone.matrix[name].counts.tolist() == [11 * N_CTX]
+        np.testing.assert_allclose(together.matrix[name].sums, alone.matrix[name].sums, rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(together.chunk_ppl, alone.chunk_ppl, rtol=1e-6)
+    assert len(together.chunk_ppl) == 11
+
+
+def test_the_result_does_not_depend_on_thread_timing_or_batch_size(model: LoadedModel, text: Path) -> None:
+    # chunk c adds into slot c % n in chunk order, whatever -b groups and whichever thread runs first
+    runs = [run(model, text, chunks_in_flight=2, n_batch=n_batch) for n_batch in (N_CTX, 2 * N_CTX, 4 * N_CTX, N_CTX)]
+    for other in runs[1:]:
+        for name in runs[0].matrix:
+            np.testing.assert_array_equal(other.matrix[name].sums, runs[0].matrix[name].sums, err_msg=name)
+        assert other.chunk_ppl == runs[0].chunk_ppl
+
+
+def test_saves_hold_every_chunk_before_them(model: LoadedModel, text: Path, tmp_path: Path) -> None:
+    out = tmp_path / "imatrix.gguf"
+    run(model, text, chunks_in_flight=2, n_batch=N_CTX, output_file=out, output_frequency=3, save_frequency=3,
+        max_chunks=7)
+    reference = run(model, text, chunks_in_flight=1, n_batch=N_CTX, max_chunks=6).matrix
+    saved = ImportanceMatrix.load(tmp_path / "imatrix.gguf.at_6")
+    assert saved.chunk_count == 6
+    for name in reference:
+        assert saved[name].counts.tolist() == reference[name].counts.tolist()
+        np.testing.assert_allclose(saved[name].sums, reference[name].sums, rtol=1e-5)
+
+
+def test_threads_are_given_back(model: LoadedModel, text: Path) -> None:
+    before = torch.get_num_threads()
+    run(model, text, chunks_in_flight=2, max_chunks=4)
+    seen: list[int] = []
+    later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    later.start()
+    later.join()
+    assert torch.get_num_threads() == before and seen == [before]
+
+
+def test_only_a_model_in_memory_on_the_cpu_runs_several(model: LoadedModel, tiny_gguf: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    in_memory = InMemoryExecutor(model)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert chunks_in_flight(in_memory, CollectOptions()) == 2
+    assert chunks_in_flight(in_memory, CollectOptions(chunks_in_flight=3)) == 3
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert chunks_in_flight(in_memory, CollectOptions()) == 1
+    loaded, weights = open_lazy_model(tiny_gguf, torch.device("cpu"))
+    layer_by_layer = SequentialExecutor(loaded, weights, torch.device("cpu"), torch.float32, 8)
+    assert chunks_in_flight(layer_by_layer, CollectOptions(chunks_in_flight=2)) == 1
+
+
+def test_snapshots_add_every_slot(model: LoadedModel) -> None:
+    targets = collection_targets(model, process_output=False)
+    generator = torch.Generator().manual_seed(3)
+    ids = [torch.randint(0, model.config.vocab_size, (1, 16), generator=generator) for _ in range(2)]
+    with ActivationCollector(targets) as collector, torch.inference_mode():
+        model.model(input_ids=ids[0])
+        alone = collector.snapshot()
+        collector.use_slots(2)
+
+        def second_slot() -> None:
+            with collector.in_slot(1), torch.inference_mode():
+                model.model(input_ids=ids[1])
+
+        worker = threading.Thread(target=second_slot)
+        worker.start()
+        worker.join()
+        both = collector.snapshot()
+    with ActivationCollector(targets) as reference, torch.inference_mode():
+        model.model(input_ids=ids[1])
+        second = reference.snapshot()
+    for name in targets:
+        assert both[name].counts.tolist() == [32] and alone[name].counts.tolist() == [16]
+        np.testing.assert_allclose(both[name].sums, alone[name].sums + second[name].sums, rtol=1e-6)
+
+
+def test_cli_rejects_a_negative_count(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["--chunks-in-flight", "-1", "-o", str(tmp_path / "x.gguf")]) == 1
+    assert "--chunks-in-flight must be >= 0 (got -1)" in capsys.readouterr().err
