@@ -130,3 +130,16 @@ def test_snapshots_add_every_slot(model: LoadedModel) -> None:
 def test_cli_rejects_a_negative_count(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["--chunks-in-flight", "-1", "-o", str(tmp_path / "x.gguf")]) == 1
     assert "--chunks-in-flight must be >= 0 (got -1)" in capsys.readouterr().err
+
+
+def test_routed_experts_count_each_threads_own_tokens(golden: Path) -> None:
+    # the MoE adapter keeps the routing between the expert call and the down projection per thread
+    moe = load_model(golden / "moe" / "tiny-qwen3moe-f16.gguf")
+    text = golden.parent / "data" / "calibration.txt"
+    results = [collect(moe, text, CollectOptions(n_ctx=128, max_chunks=8, progress=False, verbosity=0,
+                                                 compute_ppl=False, chunks_in_flight=n), stdout=lambda _: None)
+               for n in (1, 2)]
+    experts = [name for name in results[0].matrix if results[0].matrix[name].n_mat > 1]
+    assert len(experts) == 3 * moe.config.num_hidden_layers
+    for name in experts:
+        assert results[1].matrix[name].counts.tolist() == results[0].matrix[name].counts.tolist(), name

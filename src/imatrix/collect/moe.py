@@ -17,6 +17,7 @@ One adapter per way transformers lays experts out:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -104,16 +105,16 @@ class FusedExperts:
         n_expert = experts.down_proj.shape[0]
         input_names = tuple(names[kind] for kind in (GATE, UP) if kind in names)
         down_names = (names[DOWN],)
-        state: dict[str, torch.Tensor] = {}
+        state = threading.local()  # .ids: this thread's routing (chunks in flight share the module)
 
         def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                     *args: Any, **kwargs: Any) -> torch.Tensor:
             sink.observe_routed(input_names, n_expert, hidden_states, routing_matrix(top_k_index, n_expert))
-            state["ids"] = top_k_index.reshape(-1).sort().values  # grouped_mm's row order
+            state.ids = top_k_index.reshape(-1).sort().values  # grouped_mm's row order
             return run_experts(experts, hidden_states, top_k_index, top_k_weights, *args, **kwargs)
 
         def observe_down(activations: torch.Tensor) -> torch.Tensor:
-            sink.observe_by_expert(down_names, n_expert, activations, state["ids"])
+            sink.observe_by_expert(down_names, n_expert, activations, state.ids)
             return activations
 
         handles: list[Handle] = [_override(experts, "forward", forward)]

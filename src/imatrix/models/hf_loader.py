@@ -9,6 +9,7 @@ import torch
 import transformers
 
 from imatrix.errors import ImatrixError
+from imatrix.models.attention import use_blocked_attention
 from imatrix.models.loader import LoadedModel, gguf_name_map, hf_architecture
 
 
@@ -33,6 +34,7 @@ def load_hf_model(directory: Path, device: str | torch.device, dtype: torch.dtyp
     except (OSError, ValueError) as exc:
         raise ImatrixError(f"{directory}: cannot load checkpoint ({exc})") from exc
     model.eval()
+    use_blocked_attention(model)
     add_bos = bool(getattr(tokenizer, "add_bos_token", False))
     wrapped = HFTokenizer(tokenizer, tokenizer.bos_token_id, add_bos)
     names = gguf_name_map(model, architecture, model.config.num_hidden_layers)

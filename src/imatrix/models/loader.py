@@ -23,6 +23,7 @@ from imatrix.models.architectures import (
     architecture_for_hf,
     unpermute_rows,
 )
+from imatrix.models.attention import use_blocked_attention
 from imatrix.models.experts import fused_expert_stacks, join_stacks
 from imatrix.models.gguf_reader import GGUFModelFile, MappedPages
 from imatrix.models.storage import (
@@ -90,8 +91,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 
 
 def empty_model(architecture: Architecture, config) -> torch.nn.Module:  # noqa: ANN001
+    """The transformers model on the meta device, its attention blocked on the CPU (`models.attention`)."""
     with torch.device("meta"):
-        return architecture.model_type()(config)
+        model = architecture.model_type()(config)
+    use_blocked_attention(model)
+    return model
 
 
 def gguf_name_map(model: torch.nn.Module, architecture: Architecture, n_blocks: int) -> dict[str, str]:
