@@ -42,3 +42,23 @@ def calibration_text() -> Path:
 @pytest.fixture(scope="session")
 def eval_text() -> Path:
     return SHARED / "data" / "eval.txt"
+
+
+@pytest.fixture(scope="session")
+def text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 12 kB of the calibration text: a few dozen short chunks (a module may define its own)."""
+    from imatrix.models.bundled import default_calibration_text
+
+    path = tmp_path_factory.mktemp("text") / "calibration.txt"
+    path.write_bytes(default_calibration_text().read_bytes()[:12_000])
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random llama stored as F16 GGUF (a module may define its own)."""
+    import numpy as np
+
+    from tiny_models import write_tiny_llama_gguf
+
+    return write_tiny_llama_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", dtype=np.float16)

@@ -17,23 +17,9 @@ from imatrix.collect.hooks import ActivationCollector
 from imatrix.collect.runner import CollectOptions, CollectResult, chunks_in_flight, collect
 from imatrix.collect.sequential import SequentialExecutor, open_lazy_model
 from imatrix.collect.targets import collection_targets
-from imatrix.models.bundled import default_calibration_text
 from imatrix.models.loader import LoadedModel, load_model
-from tiny_models import write_tiny_llama_gguf
 
 N_CTX = 32
-
-
-@pytest.fixture(scope="module")
-def text(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "calibration.txt"
-    path.write_bytes(default_calibration_text().read_bytes()[:12_000])
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_llama_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", dtype=np.float16)
 
 
 @pytest.fixture(scope="module")

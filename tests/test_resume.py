@@ -10,9 +10,7 @@ import pytest
 from imatrix import ImatrixError, ImportanceMatrix
 from imatrix.cli.main import main
 from imatrix.collect.runner import CollectOptions, CollectResult, collect
-from imatrix.models.bundled import default_calibration_text
 from imatrix.models.loader import LoadedModel, load_model
-from tiny_models import write_tiny_llama_gguf
 
 N_CTX = 32
 N_CHUNKS = 10
@@ -20,18 +18,6 @@ N_CHUNKS = 10
 
 class Interrupted(Exception):
     pass
-
-
-@pytest.fixture(scope="module")
-def text(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "calibration.txt"
-    path.write_bytes(default_calibration_text().read_bytes()[:8_000])
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_llama_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
 
 
 @pytest.fixture(scope="module")

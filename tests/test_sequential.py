@@ -16,23 +16,10 @@ from imatrix.collect import sequential
 from imatrix.collect.executors import InMemoryExecutor
 from imatrix.collect.runner import CollectOptions, CollectResult, collect, open_executor
 from imatrix.collect.sequential import SequentialExecutor, open_lazy_model
-from imatrix.models.bundled import default_calibration_text
 from imatrix.models.loader import load_model
 from tiny_models import tiny_llama_config, write_tiny_llama_gguf, write_tiny_llama_hf
 
 N_CTX = 32
-
-
-@pytest.fixture(scope="module")
-def text(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "calibration.txt"
-    path.write_bytes(default_calibration_text().read_bytes()[:12_000])
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_llama_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", dtype=np.float16)
 
 
 @pytest.fixture(scope="module")
