@@ -5,7 +5,7 @@
 (`ExpertTarget`s, see `collect.moe`), and removes all of it on exit. Sums and expert counts stay on
 the model's device; nothing is copied to the host until `snapshot()`.
 
-Several chunks may run through the model at once, in threads (`collect.runner`): each thread adds
+Several chunks may run through the model at once, in threads (`collect.in_flight`): each thread adds
 into the accumulators of the slot it entered (`in_slot`), and snapshots add the slots up in slot
 order, so the result does not depend on which thread ran first.
 """
