@@ -21,9 +21,9 @@ from imatrix.collect.hooks import ActivationCollector
 Result = TypeVar("Result")
 
 
-def default_chunks_in_flight(device: torch.device, threads: int) -> int:
-    """Two chunks at once on a CPU with two threads or more; one on a GPU (it is busy enough)."""
-    return 2 if device.type == "cpu" and threads >= 2 else 1
+def default_chunks_in_flight(threads: int) -> int:
+    """On the CPU: two chunks at once with two threads or more."""
+    return 2 if threads >= 2 else 1
 
 
 class ChunksInFlight:

@@ -244,8 +244,9 @@ def _run(executor: Executor, chunks: np.ndarray, options: CollectOptions, base: 
     meter = PerplexityMeter() if options.compute_ppl and n_chunk else None
     saver = _Saver(options, emit, group)
     in_flight = chunks_in_flight(executor, options)
-    window_chunks = max(executor.window_chunks, in_flight) if in_flight > 1 else executor.window_chunks
-    windows = plan_windows(n_chunk, n_ctx, n_seq, group, base.max_count(), saver, window_chunks)
+    # each chunk in flight needs its place in the window (a window of one step has one chunk at least)
+    windows = plan_windows(n_chunk, n_ctx, n_seq, group, base.max_count(), saver,
+                           max(executor.window_chunks, in_flight))
     targets = collection_targets(executor.loaded, options.process_output)
     chunk_ppl: list[float] = []
     progress = tqdm(total=n_chunk * n_ctx, unit="tok", unit_scale=True, file=sys.stderr,
@@ -294,7 +295,7 @@ def chunks_in_flight(executor: Executor, options: CollectOptions) -> int:
     """How many chunks run at once: several only for a model held in memory on the CPU."""
     if not isinstance(executor, InMemoryExecutor) or executor.device.type != "cpu":
         return 1
-    return options.chunks_in_flight or default_chunks_in_flight(executor.device, torch.get_num_threads())
+    return options.chunks_in_flight or default_chunks_in_flight(torch.get_num_threads())
 
 
 def _pool(in_flight: int, collector: ActivationCollector) -> AbstractContextManager[ChunksInFlight | None]:
