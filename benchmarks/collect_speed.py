@@ -3,8 +3,9 @@
 Prints one table: load time, tokens/s with and without --no-ppl, wall time, peak RSS, and the fp32
 sgemm rate of this machine measured in the same run; a third run, one chunk at a time instead of
 two in flight, is the baseline for `collect.in_flight`. The roofline is the issue's: tokens/s if the
-model's whole forward (~0.29 GFLOP per token, output projection included) ran at the sgemm rate;
-beside it, the share against the FLOPs actually executed (no output projection with --no-ppl,
+model's whole forward (~0.29 GFLOP per token, output projection included) ran at the sgemm rate
+(its fastest repetition; the rate sustained over all repetitions is printed too, it is lower on a
+shared VM); beside it, the share against the FLOPs actually executed (no output projection with --no-ppl,
 the scored half with perplexity). llama.cpp's figures are the ones measured on the reference
 2-core machine.
 
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,18 +34,25 @@ from imatrix.models.gguf_reader import GGUFModelFile
 LLAMA_CPP = {"tokens/s": 227.0, "wall s (40 chunks)": 88.0, "peak RSS GB": 0.84}
 
 
-def sgemm_gflops(threads: int, n_tokens: int = 2048, seconds: float = 3.0) -> float:
-    """Best fp32 GEMM rate over `seconds` on the model's own shapes (tokens × 576 by 576 × 1536 and back)."""
+@dataclass
+class GemmRate:
+    best: float  # GFLOP/s of the fastest repetition: the roofline
+    sustained: float  # GFLOP/s over all repetitions, what a long run of GEMMs gets on this machine
+
+
+def sgemm_gflops(threads: int, n_tokens: int = 2048, seconds: float = 3.0) -> GemmRate:
+    """fp32 GEMM rate over `seconds` on the model's own shapes (tokens × 576 by 576 × 1536 and back)."""
     torch.set_num_threads(threads)
     x, w_up, w_down = torch.randn(n_tokens, 576), torch.randn(576, 1536), torch.randn(1536, 576)
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
+    flops = 2 * 2 * n_tokens * 576 * 1536
+    best, total_flops, first = 0.0, 0, time.perf_counter()
+    while time.perf_counter() < first + seconds:
         start = time.perf_counter()
         hidden = x @ w_up
         _ = hidden @ w_down
-        elapsed = time.perf_counter() - start
-        best = max(best, 2 * 2 * n_tokens * 576 * 1536 / elapsed / 1e9)
-    return best
+        best = max(best, flops / (time.perf_counter() - start) / 1e9)
+        total_flops += flops
+    return GemmRate(best, total_flops / (time.perf_counter() - first) / 1e9)
 
 
 def flops_per_token(model: GGUFModelFile, n_ctx: int, output_share: float) -> float:
@@ -100,12 +109,13 @@ def main() -> None:
         samples.append(sgemm_gflops(args.threads))
         rows.append((label, "--no-ppl" not in extra, measured(r"loaded .* in ([0-9.]+) s", log),
                      measured(r"\(([0-9.]+) tokens/s\)", log), wall, rss))
-    gflops = max(samples)
+    gflops = max(sample.best for sample in samples)
     model_flops = flops_per_token(model_file, 512, 1.0)
     roofline = gflops * 1e9 / model_flops
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, {args.threads} threads; fp32 sgemm {gflops:.0f} GFLOP/s "
-          f"(best of {', '.join(f'{rate:.0f}' for rate in samples)}); "
+          f"(best of {', '.join(f'{sample.best:.0f}' for sample in samples)}; sustained over each sample "
+          f"{', '.join(f'{sample.sustained:.0f}' for sample in samples)}); "
           f"fp32 weights {weights_gb:.2f} GB; {args.chunks} chunks of 512; "
           f"roofline = sgemm rate / the model's {model_flops / 1e9:.3f} GFLOP per token")
     print("| run | load s | tokens/s | roofline tokens/s | % of roofline | % of executed FLOPs' roofline | wall s "

@@ -129,3 +129,73 @@ def test_text_too_short_for_the_context(capsys: pytest.CaptureFixture[str], smol
     short.write_text("only a few words here")
     fails_cleanly(capsys, ["-m", str(smollm2_q4_1), "-f", str(short), "-o", str(tmp_path / "o.gguf"), "-lv", "0"],
                   "short.txt", "tokenizes to only", "at least 1024")
+
+
+@pytest.mark.parametrize("output", ["", "."])
+def test_output_that_cannot_be_a_file(capsys: pytest.CaptureFixture[str], golden: Path, output: str) -> None:
+    fails_cleanly(capsys, ["--in-file", str(golden / C512), "-o", output], "output file")
+
+
+def test_empty_in_file_list_is_not_a_collection(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    fails_cleanly(capsys, ["--in-file", "", "-o", str(tmp_path / "o.gguf")], "--in-file names no file")
+    fails_cleanly(capsys, ["--in-file", ",", "-o", str(tmp_path / "o.gguf")], "--in-file names no file")
+
+
+def test_in_file_that_is_a_directory(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    fails_cleanly(capsys, ["--in-file", str(tmp_path), "-o", str(tmp_path / "o.gguf")], "is a directory")
+
+
+def test_zero_chunks(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    fails_cleanly(capsys, ["--chunks", "0", "-o", str(tmp_path / "o.gguf")], "--chunks 0")
+
+
+def test_llama_cpp_runtime_flags_are_accepted(golden: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o.dat"
+    argv = ["-fa", "-ctk", "q8_0", "-ctv", "q8_0", "-ub", "128", "-nkvo", "--no-mmap", "-np", "2",
+            "--in-file", str(golden / C512), "--output-format", "dat", "-o", str(out), "-lv", "0"]
+    assert main(argv) == 0  # without them registered, -fa was read as -f a and -ctk as -c tk
+    assert out.read_bytes() == (golden / "imatrix/from-gguf.imatrix.dat").read_bytes()
+    assert main(["--flash-attn", "off", *argv[1:]]) == 0
+
+
+def test_batch_smaller_than_the_context(tiny_gguf: Path, text: Path, tmp_path: Path) -> None:
+    # llama-imatrix takes -b < -c (a chunk in several batches): the same statistics as one batch per chunk
+    common = ["-m", str(tiny_gguf), "-f", str(text), "-c", "64", "--chunks", "3", "-lv", "0"]
+    assert main([*common, "-b", "16", "-o", str(tmp_path / "b16.gguf")]) == 0
+    assert main([*common, "-b", "64", "-o", str(tmp_path / "b64.gguf")]) == 0
+    small, whole = ImportanceMatrix.load(tmp_path / "b16.gguf"), ImportanceMatrix.load(tmp_path / "b64.gguf")
+    assert small.names() == whole.names() and small.chunk_count == whole.chunk_count == 3
+    for name in whole:
+        assert small[name].counts.tolist() == whole[name].counts.tolist()
+        assert small[name].sums.tobytes() == whole[name].sums.tobytes(), name
+
+
+def test_in_file_of_another_model_fails_before_collecting(capsys: pytest.CaptureFixture[str], golden: Path,
+                                                          tiny_gguf: Path, text: Path, tmp_path: Path) -> None:
+    message = fails_cleanly(capsys, ["-m", str(tiny_gguf), "-f", str(text), "-c", "64", "--in-file", str(golden / C512),
+                                     "-o", str(tmp_path / "o.gguf"), "-lv", "0"],
+                            "--in-file data does not fit the model", "576 columns there, 64 columns in the model")
+    assert "blk.0." in message and not (tmp_path / "o.gguf").exists()
+
+
+def test_output_directory_fails_before_collecting(capsys: pytest.CaptureFixture[str], tiny_gguf: Path, text: Path,
+                                                  tmp_path: Path) -> None:
+    fails_cleanly(capsys, ["-m", str(tiny_gguf), "-f", str(text), "-c", "64", "-o", str(tmp_path), "-lv", "0"],
+                  "is a directory")
+    assert "[1]" not in capsys.readouterr().out
+
+
+def test_gguf_without_hyperparameters(capsys: pytest.CaptureFixture[str], golden: Path, text: Path,
+                                      tmp_path: Path) -> None:
+    fails_cleanly(capsys, ["-m", str(golden / "quant" / "source-f16.gguf"), "-f", str(text), "-o",
+                           str(tmp_path / "o.gguf"), "-lv", "0"], "source-f16.gguf", "metadata key", "is missing")
+
+
+def test_gguf_with_a_broken_vocabulary(capsys: pytest.CaptureFixture[str], text: Path, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import tiny_models
+
+    monkeypatch.setattr(tiny_models, "MERGES", [*tiny_models.MERGES, "Ġnot-a-token Ġneither"])
+    model = tiny_models.write_tiny_llama_gguf(tmp_path / "broken.gguf")
+    fails_cleanly(capsys, ["-m", str(model), "-f", str(text), "-o", str(tmp_path / "o.gguf"), "-lv", "0"],
+                  "broken.gguf", "cannot build its tokenizer")

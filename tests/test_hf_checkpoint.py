@@ -92,3 +92,18 @@ def test_unsupported_architecture_lists_supported_ones(tmp_path: Path) -> None:
 def test_directory_without_config(tmp_path: Path) -> None:
     with pytest.raises(ImatrixError, match="no config.json"):
         load_model(tmp_path)
+
+
+def test_garbage_safetensors_is_a_clear_error(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from imatrix.collect.sequential import open_lazy_model
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama_dir, broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"\xff" * 64)
+    with pytest.raises(ImatrixError, match="broken: cannot load checkpoint"):
+        load_model(broken)
+    with pytest.raises(ImatrixError, match=r"model.safetensors: cannot read safetensors file"):
+        open_lazy_model(broken, torch.device("cpu"))

@@ -340,3 +340,20 @@ def test_cli_on_moe_gguf(moe_gguf: Path, golden: Path, tmp_path: Path) -> None:
     for name in theirs:
         assert saved[name].sums.shape == theirs[name].sums.shape
         assert saved[name].counts.sum() == 512 * (2 if "_exps" in name else 1)
+
+
+def test_in_file_with_other_expert_count_fails_before_collecting(moe_model: LoadedModel, golden: Path) -> None:
+    from imatrix import ImatrixError
+    from imatrix.matrix import TensorStats
+
+    base = ImportanceMatrix.load(golden / "moe" / "tiny-qwen3moe.c256.n8.imatrix.gguf")
+    stack = base["blk.1.ffn_up_exps.weight"]
+    base.tensors["blk.1.ffn_up_exps.weight"] = TensorStats(stack.sums[:4], stack.counts[:4])
+
+    def no_chunk_expected(line: str) -> None:
+        raise AssertionError(f"collection started: {line}")
+
+    with pytest.raises(ImatrixError, match="'blk.1.ffn_up_exps.weight' has 4 experts there, 8 experts in the model"):
+        collect(moe_model, golden.parent / "data" / "calibration.txt",
+                CollectOptions(n_ctx=256, max_chunks=1, progress=False, verbosity=0), base=base,
+                stdout=no_chunk_expected)

@@ -403,6 +403,8 @@ def test_cli_bad_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         capsys, ["quantize", "--include-weights", "a", "--exclude-weights", "b", str(src), out, "Q4_0"], "together"
     )
     fails_cleanly(capsys, ["quantize", "--output-tensor-type", "q7_7", str(src), out, "Q4_0"], "q7_7")
+    fails_cleanly(capsys, ["quantize", str(other), out, "Q4_0"], str(other), "importance matrix, not a model")
+    fails_cleanly(capsys, ["quantize", str(src), str(tmp_path), "Q4_0"], "is a directory")
     assert not Path(out).exists()
 
 

@@ -186,3 +186,12 @@ def test_report_needs_an_output(golden, capsys):
 def test_report_rejects_unknown_suffix(golden, tmp_path, capsys):
     assert main(["report", str(golden / MOE), "-o", str(tmp_path / "r.pdf")]) == 1
     assert ".html or .png" in capsys.readouterr().err
+
+
+def test_report_checks_its_outputs_before_writing_any(golden, tmp_path, capsys):
+    html, not_a_folder = tmp_path / "r.html", tmp_path / "file.png"
+    not_a_folder.write_bytes(b"x")
+    assert main(["report", str(golden / MOE), "-o", str(html), "--png-dir", str(not_a_folder)]) == 1
+    assert "--png-dir is a file" in capsys.readouterr().err and not html.exists()
+    assert main(["report", str(golden / MOE), "-o", str(tmp_path)]) == 1
+    assert "is a directory" in capsys.readouterr().err

@@ -116,3 +116,12 @@ def test_cli_resume(tiny_gguf: Path, text: Path, tmp_path: Path) -> None:
     assert main([*common, "--chunks", "4", "-o", str(out)]) == 0  # as if stopped after 4 chunks
     assert main([*common, "--chunks", "6", "-o", str(out), "--resume", "--sequential"]) == 0
     assert_same_file(out, reference)
+
+
+def test_resume_refuses_another_text(model: LoadedModel, text: Path, tmp_path: Path) -> None:
+    out = tmp_path / "first.gguf"
+    run(model, text, out, max_chunks=4)
+    before = out.read_bytes()
+    with pytest.raises(ImatrixError, match="collected on 'calibration.txt', not 'other.txt'"):
+        run(model, text, out, resume=True, dataset_name="other.txt")
+    assert out.read_bytes() == before

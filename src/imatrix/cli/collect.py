@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
-from imatrix.cli.common import ArgumentParser
+from imatrix.cli.common import ArgumentParser, add_ignored_llama_cpp_flags
 from imatrix.collect import distributed
 from imatrix.collect.runner import CollectOptions, collect, log
 from imatrix.errors import ImatrixError
+from imatrix.formats.atomic import check_output_path
 from imatrix.matrix import ImportanceMatrix
 from imatrix.models.bundled import default_calibration_text, smollm2_path
 from imatrix.models.heap import keep_freed_memory
@@ -46,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="model in memory on the CPU: chunks computed at once, each in its own thread on "
              "threads/N threads (default: 2 with two threads or more)")
     add("--resume", action="store_true",
-        help="continue an interrupted run from its last saved --output-file")
+        help="continue an interrupted run from its last saved --output-file (same text and -c; the "
+             "perplexity printed covers the chunks computed in this run)")
     add("--chunk", "--from-chunk", dest="from_chunk", type=int, default=0, help="skip the first N chunks")
     add("--chunks", type=int, default=-1, help="maximum number of chunks (default: all)")
     add("--no-ppl", action="store_true", help="do not compute perplexity (skips the output projection)")
@@ -60,12 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--show-statistics", action="store_true", help="print statistics of the --in-file imatrix and exit")
     add("--stats-format", choices=["table", "json", "csv"], default="table", help="with --show-statistics")
     add("--stats-mode", choices=["legacy", "preferred"], default="legacy", help="with --show-statistics")
+    add_ignored_llama_cpp_flags(parser)
     return parser
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     in_files = [part for value in args.in_file for part in value.split(",") if part]
+    if args.in_file and not in_files:
+        raise ImatrixError("--in-file names no file")
     _check_numbers(args)
     if args.show_statistics:
         from imatrix.cli.report import show_statistics
@@ -73,9 +78,10 @@ def main(argv: list[str]) -> int:
         if not in_files:
             raise ImatrixError("--show-statistics needs --in-file")
         return show_statistics(in_files, args.stats_format, args.stats_mode, args.ctx_size)
+    check_output_path(args.output_file)
     output = Path(args.output_file)
     output_format = args.output_format or "gguf"
-    _check_output(output, output_format, args.verbosity)
+    _warn_suffix(output, output_format, args.verbosity)
     base = ImportanceMatrix.load_many(in_files, chunk_size=args.ctx_size) if in_files else None
     if args.file is None and in_files:
         log(f"combining {len(in_files)} imatrix file(s) into {output}", args.verbosity)
@@ -110,10 +116,12 @@ def _bundled(what: str, path: Path, verbosity: int) -> Path:
 def _check_numbers(args: argparse.Namespace) -> None:
     if args.ctx_size <= 0:
         raise ImatrixError(f"--ctx-size must be > 0 (got {args.ctx_size})")
+    # llama-imatrix's own rule: a batch below the context is fine (a chunk then takes several), above
+    # it must hold whole chunks; one forward per chunk computes the same either way
     if args.batch_size <= 0 or (args.batch_size >= args.ctx_size and args.batch_size % args.ctx_size):
         raise ImatrixError(f"--batch-size {args.batch_size} must be a multiple of --ctx-size {args.ctx_size}")
-    if args.batch_size < args.ctx_size:
-        raise ImatrixError(f"--batch-size {args.batch_size} smaller than --ctx-size {args.ctx_size} is not supported")
+    if args.chunks == 0:
+        raise ImatrixError("--chunks 0: no chunk to process")
     if args.window_chunks <= 0:
         raise ImatrixError(f"--window-chunks must be > 0 (got {args.window_chunks})")
     if args.chunks_in_flight < 0:
@@ -122,10 +130,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise ImatrixError(f"--output-frequency must be > 0 (got {args.output_frequency})")
 
 
-def _check_output(output: Path, output_format: str, verbosity: int) -> None:
-    parent = output.parent if str(output.parent) else Path(".")
-    if not parent.is_dir():
-        raise ImatrixError(f"{output}: output directory '{parent}' does not exist")
+def _warn_suffix(output: Path, output_format: str, verbosity: int) -> None:
     if output_format == "gguf" and output.suffix != ".gguf" and verbosity >= 1:
         print(f"imatrix: warning: saving GGUF to '{output}' without a .gguf suffix "
               "(use --output-format dat for the legacy format)", file=sys.stderr)

@@ -16,3 +16,23 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise ImatrixError(message)
+
+
+def add_ignored_llama_cpp_flags(parser: argparse.ArgumentParser) -> None:
+    """llama.cpp's common performance flags, accepted so that a llama.cpp command line runs unchanged.
+
+    They tune llama.cpp's own runtime (KV cache, flash attention, micro-batches, mmap) and have no
+    counterpart here. Registered, they also stop argparse from gluing them onto our short flags
+    (`-fa` read as `-f a`, `-ctk` as `-c tk`).
+    """
+    group = parser.add_argument_group("llama.cpp runtime flags, accepted and ignored")
+    group.add_argument("-fa", "--flash-attn", nargs="?", const="on", metavar="on|off|auto", help=argparse.SUPPRESS)
+    group.add_argument("-ub", "--ubatch-size", type=int, metavar="N", help=argparse.SUPPRESS)
+    group.add_argument("-ctk", "--cache-type-k", metavar="TYPE", help=argparse.SUPPRESS)
+    group.add_argument("-ctv", "--cache-type-v", metavar="TYPE", help=argparse.SUPPRESS)
+    group.add_argument("-nkvo", "--no-kv-offload", action="store_true", help=argparse.SUPPRESS)
+    group.add_argument("--no-mmap", action="store_true", help=argparse.SUPPRESS)
+    group.add_argument("--mlock", action="store_true", help=argparse.SUPPRESS)
+    group.add_argument("-np", "--parallel", type=int, metavar="N", help=argparse.SUPPRESS)
+    group.description = ("-fa/--flash-attn, -ub/--ubatch-size, -ctk/--cache-type-k, -ctv/--cache-type-v, "
+                         "-nkvo/--no-kv-offload, --no-mmap, --mlock, -np/--parallel")

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import torch
 
-from imatrix.cli.common import ArgumentParser
+from imatrix.cli.common import ArgumentParser, add_ignored_llama_cpp_flags
 from imatrix.errors import ImatrixError
 from imatrix.eval.cpu_matmul import emulate_cpu_matmul_inputs
 from imatrix.eval.kld import kl_divergence
 from imatrix.eval.perplexity import perplexity, stderr_log, stdout_emit
+from imatrix.formats.atomic import check_output_path
 from imatrix.models.bundled import smollm2_path
 from imatrix.models.heap import keep_freed_memory
 from imatrix.models.loader import load_model
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="round each matmul's input as llama.cpp's CPU backend does for the weight's type (Q8_0, Q8_K, "
              "F16), to compare with llama-perplexity like for like (GGUF models)")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the model runs (default: auto)")
+    add_ignored_llama_cpp_flags(parser)
     return parser
 
 
@@ -78,10 +80,8 @@ def _check(args: argparse.Namespace) -> None:
         raise ImatrixError("perplexity needs a text: -f FILE")
     if not args.kl_divergence and not Path(args.file).is_file():
         raise ImatrixError(f"{args.file}: no such text file")
-    if args.kl_divergence_base and not args.kl_divergence:
-        parent = Path(args.kl_divergence_base).parent
-        if not parent.is_dir():
-            raise ImatrixError(f"{args.kl_divergence_base}: output directory '{parent}' does not exist")
+    if args.kl_divergence_base is not None and not args.kl_divergence:
+        check_output_path(args.kl_divergence_base)
 
 
 def _device(choice: str) -> torch.device:

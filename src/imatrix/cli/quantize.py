@@ -56,7 +56,7 @@ def main(argv: list[str]) -> int:
         imatrix = ImportanceMatrix.load(args.imatrix)
         print(f"load_imatrix: loaded {len(imatrix)} importance matrix entries from {args.imatrix} "
               f"computed on {imatrix.chunk_count} chunks")
-    threads = f" using {args.nthreads} threads" if args.nthreads else ""
+    threads = f" using {args.nthreads} threads" if args.nthreads and args.nthreads > 0 else ""
     print(f"quantize: quantizing '{args.input}' to '{args.output}' as {ft.name}{threads}", file=sys.stderr)
     with warnings.catch_warnings():
         warnings.simplefilter("always")

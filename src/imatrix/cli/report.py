@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from imatrix.cli.common import ArgumentParser
 from imatrix.errors import ImatrixError
+from imatrix.formats.atomic import check_output_path
 from imatrix.matrix import ImportanceMatrix
 from imatrix.stats import compute_statistics, render
 from imatrix.stats.report import write_png_dir, write_report
@@ -39,6 +41,10 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if not args.output and not args.png_dir:
         raise ImatrixError("report: give -o report.html|report.png and/or --png-dir DIR")
+    if args.output is not None:
+        check_output_path(args.output)
+    if args.png_dir is not None and Path(args.png_dir).exists() and not Path(args.png_dir).is_dir():
+        raise ImatrixError(f"{args.png_dir}: --png-dir is a file, not a folder")
     matrix = _load(args.in_files, args.ctx_size)
     source = ",".join(args.in_files)
     if args.output:

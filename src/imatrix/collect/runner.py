@@ -24,10 +24,11 @@ from imatrix.collect.distributed import SINGLE, Group
 from imatrix.collect.executors import Executor, InMemoryExecutor
 from imatrix.collect.hooks import ActivationCollector
 from imatrix.collect.in_flight import ChunksInFlight, default_chunks_in_flight
-from imatrix.collect.moe import expert_count_lines
+from imatrix.collect.moe import ExpertTarget, expert_count_lines
 from imatrix.collect.perplexity import PerplexityMeter
 from imatrix.collect.targets import collection_targets
 from imatrix.errors import ImatrixError
+from imatrix.formats.atomic import check_output_path
 from imatrix.matrix import ImportanceMatrix
 from imatrix.models.loader import LoadedModel, load_model
 
@@ -89,21 +90,47 @@ def collect(model: str | Path | LoadedModel | Executor, text_file: str | Path, o
     if not group.is_main:
         options = dataclasses.replace(options, verbosity=0, progress=False)
         emit = _silent
+    if options.output_file is not None and group.is_main:
+        check_output_path(options.output_file)
     text = read_calibration_text(text_file)
-    executor = open_executor(model, torch.device(device), options)
-    chunks = _tokenize(executor.loaded, text, options, text_file)
     dataset = options.dataset_name if options.dataset_name is not None else str(text_file)
     base = base.copy() if base is not None else ImportanceMatrix()
     base.chunk_size = options.n_ctx
     skip = 0
-    resumed = _resume_from(options) if options.resume else None
+    resumed = _resume_from(options, dataset) if options.resume else None
     if resumed is not None:
         skip = _chunks_done(resumed, base, options)
         base = resumed
-        log(f"compute_imatrix: resuming from {options.output_file} after {skip} chunks", options.verbosity)
     else:
         base.datasets = [*base.datasets, dataset]
+    executor = open_executor(model, torch.device(device), options)
+    _check_fits_model(base, collection_targets(executor.loaded, options.process_output),
+                      f"{options.output_file}" if resumed is not None else "the --in-file data", executor.loaded.source)
+    chunks = _tokenize(executor.loaded, text, options, text_file)
+    if resumed is not None:
+        log(f"compute_imatrix: resuming from {options.output_file} after {skip} chunks", options.verbosity)
     return _run(executor, chunks[skip:], options, base, emit, group, skip)
+
+
+def _check_fits_model(base: ImportanceMatrix, targets: dict[str, torch.nn.Module | ExpertTarget], what: str,
+                      model: object) -> None:
+    """Statistics loaded before the run must have the model's shapes: found now, not at the first save.
+
+    Tensors the model does not have are kept as they are, as llama.cpp does.
+    """
+    for name, target in targets.items():
+        if name not in base:
+            continue
+        if isinstance(target, ExpertTarget):
+            expected, found = f"{target.n_expert} experts", f"{base[name].sums.shape[0]} experts"
+        else:
+            expected, found = f"{target.weight.shape[-1]} columns", f"{base[name].sums.shape[-1]} columns"
+            if base[name].sums.shape[0] != 1:
+                found = f"{base[name].sums.shape[0]} matrices"
+                expected = "1 matrix"
+        if expected != found:
+            raise ImatrixError(f"{what} does not fit the model {model}: '{name}' has {found} there, "
+                               f"{expected} in the model")
 
 
 def open_executor(model: str | Path | LoadedModel | Executor, device: torch.device,
@@ -143,10 +170,13 @@ def _tokenize(loaded: LoadedModel, text: str, options: CollectOptions, source: o
     chunks = tokenize_chunks(loaded.tokenizer, text, options.n_ctx, options.from_chunk, options.max_chunks,
                              options.parse_special, source)
     log(f"compute_imatrix: tokenization took {1e3 * (time.perf_counter() - start):g} ms", options.verbosity)
+    if options.from_chunk > 0:
+        log(f"compute_imatrix: removing initial {options.from_chunk} chunks "
+            f"({options.from_chunk * options.n_ctx} tokens)", options.verbosity)
     return chunks
 
 
-def _resume_from(options: CollectOptions) -> ImportanceMatrix | None:
+def _resume_from(options: CollectOptions, dataset: str) -> ImportanceMatrix | None:
     output = options.output_file
     if output is None or not Path(output).is_file():
         log(f"compute_imatrix: --resume: no {output} yet, starting from the beginning", options.verbosity)
@@ -155,6 +185,8 @@ def _resume_from(options: CollectOptions) -> ImportanceMatrix | None:
     if saved.chunk_size and saved.chunk_size != options.n_ctx:
         raise ImatrixError(f"{output}: cannot resume: it was collected with chunks of {saved.chunk_size} "
                            f"tokens, not {options.n_ctx}")
+    if saved.datasets and saved.datasets[-1] != dataset:
+        raise ImatrixError(f"{output}: cannot resume: it was collected on '{saved.datasets[-1]}', not '{dataset}'")
     saved.chunk_size = options.n_ctx
     saved.update_chunk_count()
     return saved

@@ -79,10 +79,8 @@ class SafetensorsWeights:
     """Tensors of a Hugging Face checkpoint directory, read one at a time from its shards."""
 
     def __init__(self, directory: Path) -> None:
-        from safetensors import safe_open
-
         self.directory = directory
-        self.handles = {path: safe_open(str(path), framework="pt") for path in sorted(directory.glob("*.safetensors"))}
+        self.handles = {path: _open_safetensors(path) for path in sorted(directory.glob("*.safetensors"))}
         self.where = {key: path for path, handle in self.handles.items() for key in handle.keys()}  # noqa: SIM118
 
     def tensor(self, param: str) -> torch.Tensor:
@@ -302,3 +300,12 @@ def _cgroup_room() -> int | None:
     except (OSError, ValueError):
         return None
     return None if limit == "max" else int(limit) - used
+
+
+def _open_safetensors(path: Path):  # noqa: ANN202 - safetensors' handle type is not importable
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except (OSError, SafetensorError) as exc:
+        raise ImatrixError(f"{path}: cannot read safetensors file ({exc})") from exc

@@ -16,7 +16,6 @@ q = 0. SmolLM2 (49,152 tokens) takes 98 KiB per position: 10 chunks of 512 are a
 from __future__ import annotations
 
 import contextlib
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +32,6 @@ HEADER_BYTES = len(MAGIC) + _HEADER.size
 # llama.cpp's `log_softmax(..., uint16_t * log_prob, ...)` keeps 16 nats of range below the top logit
 LOGIT_RANGE = 16.0
 KLD_CUTOFF = -16.0
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def row_width(n_vocab: int) -> int:
@@ -123,7 +116,6 @@ class LogitsWriter:
     def __enter__(self) -> LogitsWriter:
         tmp = self._stack.enter_context(atomic_path(self.path))
         try:
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would survive the rename
             self._handle = self._stack.enter_context(open(tmp, "wb"))
         except OSError as exc:
             self._stack.close()

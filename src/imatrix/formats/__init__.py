@@ -23,6 +23,8 @@ def is_gguf(path: str | Path) -> bool:
 
 def load_imatrix(path: str | Path, chunk_size: int = 512) -> ImportanceMatrix:
     source = Path(path)
+    if source.is_dir():
+        raise ImatrixError(f"{source}: is a directory, not an imatrix file")
     if not source.is_file():
         raise ImatrixError(f"{source}: no such imatrix file")
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,24 +18,68 @@ def _umask() -> int:
     return mask
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
+def check_output_path(path: str | Path) -> None:
+    """Fail now, before any work, if `path` cannot be written: better than after an hour of collection."""
     target = Path(path)
-    parent = target.parent if str(target.parent) else Path(".")
+    if not str(path):
+        raise ImatrixError("the output file name is empty")
+    if target.is_dir():
+        raise ImatrixError(f"{target}: is a directory, not an output file")
+    if target.exists() and not target.is_file():
+        return  # a device or a pipe (-o /dev/null): written through as it is
+    parent = _parent(target)
     if not parent.is_dir():
         raise ImatrixError(f"{target}: output directory '{parent}' does not exist")
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
+        probe, probe_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
     except OSError as exc:
         raise ImatrixError(f"{target}: cannot write: {exc.strerror}") from exc
+    os.close(probe)
+    os.unlink(probe_name)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename.
+
+    A symlink keeps pointing at its file, which is replaced; an existing file keeps its permissions.
+    A device or a pipe (`/dev/null`) is written through directly: renaming over it would replace it.
+    """
+    target = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
+    if target.is_dir():
+        raise ImatrixError(f"{path}: is a directory, not an output file")
+    if target.exists() and not target.is_file():
+        with _write_errors(path):
+            yield target
+        return
+    parent = _parent(target)
+    if not parent.is_dir():
+        raise ImatrixError(f"{path}: output directory '{parent}' does not exist")
+    with _write_errors(path):
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a normal file honours the umask
     try:
-        yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
+        # mkstemp makes 0600: give the file the old one's mode, or what the umask allows a new file
+        mode = stat.S_IMODE(target.stat().st_mode) if target.is_file() else 0o666 & ~_umask()
+        os.chmod(tmp, mode)
+        with _write_errors(path):
+            yield tmp
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _parent(target: Path) -> Path:
+    return target.parent if str(target.parent) else Path(".")
+
+
+@contextlib.contextmanager
+def _write_errors(path: str | Path) -> Iterator[None]:
+    """An OSError while writing `path` (disk full, read-only file system…) as one line naming it."""
+    try:
+        yield
+    except OSError as exc:
+        raise ImatrixError(f"{path}: cannot write: {exc.strerror or exc}") from exc

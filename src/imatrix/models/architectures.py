@@ -38,14 +38,14 @@ class Architecture:
 
 
 def _dense_config(model_file: GGUFModelFile) -> dict[str, Any]:
-    n_head = int(model_file.arch_value("attention.head_count"))
-    hidden = int(model_file.arch_value("embedding_length"))
+    n_head = int(model_file.require_arch("attention.head_count"))
+    hidden = int(model_file.require_arch("embedding_length"))
     head_dim = model_file.arch_value("attention.key_length") or hidden // n_head
     return {
         "vocab_size": len(model_file.require("tokenizer.ggml.tokens")),
         "hidden_size": hidden,
         "intermediate_size": int(model_file.arch_value("feed_forward_length", 0) or 0),
-        "num_hidden_layers": int(model_file.arch_value("block_count")),
+        "num_hidden_layers": int(model_file.require_arch("block_count")),
         "num_attention_heads": n_head,
         "num_key_value_heads": int(model_file.arch_value("attention.head_count_kv", n_head)),
         "head_dim": int(head_dim),
@@ -59,10 +59,11 @@ def _dense_config(model_file: GGUFModelFile) -> dict[str, Any]:
 
 
 def _routed_experts(model_file: GGUFModelFile) -> dict[str, Any]:
-    n_used = int(model_file.arch_value("expert_used_count"))
+    n_used = int(model_file.require_arch("expert_used_count"))
     # llama.cpp falls back to feed_forward_length / n_expert_used when the GGUF has no expert size
-    n_ff = model_file.arch_value("expert_feed_forward_length") or model_file.arch_value("feed_forward_length") // n_used
-    return {"num_experts": int(model_file.arch_value("expert_count")), "num_experts_per_tok": n_used,
+    n_ff = (model_file.arch_value("expert_feed_forward_length")
+            or model_file.require_arch("feed_forward_length") // n_used)
+    return {"num_experts": int(model_file.require_arch("expert_count")), "num_experts_per_tok": n_used,
             # transformers' own GGUF loader ignores this key and builds the wrong expert size
             "moe_intermediate_size": int(n_ff), "decoder_sparse_step": 1, "mlp_only_layers": []}
 
@@ -81,8 +82,8 @@ def _qwen2moe_config(model_file: GGUFModelFile) -> dict[str, Any]:
 def _mixtral_config(model_file: GGUFModelFile) -> dict[str, Any]:
     # llama.cpp stores Mixtral as `llama` with experts; feed_forward_length is the expert size
     config = _dense_config(model_file)
-    config.update(num_local_experts=int(model_file.arch_value("expert_count")),
-                  num_experts_per_tok=int(model_file.arch_value("expert_used_count")))
+    config.update(num_local_experts=int(model_file.require_arch("expert_count")),
+                  num_experts_per_tok=int(model_file.require_arch("expert_used_count")))
     return config
 
 

@@ -217,6 +217,10 @@ class GGUFModelFile:
     def arch_value(self, suffix: str, default: Any = None) -> Any:
         return self.metadata.get(f"{self.architecture}.{suffix}", default)
 
+    def require_arch(self, suffix: str) -> Any:
+        """The architecture's hyperparameter `suffix` (`block_count`, …), which the model cannot do without."""
+        return self.require(f"{self.architecture}.{suffix}")
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self.tensors[name].shape
 

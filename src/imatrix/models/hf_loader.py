@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors import SafetensorError
 
 from imatrix.errors import ImatrixError
 from imatrix.models.attention import use_blocked_attention
@@ -31,7 +32,7 @@ def load_hf_model(directory: Path, device: str | torch.device, dtype: torch.dtyp
     try:
         model = architecture.model_type().from_pretrained(directory, dtype=dtype).to(device)
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise ImatrixError(f"{directory}: cannot load checkpoint ({exc})") from exc
     model.eval()
     use_blocked_attention(model)

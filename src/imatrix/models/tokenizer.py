@@ -72,7 +72,10 @@ def tokenizer_from_gguf(model_file: GGUFModelFile) -> GGUFTokenizer:
         )
     tokens: list[str] = list(model_file.require("tokenizer.ggml.tokens"))
     merges = [tuple(merge.split(" ", 1)) for merge in model_file.require("tokenizer.ggml.merges")]
-    bpe = models.BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=merges, fuse_unk=False)
+    try:
+        bpe = models.BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=merges, fuse_unk=False)
+    except Exception as exc:  # noqa: BLE001 - `tokenizers` raises plain Exceptions for a bad vocab
+        raise ImatrixError(f"{model_file.path}: cannot build its tokenizer: {exc}") from exc
     tokenizer = Tokenizer(bpe)
     tokenizer.pre_tokenizer = _pre_tokenizer(*PRE_TOKENIZERS[pre])
     tokenizer.decoder = decoders.ByteLevel()

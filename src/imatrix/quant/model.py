@@ -26,7 +26,7 @@ import numpy as np
 
 import imatrix.quant  # noqa: F401  (registers every kernel)
 from imatrix.errors import ImatrixError
-from imatrix.formats.atomic import atomic_path
+from imatrix.formats.atomic import atomic_path, check_output_path
 from imatrix.matrix import ImportanceMatrix
 from imatrix.models.gguf_reader import GGUFModelFile, TensorInfo
 from imatrix.models.gguf_writer import ModelWriter
@@ -111,7 +111,11 @@ class QuantizeReport:
 def open_model(path: Path) -> GGUFModelFile:
     if not path.is_file():
         raise ImatrixError(f"{path}: no such model file")
-    return GGUFModelFile(path)
+    model_file = GGUFModelFile(path)
+    if model_file.get("general.type") == "imatrix":
+        raise ImatrixError(f"{path}: is an importance matrix, not a model (an imatrix goes to --imatrix)")
+    _ = model_file.architecture  # a model names its architecture: raises when the key is missing
+    return model_file
 
 
 def _n_rows(ne: Sequence[int]) -> int:
@@ -381,7 +385,8 @@ def _write_header(tmp: Path, model_file: GGUFModelFile, ft: FileType, extra: Ite
     for size in sizes:
         offsets.append(offset)
         offset += gguf.GGUFWriter.ggml_pad(size, align)
-    os.truncate(tmp, offset)
+    if tmp.is_file():  # the whole file's size, padding included (not for a device: -o /dev/null)
+        os.truncate(tmp, offset)
     return offsets
 
 
@@ -413,6 +418,7 @@ def quantize_model(
     overrides = Overrides(_as_type(output_tensor_type), _as_type(token_embedding_type), pure)
     if dst_path.exists() and src_path.exists() and os.path.samefile(src_path, dst_path):
         raise ImatrixError(f"{src_path}: input and output files are the same")
+    check_output_path(dst_path)
     model_file = open_model(src_path)
     values = _check_imatrix(src_path, model_file, imatrix, include_weights, exclude_weights)
     jobs, fallbacks = _plan(src_path, model_file, ft, overrides, values, leave_output_tensor, allow_requantize)
