@@ -129,3 +129,23 @@ def test_routed_experts_count_each_threads_own_tokens(golden: Path) -> None:
     assert len(experts) == 3 * moe.config.num_hidden_layers
     for name in experts:
         assert results[1].matrix[name].counts.tolist() == results[0].matrix[name].counts.tolist(), name
+
+
+def test_an_error_stops_the_other_slots_after_their_chunk() -> None:
+    import time
+
+    from imatrix.collect.hooks import ActivationCollector
+    from imatrix.collect.in_flight import ChunksInFlight
+
+    done: list[int] = []
+
+    def work(chunk: int) -> int:
+        time.sleep(0.05)
+        if chunk == 2:  # slot 0's second chunk: slot 1 is busy by then
+            raise KeyboardInterrupt  # Ctrl-C reaching the chunk's thread, or any error there
+        done.append(chunk)
+        return chunk
+
+    with pytest.raises(KeyboardInterrupt), ChunksInFlight(2, ActivationCollector({}), 2) as pool:
+        pool.map(work, list(range(40)))
+    assert 0 < len([chunk for chunk in done if chunk % 2]) < 10  # slot 1 stopped early, not after its 20

@@ -9,6 +9,7 @@ slot: the result is the same whichever thread finishes first.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
@@ -34,6 +35,7 @@ class ChunksInFlight:
         self.threads_per_chunk = max(1, threads // n_slots)
         collector.use_slots(n_slots)
         self._pool: ThreadPoolExecutor | None = None
+        self._stopping = threading.Event()  # set on an error or Ctrl-C: workers stop after their chunk
 
     def __enter__(self) -> ChunksInFlight:
         self._pool = ThreadPoolExecutor(self.n_slots, thread_name_prefix="imatrix-chunk")
@@ -41,6 +43,8 @@ class ChunksInFlight:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
+        if exc_type is not None:
+            self._stopping.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
         # torch.set_num_threads in the workers also set the default for threads started later
         torch.set_num_threads(self.threads)
@@ -57,4 +61,9 @@ class ChunksInFlight:
     def _run_slot(self, slot: int, work: Callable[[int], Result], chunks: list[int]) -> dict[int, Result]:
         torch.set_num_threads(self.threads_per_chunk)  # this thread's OpenMP/MKL team
         with self.collector.in_slot(slot), torch.inference_mode():  # grad mode is per thread
-            return {chunk: work(chunk) for chunk in chunks}
+            results = {}
+            for chunk in chunks:
+                if self._stopping.is_set():
+                    break
+                results[chunk] = work(chunk)
+            return results

@@ -284,7 +284,8 @@ def _run(executor: Executor, chunks: np.ndarray, options: CollectOptions, base: 
     progress = tqdm(total=n_chunk * n_ctx, unit="tok", unit_scale=True, file=sys.stderr,
                     disable=not options.progress or options.verbosity < 1, desc="imatrix")
     start = time.perf_counter()
-    with ActivationCollector(targets) as collector, torch.inference_mode(), \
+    # the bar is closed on an error or Ctrl-C too, before the error's line, not at interpreter exit
+    with progress, ActivationCollector(targets) as collector, torch.inference_mode(), \
             _pool(in_flight, collector) as pool:
         def matrix_now() -> ImportanceMatrix:
             if group.world == 1:
