@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--output-format", choices=["gguf", "dat"], default=None, help="gguf (default) or the legacy dat")
     add("--parse-special", action="store_true", help="parse special tokens in the text")
     add("-lv", "--verbosity", type=int, default=1, help="0: only perplexity, 1: saves too, 2: more (default: 1)")
-    add("--show-statistics", action="store_true", help="print statistics of the --in-file imatrix and exit")
+    add("--show-statistics", action="store_true",
+        help="print statistics of the --in-file imatrix and exit (several files: of their merge)")
     add("--stats-format", choices=["table", "json", "csv"], default="table", help="with --show-statistics")
     add("--stats-mode", choices=["legacy", "preferred"], default="legacy", help="with --show-statistics")
     add_ignored_llama_cpp_flags(parser)
