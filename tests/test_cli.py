@@ -199,3 +199,22 @@ def test_gguf_with_a_broken_vocabulary(capsys: pytest.CaptureFixture[str], text:
     model = tiny_models.write_tiny_llama_gguf(tmp_path / "broken.gguf")
     fails_cleanly(capsys, ["-m", str(model), "-f", str(text), "-o", str(tmp_path / "o.gguf"), "-lv", "0"],
                   "broken.gguf", "cannot build its tokenizer")
+
+
+def test_a_context_too_short_to_score_still_saves(capsys: pytest.CaptureFixture[str], tiny_gguf: Path, text: Path,
+                                                  tmp_path: Path) -> None:
+    # -c 2 scores no position (n_ctx/2 … n_ctx-2 is empty): llama-imatrix prints nan and saves anyway
+    out = tmp_path / "c2.gguf"
+    assert main(["-m", str(tiny_gguf), "-f", str(text), "-c", "2", "--chunks", "3", "-lv", "0", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "[1]nan," in printed and "Unexpected negative standard deviation of log(prob)" in printed
+    assert ImportanceMatrix.load(out).chunk_count == 3
+
+
+def test_python_api_rejects_what_the_cli_rejects(tiny_gguf: Path, text: Path) -> None:
+    from imatrix import ImatrixError
+    from imatrix.collect.runner import CollectOptions, collect
+
+    for options in (CollectOptions(n_ctx=0), CollectOptions(n_ctx=-5), CollectOptions(max_chunks=0)):
+        with pytest.raises(ImatrixError):
+            collect(tiny_gguf, text, options)

@@ -182,3 +182,37 @@ def test_dat_round_trip(entries: dict, ncall: int) -> None:
         assert parsed.entries[name].ncall == ncall
         # stored = (sum / count) · ncall = (v·512 / (ncall·512)) · ncall = v
         np.testing.assert_allclose(parsed.entries[name].values, np.array(values, np.float32), rtol=1e-6)
+
+
+def test_accumulate_copies_the_callers_buffers() -> None:
+    matrix = ImportanceMatrix(chunk_size=4)
+    buffer, count = np.zeros((1, 3), np.float32), np.zeros(1, np.int64)
+    for value in (5.0, 1.0, 1.0):  # a collector refilling one buffer per step
+        buffer[:], count[:] = value, 4
+        matrix.accumulate("blk.0.attn_q.weight", buffer, count)
+    assert matrix["blk.0.attn_q.weight"].sums.tolist() == [[7.0, 7.0, 7.0]]
+    assert matrix["blk.0.attn_q.weight"].counts.tolist() == [12]
+
+
+MOE_GGUF = "moe/tiny-qwen3moe.c256.n8.imatrix.gguf"
+
+
+def test_moe_gguf_and_its_dat_merge_in_either_order(golden: Path, tmp_path: Path) -> None:
+    # llama.cpp's load_imatrix: a .dat expert stack (one count) adds its count to every expert
+    moe = ImportanceMatrix.load(golden / MOE_GGUF, chunk_size=256)
+    moe.save(tmp_path / "moe.dat")
+    dat = ImportanceMatrix.load(tmp_path / "moe.dat", chunk_size=256)
+    stack = "blk.0.ffn_down_exps.weight"
+    assert (dat[stack].n_mat, moe[stack].n_mat) == (1, 8)
+    dat_first, gguf_first = dat.merge(moe), moe.merge(dat)
+    assert gguf_first.names() == dat_first.names() == moe.names()
+    for name in moe:
+        np.testing.assert_array_equal(gguf_first[name].sums, dat_first[name].sums)
+        np.testing.assert_array_equal(gguf_first[name].counts, dat_first[name].counts)
+    assert gguf_first[stack].counts.tolist() == (moe[stack].counts + dat[stack].counts[0]).tolist()
+
+
+def test_an_empty_matrix_is_not_saved(tmp_path: Path) -> None:
+    with pytest.raises(ImatrixError, match="nothing to save"):
+        ImportanceMatrix().save(tmp_path / "empty.gguf")
+    assert not (tmp_path / "empty.gguf").exists()

@@ -252,8 +252,10 @@ def test_all_zero_counts_is_an_error(tmp_path, capsys):
 
 
 def test_file_without_tensors_is_an_error(tmp_path, capsys):
+    from imatrix.formats.gguf_file import write_gguf_imatrix
+
     path = tmp_path / "empty.gguf"
-    ImportanceMatrix(chunk_size=512).save(path)
+    write_gguf_imatrix(ImportanceMatrix(chunk_size=512), path)  # what llama-imatrix --chunks 0 writes
     assert main(["--in-file", str(path), "--show-statistics"]) == 1
     err = capsys.readouterr().err
     assert "empty.gguf" in err and "no tensors" in err

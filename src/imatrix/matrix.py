@@ -23,10 +23,11 @@ class TensorStats:
     counts: np.ndarray  # int64 [n_mat]: token rows seen by each matrix
 
     def __post_init__(self) -> None:
-        self.sums = np.ascontiguousarray(self.sums, dtype=np.float32)
+        # own copies: statistics that shared the caller's buffers would change when it refills them
+        self.sums = np.array(self.sums, dtype=np.float32, order="C")
         if self.sums.ndim == 1:
             self.sums = self.sums.reshape(1, -1)
-        self.counts = np.asarray(self.counts, dtype=np.int64).reshape(-1)
+        self.counts = np.array(self.counts, dtype=np.int64).reshape(-1)
         if self.sums.shape[0] != self.counts.shape[0]:
             raise ImatrixError(
                 f"sums have {self.sums.shape[0]} matrices but counts have {self.counts.shape[0]}"
@@ -48,7 +49,7 @@ class TensorStats:
         return means
 
     def copy(self) -> TensorStats:
-        return TensorStats(self.sums.copy(), self.counts.copy())
+        return TensorStats(self.sums, self.counts)
 
 
 @dataclass
@@ -151,6 +152,12 @@ def _add_into(name: str, current: TensorStats, incoming: TensorStats) -> None:
         # llama.cpp broadcasts a single count over experts when an old file meets a MoE one
         current.counts = np.full(incoming.n_mat, current.counts[0], dtype=np.int64)
         current.sums = current.sums.reshape(incoming.sums.shape)
+    elif incoming.n_mat == 1 and current.n_mat > 1:
+        # and the other way round (`load_imatrix`'s legacy branch): a .dat entry, whose experts share
+        # one count, adds its values in place and its count to every expert
+        current.sums += incoming.sums.reshape(current.sums.shape)
+        current.counts += incoming.counts[0]
+        return
     elif current.n_mat != incoming.n_mat:
         raise ImatrixError(
             f"cannot merge '{name}': {current.n_mat} matrices vs {incoming.n_mat}"

@@ -45,9 +45,11 @@ class PerplexityMeter:
 
     def final(self) -> tuple[float, float] | None:
         """(PPL, its standard error) as llama.cpp estimates them; None if the variance is not positive."""
+        if self.count < 2:  # -c 1 or 2 scores nothing
+            return None
         mean = self.nll / self.count
         variance = self.nll2 / self.count - mean * mean
-        if variance <= 0 or self.count < 2:
+        if variance <= 0:
             return None
         ppl = math.exp(mean)
         return ppl, math.sqrt(variance / (self.count - 1)) * ppl

@@ -86,6 +86,10 @@ def collect(model: str | Path | LoadedModel | Executor, text_file: str | Path, o
     counts are skipped. Under torch.distributed every rank calls this; rank 0 prints and saves.
     """
     options = options or CollectOptions()
+    if options.n_ctx <= 0 or options.n_batch <= 0:
+        raise ImatrixError(f"chunk size {options.n_ctx} and batch size {options.n_batch} must be > 0")
+    if options.max_chunks == 0:
+        raise ImatrixError("max_chunks=0: no chunk to process")
     emit = stdout or (lambda text: print(text, end="", flush=True))
     if not group.is_main:
         options = dataclasses.replace(options, verbosity=0, progress=False)

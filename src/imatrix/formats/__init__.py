@@ -37,6 +37,8 @@ def load_imatrix(path: str | Path, chunk_size: int = 512) -> ImportanceMatrix:
 
 def save_imatrix(matrix: ImportanceMatrix, path: str | Path, output_format: str | None = None) -> Path:
     target = Path(path)
+    if not len(matrix):
+        raise ImatrixError(f"{target}: nothing to save: the imatrix holds no tensors")
     fmt = (output_format or ("dat" if target.suffix == ".dat" else "gguf")).lower()
     if fmt == "dat":
         write_dat_imatrix(matrix, target)

@@ -84,7 +84,9 @@ def compare_matrices(a: ImportanceMatrix, b: ImportanceMatrix, source_a: str = "
         raise ImatrixError(f"{source_b}: no tensor in common with {source_a} (different architectures?)")
     for name in common:
         shape_a, shape_b = a.tensors[name].sums.shape, b.tensors[name].sums.shape
-        if shape_a != shape_b:
+        # a legacy .dat stores an expert stack as one row of per-expert means: the same vector
+        legacy_stack = 1 in (shape_a[0], shape_b[0]) and a.tensors[name].sums.size == b.tensors[name].sums.size
+        if shape_a != shape_b and not legacy_stack:
             raise ImatrixError(
                 f"{source_b}: tensor '{name}' has shape {list(shape_b)} but {list(shape_a)} in {source_a}"
                 " (different architectures?)"
