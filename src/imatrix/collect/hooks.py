@@ -190,10 +190,10 @@ class ActivationCollector:
         merged = base.copy() if base is not None else ImportanceMatrix()
         for slot in self._slots:
             for name, total in slot.sums.items():
-                if slot.counts[name]:  # a copy: the live accumulator keeps changing
-                    merged.accumulate(name, total.detach().cpu().numpy().reshape(1, -1).copy(), [slot.counts[name]])
+                if slot.counts[name]:  # accumulate copies: the live accumulator keeps changing
+                    merged.accumulate(name, total.detach().cpu().numpy().reshape(1, -1), [slot.counts[name]])
             for names, total in slot.expert_sums.items():
                 sums, counts = total.detach().cpu().numpy(), slot.expert_counts[names].cpu().numpy()
                 for name in names:
-                    merged.accumulate(name, sums.copy(), counts.copy())
+                    merged.accumulate(name, sums, counts)
         return merged
