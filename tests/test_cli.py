@@ -174,7 +174,8 @@ def test_in_file_of_another_model_fails_before_collecting(capsys: pytest.Capture
                                                           tiny_gguf: Path, text: Path, tmp_path: Path) -> None:
     message = fails_cleanly(capsys, ["-m", str(tiny_gguf), "-f", str(text), "-c", "64", "--in-file", str(golden / C512),
                                      "-o", str(tmp_path / "o.gguf"), "-lv", "0"],
-                            "--in-file data does not fit the model", "576 columns there, 64 columns in the model")
+                            "--in-file data does not fit the model",
+                            "1 × 576 columns there, 1 × 64 columns in the model")
     assert "blk.0." in message and not (tmp_path / "o.gguf").exists()
 
 

@@ -125,14 +125,16 @@ def _check_fits_model(base: ImportanceMatrix, targets: dict[str, torch.nn.Module
     for name, target in targets.items():
         if name not in base:
             continue
+        stats = base[name]
         if isinstance(target, ExpertTarget):
-            expected, found = f"{target.n_expert} experts", f"{base[name].sums.shape[0]} experts"
+            # a legacy .dat holds an expert stack as one row, which merges (see matrix._add_into)
+            fits = stats.n_mat in (1, target.n_expert)
+            found, expected = f"{stats.n_mat} experts", f"{target.n_expert} experts"
         else:
-            expected, found = f"{target.weight.shape[-1]} columns", f"{base[name].sums.shape[-1]} columns"
-            if base[name].sums.shape[0] != 1:
-                found = f"{base[name].sums.shape[0]} matrices"
-                expected = "1 matrix"
-        if expected != found:
+            n_cols = target.weight.shape[-1]
+            fits = stats.n_mat == 1 and stats.n_cols == n_cols
+            found, expected = f"{stats.n_mat} × {stats.n_cols} columns", f"1 × {n_cols} columns"
+        if not fits:
             raise ImatrixError(f"{what} does not fit the model {model}: '{name}' has {found} there, "
                                f"{expected} in the model")
 
