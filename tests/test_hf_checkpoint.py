@@ -107,3 +107,15 @@ def test_garbage_safetensors_is_a_clear_error(tiny_llama_dir: Path, tmp_path: Pa
         load_model(broken)
     with pytest.raises(ImatrixError, match=r"model.safetensors: cannot read safetensors file"):
         open_lazy_model(broken, torch.device("cpu"))
+
+
+def test_only_rank_0_shows_the_loading_bar(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    try:
+        load_model(tiny_llama_dir)
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()

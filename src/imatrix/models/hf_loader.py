@@ -29,6 +29,8 @@ def load_hf_model(directory: Path, device: str | torch.device, dtype: torch.dtyp
     architecture = hf_architecture(directory)
     if not any(directory.glob("*.safetensors")):
         raise ImatrixError(f"{directory}: no *.safetensors weights found")
+    if _is_secondary_rank():  # under torchrun only rank 0 reports progress
+        transformers.utils.logging.disable_progress_bar()
     try:
         model = architecture.model_type().from_pretrained(directory, dtype=dtype).to(device)
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
@@ -40,3 +42,8 @@ def load_hf_model(directory: Path, device: str | torch.device, dtype: torch.dtyp
     wrapped = HFTokenizer(tokenizer, tokenizer.bos_token_id, add_bos)
     names = gguf_name_map(model, architecture, model.config.num_hidden_layers)
     return LoadedModel(model, wrapped, architecture, names, directory)
+
+
+def _is_secondary_rank() -> bool:
+    distributed = torch.distributed
+    return distributed.is_available() and distributed.is_initialized() and distributed.get_rank() != 0
