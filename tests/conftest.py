@@ -62,3 +62,14 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tiny_models import write_tiny_llama_gguf
 
     return write_tiny_llama_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", dtype=np.float16)
+
+
+@pytest.fixture(scope="session")
+def moe_dat(golden: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """llama.cpp's tiny Qwen3-MoE imatrix (c256) written as a legacy .dat: its expert stacks become one
+    row of per-expert means each."""
+    from imatrix import ImportanceMatrix
+
+    path = tmp_path_factory.mktemp("moe-dat") / "moe.dat"
+    ImportanceMatrix.load(golden / "moe" / "tiny-qwen3moe.c256.n8.imatrix.gguf", chunk_size=256).save(path)
+    return path

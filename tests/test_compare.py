@@ -107,9 +107,8 @@ def test_shape_mismatch_is_an_error(tmp_path, golden, capsys):
     assert "blk.0.attn_q.weight" in err and "shape" in err and "different architectures" in err
 
 
-def test_moe_gguf_against_its_legacy_dat(golden, tmp_path) -> None:
+def test_moe_gguf_against_its_legacy_dat(golden, moe_dat) -> None:
     moe = ImportanceMatrix.load(golden / "moe/tiny-qwen3moe.c256.n8.imatrix.gguf", chunk_size=256)
-    moe.save(tmp_path / "moe.dat")  # expert stacks become one row of per-expert means
-    result = compare_matrices(moe, ImportanceMatrix.load(tmp_path / "moe.dat", chunk_size=256))
+    result = compare_matrices(moe, ImportanceMatrix.load(moe_dat, chunk_size=256))
     assert len(result.tensors) == len(moe) and not result.only_a and not result.only_b
     assert min(row.cossim for row in result.tensors) > 0.999999

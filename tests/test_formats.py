@@ -197,11 +197,10 @@ def test_accumulate_copies_the_callers_buffers() -> None:
 MOE_GGUF = "moe/tiny-qwen3moe.c256.n8.imatrix.gguf"
 
 
-def test_moe_gguf_and_its_dat_merge_in_either_order(golden: Path, tmp_path: Path) -> None:
+def test_moe_gguf_and_its_dat_merge_in_either_order(golden: Path, moe_dat: Path) -> None:
     # llama.cpp's load_imatrix: a .dat expert stack (one count) adds its count to every expert
     moe = ImportanceMatrix.load(golden / MOE_GGUF, chunk_size=256)
-    moe.save(tmp_path / "moe.dat")
-    dat = ImportanceMatrix.load(tmp_path / "moe.dat", chunk_size=256)
+    dat = ImportanceMatrix.load(moe_dat, chunk_size=256)
     stack = "blk.0.ffn_down_exps.weight"
     assert (dat[stack].n_mat, moe[stack].n_mat) == (1, 8)
     dat_first, gguf_first = dat.merge(moe), moe.merge(dat)

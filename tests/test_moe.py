@@ -360,11 +360,9 @@ def test_in_file_with_other_expert_count_fails_before_collecting(moe_model: Load
 
 
 def test_in_file_from_a_legacy_dat_continues_on_a_moe_model(moe_model: LoadedModel, golden: Path,
-                                                            tmp_path: Path) -> None:
+                                                            moe_dat: Path) -> None:
     """A .dat flattens each expert stack to one row: llama.cpp merges it into the experts, so do we."""
-    moe_file = golden / "moe" / "tiny-qwen3moe.c256.n8.imatrix.gguf"
-    ImportanceMatrix.load(moe_file, chunk_size=256).save(tmp_path / "moe.dat")
-    base = ImportanceMatrix.load(tmp_path / "moe.dat", chunk_size=256)
+    base = ImportanceMatrix.load(moe_dat, chunk_size=256)
     result = collect(moe_model, golden.parent / "data" / "calibration.txt",
                      CollectOptions(n_ctx=256, max_chunks=1, progress=False, verbosity=0, compute_ppl=False),
                      base=base, stdout=lambda _: None)

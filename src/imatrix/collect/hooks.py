@@ -51,6 +51,18 @@ class _Slot:
     def all_sums(self) -> list[tuple[str, torch.Tensor]]:
         return [*self.sums.items(), *((names[0], total) for names, total in self.expert_sums.items())]
 
+    def expert_accumulators(self, names: Names, n_expert: int, n_cols: int,
+                            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if names not in self.expert_sums:
+            self.expert_sums[names] = torch.zeros(n_expert, n_cols, dtype=torch.float32, device=device)
+            self.expert_counts[names] = torch.zeros(n_expert, dtype=torch.int64, device=device)
+        return self.expert_sums[names], self.expert_counts[names]
+
+    def check_finite(self, values: torch.Tensor) -> None:
+        """Fold `values`' finiteness into one device flag, read once per batch (`end_batch`)."""
+        finite = torch.isfinite(values).all()
+        self.finite = finite if self.finite is None else self.finite & finite
+
 
 class ActivationCollector:
     def __init__(self, targets: dict[str, torch.nn.Module | ExpertTarget]) -> None:
@@ -125,7 +137,7 @@ class ActivationCollector:
         if activations is slot.last_input and slot.last_sum_sq is not None:
             return slot.last_sum_sq
         sum_sq = column_sum_sq(rows)
-        self._check_finite(slot, sum_sq)
+        slot.check_finite(sum_sq)
         slot.last_input, slot.last_sum_sq = activations, sum_sq
         return sum_sq
 
@@ -133,41 +145,28 @@ class ActivationCollector:
         """Add token rows `[n_tokens, n_cols]` to the experts they were routed to (`routing`: [n_tokens, n_expert])."""
         slot = self._slot()
         squares = tokens.reshape(-1, tokens.shape[-1]).float().square()
-        sums, counts = self._expert_accumulators(slot, names, n_expert, squares.shape[1], tokens.device)
+        sums, counts = slot.expert_accumulators(names, n_expert, squares.shape[1], tokens.device)
         sums.addmm_(routing.t(), squares)
         counts.add_(routing.sum(dim=0).round().long())
-        self._check_finite(slot, sums)
+        slot.check_finite(sums)
 
     def observe_by_expert(self, names: Names, n_expert: int, rows: torch.Tensor, expert_ids: torch.Tensor) -> None:
         """Add rows `[n_rows, n_cols]`, row i belonging to expert `expert_ids[i]`."""
         slot = self._slot()
         rows = rows.reshape(-1, rows.shape[-1])
-        sums, counts = self._expert_accumulators(slot, names, n_expert, rows.shape[1], rows.device)
+        sums, counts = slot.expert_accumulators(names, n_expert, rows.shape[1], rows.device)
         sums.index_add_(0, expert_ids, rows.float().square())
         counts.index_add_(0, expert_ids, torch.ones_like(expert_ids, dtype=torch.int64))
-        self._check_finite(slot, sums)
+        slot.check_finite(sums)
 
     def observe_expert(self, names: Names, n_expert: int, expert: int, rows: torch.Tensor) -> None:
         """Add rows `[..., n_cols]` that all went through expert `expert`."""
         slot = self._slot()
         rows = rows.reshape(-1, rows.shape[-1])
-        sums, counts = self._expert_accumulators(slot, names, n_expert, rows.shape[1], rows.device)
+        sums, counts = slot.expert_accumulators(names, n_expert, rows.shape[1], rows.device)
         sums[expert].add_(column_sum_sq(rows))
         counts[expert] += rows.shape[0]
-        self._check_finite(slot, sums[expert])
-
-    @staticmethod
-    def _expert_accumulators(slot: _Slot, names: Names, n_expert: int, n_cols: int,
-                             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if names not in slot.expert_sums:
-            slot.expert_sums[names] = torch.zeros(n_expert, n_cols, dtype=torch.float32, device=device)
-            slot.expert_counts[names] = torch.zeros(n_expert, dtype=torch.int64, device=device)
-        return slot.expert_sums[names], slot.expert_counts[names]
-
-    @staticmethod
-    def _check_finite(slot: _Slot, values: torch.Tensor) -> None:
-        finite = torch.isfinite(values).all()
-        slot.finite = finite if slot.finite is None else slot.finite & finite
+        slot.check_finite(sums[expert])
 
     def _forget_last_inputs(self) -> None:
         for slot in self._slots:

@@ -108,12 +108,13 @@ def collect(model: str | Path | LoadedModel | Executor, text_file: str | Path, o
     else:
         base.datasets = [*base.datasets, dataset]
     executor = open_executor(model, torch.device(device), options)
-    _check_fits_model(base, collection_targets(executor.loaded, options.process_output),
-                      f"{options.output_file}" if resumed is not None else "the --in-file data", executor.loaded.source)
+    targets = collection_targets(executor.loaded, options.process_output)
+    _check_fits_model(base, targets, f"{options.output_file}" if resumed is not None else "the --in-file data",
+                      executor.loaded.source)
     chunks = _tokenize(executor.loaded, text, options, text_file)
     if resumed is not None:
         log(f"compute_imatrix: resuming from {options.output_file} after {skip} chunks", options.verbosity)
-    return _run(executor, chunks[skip:], options, base, emit, group, skip)
+    return _run(executor, targets, chunks[skip:], options, base, emit, group, skip)
 
 
 def _check_fits_model(base: ImportanceMatrix, targets: dict[str, torch.nn.Module | ExpertTarget], what: str,
@@ -273,8 +274,9 @@ def plan_windows(n_chunk: int, n_ctx: int, n_seq: int, group: Group, base_tokens
     return [window for window in windows if window]
 
 
-def _run(executor: Executor, chunks: np.ndarray, options: CollectOptions, base: ImportanceMatrix,
-         emit: Callable[[str], None], group: Group, first_index: int) -> CollectResult:
+def _run(executor: Executor, targets: dict[str, torch.nn.Module | ExpertTarget], chunks: np.ndarray,
+         options: CollectOptions, base: ImportanceMatrix, emit: Callable[[str], None], group: Group,
+         first_index: int) -> CollectResult:
     n_chunk, n_ctx, n_seq = chunks.shape[0], options.n_ctx, options.n_seq
     if options.verbosity >= 1:
         emit(f"compute_imatrix: computing over {n_chunk} chunks, n_ctx={n_ctx}, "
@@ -285,7 +287,6 @@ def _run(executor: Executor, chunks: np.ndarray, options: CollectOptions, base: 
     # each chunk in flight needs its place in the window (a window of one step has one chunk at least)
     windows = plan_windows(n_chunk, n_ctx, n_seq, group, base.max_count(), saver,
                            max(executor.window_chunks, in_flight))
-    targets = collection_targets(executor.loaded, options.process_output)
     chunk_ppl: list[float] = []
     progress = tqdm(total=n_chunk * n_ctx, unit="tok", unit_scale=True, file=sys.stderr,
                     disable=not options.progress or options.verbosity < 1, desc="imatrix")

@@ -20,20 +20,13 @@ def _umask() -> int:
 
 def check_output_path(path: str | Path) -> None:
     """Fail now, before any work, if `path` cannot be written: better than after an hour of collection."""
-    target = Path(path)
     if not str(path):
         raise ImatrixError("the output file name is empty")
-    if target.is_dir():
-        raise ImatrixError(f"{target}: is a directory, not an output file")
-    if target.exists() and not target.is_file():
-        return  # a device or a pipe (-o /dev/null): written through as it is
-    parent = _parent(target)
-    if not parent.is_dir():
-        raise ImatrixError(f"{target}: output directory '{parent}' does not exist")
-    try:
-        probe, probe_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
-    except OSError as exc:
-        raise ImatrixError(f"{target}: cannot write: {exc.strerror}") from exc
+    target = _writable_target(path)
+    if target is None:
+        return
+    with _write_errors(path):
+        probe, probe_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=_parent(target))
     os.close(probe)
     os.unlink(probe_name)
 
@@ -45,18 +38,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     A symlink keeps pointing at its file, which is replaced; an existing file keeps its permissions.
     A device or a pipe (`/dev/null`) is written through directly: renaming over it would replace it.
     """
-    target = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
-    if target.is_dir():
-        raise ImatrixError(f"{path}: is a directory, not an output file")
-    if target.exists() and not target.is_file():
+    target = _writable_target(path)
+    if target is None:
         with _write_errors(path):
-            yield target
+            yield Path(path)
         return
-    parent = _parent(target)
-    if not parent.is_dir():
-        raise ImatrixError(f"{path}: output directory '{parent}' does not exist")
     with _write_errors(path):
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=_parent(target))
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -70,6 +58,22 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _writable_target(path: str | Path) -> Path | None:
+    """The regular file that writing `path` replaces (a symlink's target); None for a device or a pipe.
+
+    Raises for a directory or a missing parent directory.
+    """
+    target = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
+    if target.is_dir():
+        raise ImatrixError(f"{path}: is a directory, not an output file")
+    if target.exists() and not target.is_file():
+        return None
+    parent = _parent(target)
+    if not parent.is_dir():
+        raise ImatrixError(f"{path}: output directory '{parent}' does not exist")
+    return target
 
 
 def _parent(target: Path) -> Path:

@@ -114,7 +114,7 @@ def open_model(path: Path) -> GGUFModelFile:
     model_file = GGUFModelFile(path)
     if model_file.get("general.type") == "imatrix":
         raise ImatrixError(f"{path}: is an importance matrix, not a model (an imatrix goes to --imatrix)")
-    _ = model_file.architecture  # a model names its architecture: raises when the key is missing
+    model_file.require("general.architecture")  # every model names its architecture
     return model_file
 
 
