@@ -139,12 +139,13 @@ def test_an_error_stops_the_other_slots_after_their_chunk() -> None:
 
     done: list[int] = []
 
-    def work(chunk: int) -> int:
+    def work(group: list[int]) -> list[int]:
+        (chunk,) = group
         time.sleep(0.05)
         if chunk == 2:  # slot 0's second chunk: slot 1 is busy by then
             raise KeyboardInterrupt  # Ctrl-C reaching the chunk's thread, or any error there
         done.append(chunk)
-        return chunk
+        return group
 
     with pytest.raises(KeyboardInterrupt), ChunksInFlight(2, ActivationCollector({}), 2) as pool:
         pool.map(work, list(range(40)))

@@ -1,5 +1,5 @@
 """Memory of the in-memory path: 16-bit weights stay 16-bit and are widened per call (same numbers as
-float32 storage); on CPU one sequence goes through the model at a time."""
+float32 storage); on CPU at most two sequences go through the model at a time."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from imatrix.collect import sequential
-from imatrix.collect.executors import InMemoryExecutor, forward_in_memory
+from imatrix.collect.executors import CPU_SEQS_PER_FORWARD, InMemoryExecutor, forward_in_memory
 from imatrix.models import storage
-from imatrix.models.loader import load_model
+from imatrix.models.gguf_reader import GGUFModelFile
+from imatrix.models.loader import gguf_tensor, load_model
 from imatrix.models.storage import WideningEmbedding, WideningLinear
 from imatrix.quant.model import quantize_model
 from tiny_models import tiny_llama_config, write_tiny_llama_gguf
@@ -24,6 +25,8 @@ def widened_to_float32(model: torch.nn.Module) -> None:
     """Undo the narrow storage in place: float32 weights and plain Linear/Embedding modules."""
     for module in model.modules():
         if isinstance(module, WideningLinear):
+            if module.file_order_head_rows:
+                module.weight.data = storage.checkpoint_row_order(module.weight.data, module.file_order_head_rows)
             module.__class__ = torch.nn.Linear
         elif isinstance(module, WideningEmbedding):
             module.__class__ = torch.nn.Embedding
@@ -91,12 +94,17 @@ def test_large_weights_widened_by_blocks_of_rows(tmp_path: Path, monkeypatch: py
     torch.testing.assert_close(by_blocks, whole, rtol=1e-4, atol=1e-4)  # other matmul kernels: rounding only
 
 
-def test_cpu_executor_runs_one_sequence_at_a_time_with_the_same_result(tmp_path: Path) -> None:
+def test_cpu_executor_runs_two_sequences_at_a_time_with_the_same_result(tmp_path: Path) -> None:
     loaded = load_model(write_tiny_llama_gguf(tmp_path / "f16.gguf", dtype=np.float16))
     batch = torch.randint(0, loaded.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(2))
+    forward_batches = []
+    hook = loaded.model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: forward_batches.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
     with torch.inference_mode():
         (split,) = InMemoryExecutor(loaded).hidden_states([batch])
+        hook.remove()
         together = forward_in_memory(loaded, batch)
+    assert forward_batches == [CPU_SEQS_PER_FORWARD, 3 - CPU_SEQS_PER_FORWARD] == [2, 1]
     assert split.shape == together.shape == (3, 16, loaded.config.hidden_size)
     torch.testing.assert_close(split, together, rtol=1e-5, atol=1e-5)
 
@@ -125,7 +133,7 @@ def test_16_bit_weights_read_in_place_from_the_file_and_their_pages_given_back(t
     up = model.model.layers[0].mlp.up_proj.weight
     assert any(start <= up.data_ptr() < stop for start, stop in ranges)  # the file's bytes, not a copy
     q = model.model.layers[0].self_attn.q_proj.weight
-    assert not any(start <= q.data_ptr() < stop for start, stop in ranges)  # rows reordered: a copy
+    assert any(start <= q.data_ptr() < stop for start, stop in ranges)  # rows reordered when widened
     ids = torch.randint(0, config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         logits = model(input_ids=ids).logits
@@ -156,3 +164,31 @@ def test_widening_reuses_one_buffer_only_without_autograd() -> None:
     torch.testing.assert_close(x.grad, expected.grad, rtol=0, atol=0)
     with torch.inference_mode():
         assert storage.widened(narrow[0].weight, torch.float32) is storage.widened(narrow[1].weight, torch.float32)
+
+
+def test_llama_qk_rows_kept_in_file_order_widen_to_the_checkpoint_rows(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tiny_llama_config(hidden=64, heads=4, kv_heads=2, intermediate=128)
+    path = write_tiny_llama_gguf(tmp_path / "f16.gguf", config, dtype=np.float16)
+    loaded = load_model(path)
+    model_file = GGUFModelFile(path)
+    attention = loaded.model.model.layers[1].self_attn
+    checkpoint = {}
+    for module, name, n_head in ((attention.q_proj, "blk.1.attn_q.weight", 4),
+                                 (attention.k_proj, "blk.1.attn_k.weight", 2)):
+        assert module.file_order_head_rows == 16
+        in_file = torch.from_numpy(model_file.tensor_f32(name))
+        assert torch.equal(module.weight.float(), in_file)  # as stored: the rotary halves interleaved
+        checkpoint[name] = gguf_tensor(model_file, loaded.architecture, loaded.config, name, False)  # reordered
+        assert not torch.equal(checkpoint[name], in_file)
+        with torch.inference_mode():
+            assert torch.equal(storage.widened(module.weight, torch.float32, 16), checkpoint[name])
+        assert torch.equal(storage.widened(module.weight, torch.float32, 16), checkpoint[name])  # autograd: a copy
+        with monkeypatch.context() as patch:
+            patch.setattr(storage, "WIDEN_WHOLE_MAX_VALUES", 20 * 64)  # 20 rows: blocks of one whole head
+            assert storage.output_blocks(module) == [slice(rows, rows + 16) for rows in range(0, 16 * n_head, 16)]
+    assert attention.v_proj.file_order_head_rows == 0
+    # computing in float16, nothing is widened: the rows are reordered at load, as a copy
+    q_in_float16 = load_model(path, dtype=torch.float16).model.model.layers[1].self_attn.q_proj
+    assert type(q_in_float16) is torch.nn.Linear
+    assert torch.equal(q_in_float16.weight.float(), checkpoint["blk.1.attn_q.weight"])

@@ -26,13 +26,25 @@ from imatrix.matrix import ImportanceMatrix
 
 
 def column_sum_sq(rows: torch.Tensor) -> torch.Tensor:
-    """Σ x² per column of `rows` [n_rows, n_cols], in float32.
+    """Σ x² per column of `rows` [..., n_rows, n_cols], in float32: [..., n_cols].
 
-    One fused pass without a [n_rows, n_cols] temporary: on CPU `vecdot` over dim 0 runs ~10× faster
-    than `vector_norm(dim=0)`, whose column reduction dominated the hooks' cost.
+    One fused pass without a [n_rows, n_cols] temporary: on CPU `vecdot` over the rows runs ~10×
+    faster than `vector_norm`, whose column reduction dominated the hooks' cost.
     """
     rows = rows.float()
-    return torch.linalg.vecdot(rows, rows, dim=0)
+    return torch.linalg.vecdot(rows, rows, dim=-2)
+
+
+def sequence_sum_sq(activations: torch.Tensor) -> torch.Tensor:
+    """Σ x² per column of each sequence of `activations` [n_seq, n_tokens, n_cols] (or [n_tokens,
+    n_cols]): [n_seq, n_cols].
+
+    Added into the accumulator one sequence at a time, a chunk's sums are the same bits whether it ran
+    alone or beside others in a batch: the result does not depend on -b.
+    """
+    if activations.dim() < 3:
+        return column_sum_sq(activations).unsqueeze(0)
+    return column_sum_sq(activations.reshape(-1, *activations.shape[-2:]))
 
 
 @dataclass
@@ -111,12 +123,12 @@ class ActivationCollector:
     def observe(self, name: str, activations: torch.Tensor) -> None:
         """Add one matmul input `[..., n_cols]` to the statistics of `name`, a dense target."""
         slot = self._slot()
-        rows = activations.reshape(-1, activations.shape[-1])
-        sum_sq = self._sum_sq(slot, activations, rows)
+        sums_by_sequence = self._sum_sq(slot, activations)
         if not slot.sums:
             self._allocate_sums(slot, activations.device)
-        slot.sums[name].add_(sum_sq)
-        slot.counts[name] += rows.shape[0]
+        for sequence_sums in sums_by_sequence:
+            slot.sums[name].add_(sequence_sums)
+        slot.counts[name] += activations.numel() // activations.shape[-1]
 
     def _allocate_sums(self, slot: _Slot, device: torch.device) -> None:
         """Every dense target's accumulator at once, as views of one zeroed buffer.
@@ -132,11 +144,11 @@ class ActivationCollector:
             slot.sums[name], flat = flat[:width], flat[width:]
             slot.counts[name] = 0
 
-    def _sum_sq(self, slot: _Slot, activations: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def _sum_sq(self, slot: _Slot, activations: torch.Tensor) -> torch.Tensor:
         # q/k/v (and gate/up) read the very same tensor: square it once
         if activations is slot.last_input and slot.last_sum_sq is not None:
             return slot.last_sum_sq
-        sum_sq = column_sum_sq(rows)
+        sum_sq = sequence_sum_sq(activations)
         slot.check_finite(sum_sq)
         slot.last_input, slot.last_sum_sq = activations, sum_sq
         return sum_sq

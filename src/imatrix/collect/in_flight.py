@@ -49,21 +49,26 @@ class ChunksInFlight:
         # torch.set_num_threads in the workers also set the default for threads started later
         torch.set_num_threads(self.threads)
 
-    def map(self, work: Callable[[int], Result], chunks: list[int]) -> dict[int, Result]:
-        """`work(chunk)` for every chunk index, slot by slot in parallel; results by chunk."""
+    def map(self, work: Callable[[list[int]], list[Result]], chunks: list[int],
+            per_call: int = 1) -> dict[int, Result]:
+        """`work(group)` for groups of up to `per_call` chunk indices of the same slot, slot by slot
+        in parallel; `work` returns a result per chunk of its group. Results by chunk."""
         by_slot = [[chunk for chunk in chunks if chunk % self.n_slots == slot] for slot in range(self.n_slots)]
-        futures = [self._pool.submit(self._run_slot, slot, work, mine) for slot, mine in enumerate(by_slot) if mine]
+        futures = [self._pool.submit(self._run_slot, slot, work, mine, per_call)
+                   for slot, mine in enumerate(by_slot) if mine]
         results: dict[int, Result] = {}
         for future in futures:
             results.update(future.result())
         return results
 
-    def _run_slot(self, slot: int, work: Callable[[int], Result], chunks: list[int]) -> dict[int, Result]:
+    def _run_slot(self, slot: int, work: Callable[[list[int]], list[Result]], chunks: list[int],
+                  per_call: int) -> dict[int, Result]:
         torch.set_num_threads(self.threads_per_chunk)  # this thread's OpenMP/MKL team
         with self.collector.in_slot(slot), torch.inference_mode():  # grad mode is per thread
             results = {}
-            for chunk in chunks:
+            for first in range(0, len(chunks), per_call):
                 if self._stopping.is_set():
                     break
-                results[chunk] = work(chunk)
+                group = chunks[first : first + per_call]
+                results.update(zip(group, work(group), strict=True))
             return results

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from imatrix.collect.chunks import read_calibration_text, tokenize_chunks
 from imatrix.collect.distributed import SINGLE, Group
-from imatrix.collect.executors import Executor, InMemoryExecutor
+from imatrix.collect.executors import CPU_SEQS_PER_FORWARD, Executor, InMemoryExecutor
 from imatrix.collect.hooks import ActivationCollector
 from imatrix.collect.in_flight import ChunksInFlight, default_chunks_in_flight
 from imatrix.collect.moe import ExpertTarget, expert_count_lines
@@ -366,18 +366,21 @@ def _run_window(executor: Executor, chunks: np.ndarray, window: list[_Step], opt
 
 def _run_chunks_in_flight(executor: Executor, chunks: np.ndarray, indices: list[int], options: CollectOptions,
                           pool: ChunksInFlight) -> list[tuple[int, PerplexityMeter]]:
-    """Each chunk through the model and scored in its pool slot (one sequence per forward)."""
+    """The chunks through the model and scored in their pool slots, -b's chunks shared among the slots
+    (up to `CPU_SEQS_PER_FORWARD` sequences per forward)."""
     project = _projects_output(executor, options)
+    per_forward = min(CPU_SEQS_PER_FORWARD, max(1, options.n_seq // pool.n_slots))
 
-    def run_chunk(chunk: int) -> PerplexityMeter | None:
-        batch = torch.from_numpy(chunks[chunk : chunk + 1]).to(executor.device)
+    def run_group(group: list[int]) -> list[PerplexityMeter | None]:
+        batch = torch.from_numpy(chunks[group]).to(executor.device)
         (states,) = executor.hidden_states([batch])
         if not project:
-            return None
+            return [None] * len(group)
         with executor.output_head() as head:
-            return next(_score_sequences(head, executor.loaded, states, batch, options), None)
+            scored = list(_score_sequences(head, executor.loaded, states, batch, options))
+        return scored or [None] * len(group)
 
-    partials = pool.map(run_chunk, indices)
+    partials = pool.map(run_group, indices, per_forward)
     return [(chunk, partials[chunk]) for chunk in indices if partials[chunk] is not None]
 
 

@@ -74,12 +74,20 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     narrow_capable = narrow_capable_parameters(model)
     in_place = torch.device(device).type == "cpu"
     state = {}
+    file_order_head_rows = {}  # q/k weights read in place, rows in the file's order -> rows per head
     for param, gguf_name in gguf_names.items():
         if gguf_name in model_file.tensors:
+            info = model_file.tensors[gguf_name]
             kept_as = dtype
             if param in narrow_capable:
-                kept_as = storage_dtype(model_file.tensors[gguf_name].tensor_type, dtype, round_to_f16)
-            state[param] = gguf_tensor(model_file, architecture, config, gguf_name, round_to_f16, kept_as, in_place)
+                kept_as = storage_dtype(info.tensor_type, dtype, round_to_f16)
+            n_head = rope_permuted_heads(architecture, config, gguf_name)
+            # widened per call anyway: the widening puts the rows in order (`models.storage`)
+            keep_file_order = n_head > 0 and kept_as != dtype and _mapped_in_place(info, kept_as, in_place)
+            state[param] = gguf_tensor(model_file, architecture, config, gguf_name, round_to_f16, kept_as, in_place,
+                                       keep_file_order)
+            if keep_file_order:
+                file_order_head_rows[param] = info.shape[0] // n_head
             model_file.release_pages(gguf_name)
     for param, names in stacks.items():
         if all(name in model_file.tensors for name in names):
@@ -87,6 +95,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             for name in names:
                 model_file.release_pages(name)
     _assign_weights(model, state, source, device, dtype, tensor_page_release(model_file.pages))
+    for param, head_rows in file_order_head_rows.items():
+        model.get_submodule(param.rpartition(".")[0]).file_order_head_rows = head_rows
     return LoadedModel(model, tokenizer_from_gguf(model_file), architecture, gguf_names, source, stacks)
 
 
@@ -132,27 +142,40 @@ def gguf_expert_tensor(model_file: GGUFModelFile, names: tuple[str, ...], round_
 
 
 def gguf_tensor(model_file: GGUFModelFile, architecture: Architecture, config, name: str,  # noqa: ANN001
-                round_to_f16: bool, dtype: torch.dtype = torch.float32, in_place: bool = False) -> torch.Tensor:
+                round_to_f16: bool, dtype: torch.dtype = torch.float32, in_place: bool = False,
+                keep_file_row_order: bool = False) -> torch.Tensor:
     """One weight in checkpoint layout as a `dtype` tensor of its own.
 
     A 16-bit tensor asked for in its own dtype is taken from the file as is, without a float32 pass:
-    with `in_place`, as a view of the mmap unless its rows must be reordered, else as a copy.
+    with `in_place`, as a view of the mmap unless its rows must be reordered, else as a copy. With
+    `keep_file_row_order`, a llama q/k weight is not reordered: the caller does it when widening.
     """
     info = model_file.tensors[name]
-    permuted = architecture.permute_qk and name.endswith(("attn_q.weight", "attn_k.weight"))
+    n_head = rope_permuted_heads(architecture, config, name)
     if exact_16_bit_dtype(info.tensor_type) == dtype:
         weight = model_file.raw(name).view(np.uint16).reshape(info.shape)  # the bit patterns as stored
-        if in_place and not permuted and info.offset % 2 == 0:  # GGUF aligns tensors to 32 bytes by default
+        if _mapped_in_place(info, dtype, in_place) and (not n_head or keep_file_row_order):
             return torch.from_numpy(weight).view(dtype)
     else:
         weight = model_file.tensor_f32(name)
         if round_to_f16 and info.tensor_type != gguf.GGMLQuantizationType.F32:
             weight = weight.astype(np.float16).astype(np.float32)
-    if permuted:
-        n_head = config.num_attention_heads if "attn_q" in name else config.num_key_value_heads
+    if n_head:
         weight = unpermute_rows(weight, n_head)
     tensor = torch.from_numpy(np.array(weight, order="C"))  # own copy, not the mmap
     return tensor.view(dtype) if tensor.dtype == torch.uint16 else tensor.to(dtype)
+
+
+def rope_permuted_heads(architecture: Architecture, config, name: str) -> int:  # noqa: ANN001
+    """The number of heads whose rows llama.cpp's converter permuted in GGUF tensor `name` (0: none)."""
+    if not architecture.permute_qk or not name.endswith(("attn_q.weight", "attn_k.weight")):
+        return 0
+    return config.num_attention_heads if "attn_q" in name else config.num_key_value_heads
+
+
+def _mapped_in_place(info, dtype: torch.dtype, in_place: bool) -> bool:  # noqa: ANN001 - a GGUF tensor's info
+    """Whether a tensor can be used as a view of the mapped file: its 16-bit values, 2-byte aligned."""
+    return in_place and exact_16_bit_dtype(info.tensor_type) == dtype and info.offset % 2 == 0  # GGUF aligns to 32
 
 
 def tensor_page_release(pages: MappedPages) -> PageRelease:

@@ -33,21 +33,28 @@ PageRelease = Callable[[torch.Tensor], None]
 
 
 class WideningLinear(torch.nn.Linear):
-    """An `nn.Linear` whose weight is stored narrower than its input and widened for each call."""
+    """An `nn.Linear` whose weight is stored narrower than its input and widened for each call.
+
+    With `file_order_head_rows` set, the weight is a llama q/k projection read in place from a GGUF
+    file, its rows still in the order llama.cpp's converter wrote them (`LlamaModel.permute`); the
+    widened copy is put in checkpoint order on the way, so `forward` is the checkpoint's. Reading the
+    rows through a reordering copy at load time would hold a second 16-bit set of them instead.
+    """
 
     release_pages: PageRelease | None = None  # set when the weight is read in place from a mapped file
+    file_order_head_rows: int = 0  # rows per attention head when the rows are in the GGUF file's order
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Linear's own signature
         if self.weight.numel() <= WIDEN_WHOLE_MAX_VALUES:
             return self._widened_linear(input, self.weight, self.bias)
         output = input.new_empty(*input.shape[:-1], self.out_features)
-        for rows in output_blocks(self):
+        for rows in output_blocks(self):  # whole heads each, for rows in file order
             output[..., rows] = linear_rows(self, input, rows)
         return output
 
     def _widened_linear(self, input: torch.Tensor, weight: torch.Tensor,  # noqa: A002
                         bias: torch.Tensor | None) -> torch.Tensor:
-        wide = widened(weight, input.dtype)
+        wide = widened(weight, input.dtype, self.file_order_head_rows)
         if self.release_pages is not None:
             self.release_pages(weight)
         return F.linear(input, wide, None if bias is None else bias.to(input.dtype))
@@ -56,15 +63,17 @@ class WideningLinear(torch.nn.Linear):
 _scratch = threading.local()
 
 
-def widened(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`weight` converted to `dtype`, valid until the next call for the same shape in this thread.
+def widened(weight: torch.Tensor, dtype: torch.dtype, file_order_head_rows: int = 0) -> torch.Tensor:
+    """`weight` converted to `dtype` (and its rows put in checkpoint order, for rows in a GGUF file's q/k
+    order of `file_order_head_rows` per head), valid until the next call for the same shape in this thread.
 
     Without autograd the widened copy lives for one matmul, so one buffer per shape is reused: a
     fresh one per call is 0.5 GB of multi-MB allocations per SmolLM2 forward, which left glibc's
     heap larger by up to 0.2 GB. With autograd the matmul keeps its weight: a copy each time.
     """
     if torch.is_grad_enabled():
-        return weight.to(dtype)
+        wide = weight.to(dtype)
+        return checkpoint_row_order(wide, file_order_head_rows) if file_order_head_rows else wide
     buffers = getattr(_scratch, "buffers", None)
     if buffers is None:
         buffers = _scratch.buffers = {}
@@ -72,13 +81,29 @@ def widened(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     buffer = buffers.get(key)
     if buffer is None:
         buffer = buffers[key] = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    if file_order_head_rows:
+        return checkpoint_row_order(weight, file_order_head_rows, out=buffer)
     return buffer.copy_(weight)
+
+
+def checkpoint_row_order(rows: torch.Tensor, head_rows: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """q/k projection rows in the order llama.cpp's converter writes them (`LlamaModel.permute`: each
+    head's two rotary halves interleaved) put back in checkpoint order, into `out` if given."""
+    n_head, cols = rows.shape[0] // head_rows, rows.shape[1]
+    checkpoint_view = rows.view(n_head, head_rows // 2, 2, cols).transpose(1, 2)
+    if out is None:
+        return checkpoint_view.reshape(rows.shape)
+    out.view(n_head, 2, head_rows // 2, cols).copy_(checkpoint_view)
+    return out
 
 
 def output_blocks(linear: torch.nn.Linear, max_values: int | None = None) -> list[slice]:
     """Blocks of output rows of at most `max_values` weights (default: small enough to widen at
-    once; one block for most weights)."""
+    once; one block for most weights), whole attention heads for rows in a GGUF file's q/k order."""
     rows_per_block = max(1, (max_values or WIDEN_WHOLE_MAX_VALUES) // linear.in_features)
+    head_rows = getattr(linear, "file_order_head_rows", 0)
+    if head_rows:
+        rows_per_block = max(head_rows, rows_per_block // head_rows * head_rows)
     return [slice(first, first + rows_per_block) for first in range(0, linear.out_features, rows_per_block)]
 
 
