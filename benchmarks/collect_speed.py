@@ -1,8 +1,9 @@
 """Collection speed and memory on SmolLM2-135M F16 (the issue's reference run), beside the sgemm roofline.
 
 Prints one table: load time, tokens/s with and without --no-ppl, wall time, peak RSS, and the fp32
-sgemm rate of this machine measured in the same run; a third run, one chunk at a time instead of
-two in flight, is the baseline for `collect.in_flight`. The roofline is the issue's: tokens/s if the
+sgemm rate of this machine measured in the same run; a third run, with -b 1024 (each of the two chunks
+in flight its own forward) instead of the default -b 2048 (two chunks per forward in each thread), is
+the baseline for `collect.executors.CPU_SEQS_PER_FORWARD`. The roofline is the issue's: tokens/s if the
 model's whole forward (~0.29 GFLOP per token, output projection included) ran at the sgemm rate
 (its fastest repetition; the rate sustained over all repetitions is printed too, it is lower on a
 shared VM); beside it, the share against the FLOPs actually executed (no output projection with --no-ppl,
@@ -103,7 +104,7 @@ def main() -> None:
               "-t", str(args.threads), "-o", str(workdir / "imatrix.gguf")]
     rows = []
     runs = (("with PPL", []), ("--no-ppl", ["--no-ppl"]),
-            ("--no-ppl, one chunk at a time (--chunks-in-flight 1)", ["--no-ppl", "--chunks-in-flight", "1"]))
+            ("--no-ppl, one chunk per forward (-b 1024)", ["--no-ppl", "-b", "1024"]))
     for label, extra in runs:
         wall, rss, log = run_cli(common + extra)
         samples.append(sgemm_gflops(args.threads))

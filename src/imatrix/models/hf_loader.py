@@ -12,6 +12,7 @@ from safetensors import SafetensorError
 from imatrix.errors import ImatrixError
 from imatrix.models.attention import use_blocked_attention
 from imatrix.models.loader import LoadedModel, gguf_name_map, hf_architecture
+from imatrix.models.mlp import compute_mlps_in_place
 
 
 @dataclass
@@ -38,6 +39,7 @@ def load_hf_model(directory: Path, device: str | torch.device, dtype: torch.dtyp
         raise ImatrixError(f"{directory}: cannot load checkpoint ({exc})") from exc
     model.eval()
     use_blocked_attention(model)
+    compute_mlps_in_place(model)
     add_bos = bool(getattr(tokenizer, "add_bos_token", False))
     wrapped = HFTokenizer(tokenizer, tokenizer.bos_token_id, add_bos)
     names = gguf_name_map(model, architecture, model.config.num_hidden_layers)

@@ -26,6 +26,7 @@ from imatrix.models.architectures import (
 from imatrix.models.attention import use_blocked_attention
 from imatrix.models.experts import fused_expert_stacks, join_stacks
 from imatrix.models.gguf_reader import GGUFModelFile, MappedPages
+from imatrix.models.mlp import compute_mlps_in_place
 from imatrix.models.storage import (
     PageRelease,
     exact_16_bit_dtype,
@@ -101,10 +102,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 
 
 def empty_model(architecture: Architecture, config) -> torch.nn.Module:  # noqa: ANN001
-    """The transformers model on the meta device, its attention blocked on the CPU (`models.attention`)."""
+    """The transformers model on the meta device, its attention blocked on the CPU (`models.attention`)
+    and its MLPs in place (`models.mlp`)."""
     with torch.device("meta"):
         model = architecture.model_type()(config)
     use_blocked_attention(model)
+    compute_mlps_in_place(model)
     return model
 
 
