@@ -45,8 +45,19 @@ def test_same_numbers_as_one_chunk_at_a_time(model: LoadedModel, text: Path, n_s
 
 
 def test_the_result_does_not_depend_on_thread_timing_or_batch_size(model: LoadedModel, text: Path) -> None:
-    # chunk c adds into slot c % n in chunk order, whatever -b groups and whichever thread runs first
-    runs = [run(model, text, chunks_in_flight=2, n_batch=n_batch) for n_batch in (N_CTX, 2 * N_CTX, 4 * N_CTX, N_CTX)]
+    # chunk c adds into slot c % n in chunk order, a sequence at a time, whatever -b groups and whichever
+    # thread runs first
+    forward_sizes: dict[int, list[int]] = {}
+    hook = model.model.model.register_forward_pre_hook(
+        lambda _module, _args, kwargs: forward_sizes[n_batch].append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    runs = []
+    for n_batch in (N_CTX, 2 * N_CTX, 4 * N_CTX, N_CTX):
+        forward_sizes[n_batch] = []
+        runs.append(run(model, text, chunks_in_flight=2, n_batch=n_batch))
+    hook.remove()
+    # a -b batch's chunks are shared among the slots, at most two per forward: batches of 4, 4 and 3
+    assert sorted(forward_sizes[4 * N_CTX]) == [1, 2, 2, 2, 2, 2]
+    assert forward_sizes[2 * N_CTX] == forward_sizes[N_CTX] == [1] * 11
     for other in runs[1:]:
         for name in runs[0].matrix:
             np.testing.assert_array_equal(other.matrix[name].sums, runs[0].matrix[name].sums, err_msg=name)
