@@ -3,7 +3,8 @@
 Prints one table: load time, tokens/s with and without --no-ppl, wall time, peak RSS, and the fp32
 sgemm rate of this machine measured in the same run; a third run, with -b 1024 (each of the two chunks
 in flight its own forward) instead of the default -b 2048 (two chunks per forward in each thread), is
-the baseline for `collect.executors.CPU_SEQS_PER_FORWARD`. The roofline is the issue's: tokens/s if the
+the baseline for `collect.executors.CPU_SEQS_PER_FORWARD` (with two threads or more: one thread runs
+one chunk at a time, two per forward at either -b). The roofline is the issue's: tokens/s if the
 model's whole forward (~0.29 GFLOP per token, output projection included) ran at the sgemm rate
 (its fastest repetition; the rate sustained over all repetitions is printed too, it is lower on a
 shared VM); beside it, the share against the FLOPs actually executed (no output projection with --no-ppl,

@@ -142,6 +142,18 @@ def test_routed_experts_count_each_threads_own_tokens(golden: Path) -> None:
         assert results[1].matrix[name].counts.tolist() == results[0].matrix[name].counts.tolist(), name
 
 
+def test_a_moe_models_statistics_do_not_depend_on_batch_size(golden: Path) -> None:
+    # its routers and experts see the tokens of a forward's sequences flattened together: one per forward
+    moe = load_model(golden / "moe" / "tiny-qwen3moe-f16.gguf")
+    text = golden.parent / "data" / "calibration.txt"
+    runs = [collect(moe, text, CollectOptions(n_ctx=128, n_batch=n_batch, max_chunks=6, progress=False, verbosity=0,
+                                              chunks_in_flight=2), stdout=lambda _: None)
+            for n_batch in (128, 512)]
+    for name in runs[0].matrix:
+        np.testing.assert_array_equal(runs[1].matrix[name].sums, runs[0].matrix[name].sums, err_msg=name)
+    assert runs[1].chunk_ppl == runs[0].chunk_ppl
+
+
 def test_an_error_stops_the_other_slots_after_their_chunk() -> None:
     import time
 

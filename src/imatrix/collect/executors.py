@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 
+from imatrix.collect.moe import expert_targets
 from imatrix.models.loader import LoadedModel
 
 
@@ -29,8 +30,16 @@ class Executor(Protocol):
 # On CPU, at most this many sequences per forward: two 512-token chunks per forward collect 6–12%
 # faster than one (the 16-bit weights are widened and read once for both, the matmuls are taller);
 # three or four only grew the peak RSS (SmolLM2 with perplexity: 0.64 and 0.72 GB against 0.60), for
-# no speed-up measurable on the benchmarks' VM. Results do not depend on the split (`collect.hooks`).
+# no speed-up measurable on the benchmarks' VM. The hooks add each sequence's sums on its own
+# (`collect.hooks`), so the statistics do not depend on the split as long as a sequence's activations
+# do not either (so with MKL's sgemm on CPU: the same bits at -b 512, 1024 and 2048 for SmolLM2).
 CPU_SEQS_PER_FORWARD = 2
+
+
+def cpu_seqs_per_forward(loaded: LoadedModel) -> int:
+    """Sequences per forward on the CPU: one for a MoE model, whose routers and experts see the tokens
+    of a forward's sequences flattened together (summed as one block, their sums would depend on -b)."""
+    return 1 if expert_targets(loaded.model) else CPU_SEQS_PER_FORWARD
 
 
 class InMemoryExecutor:
@@ -39,10 +48,12 @@ class InMemoryExecutor:
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
         self.device = next(loaded.model.parameters()).device
+        # on other devices the whole batch goes through at once
+        self.seqs_per_forward = cpu_seqs_per_forward(loaded) if self.device.type == "cpu" else 0
 
     def hidden_states(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
-        if self.device.type == "cpu":
-            return [torch.cat([forward_in_memory(self.loaded, part) for part in batch.split(CPU_SEQS_PER_FORWARD)])
+        if self.seqs_per_forward:
+            return [torch.cat([forward_in_memory(self.loaded, part) for part in batch.split(self.seqs_per_forward)])
                     for batch in batches]
         return [forward_in_memory(self.loaded, batch) for batch in batches]
 

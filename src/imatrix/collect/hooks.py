@@ -40,7 +40,8 @@ def sequence_sum_sq(activations: torch.Tensor) -> torch.Tensor:
     n_cols]): [n_seq, n_cols].
 
     Added into the accumulator one sequence at a time, a chunk's sums are the same bits whether it ran
-    alone or beside others in a batch: the result does not depend on -b.
+    alone or beside others in a batch, as long as its activations are (`collect.executors`): the
+    result does not depend on -b.
     """
     if activations.dim() < 3:
         return column_sum_sq(activations).unsqueeze(0)

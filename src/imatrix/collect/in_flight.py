@@ -35,7 +35,7 @@ class ChunksInFlight:
         self.threads_per_chunk = max(1, threads // n_slots)
         collector.use_slots(n_slots)
         self._pool: ThreadPoolExecutor | None = None
-        self._stopping = threading.Event()  # set on an error or Ctrl-C: workers stop after their chunk
+        self._stopping = threading.Event()  # set on an error or Ctrl-C: workers stop after their forward
 
     def __enter__(self) -> ChunksInFlight:
         self._pool = ThreadPoolExecutor(self.n_slots, thread_name_prefix="imatrix-chunk")

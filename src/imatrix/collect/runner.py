@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from imatrix.collect.chunks import read_calibration_text, tokenize_chunks
 from imatrix.collect.distributed import SINGLE, Group
-from imatrix.collect.executors import CPU_SEQS_PER_FORWARD, Executor, InMemoryExecutor
+from imatrix.collect.executors import Executor, InMemoryExecutor
 from imatrix.collect.hooks import ActivationCollector
 from imatrix.collect.in_flight import ChunksInFlight, default_chunks_in_flight
 from imatrix.collect.moe import ExpertTarget, expert_count_lines
@@ -364,12 +364,12 @@ def _run_window(executor: Executor, chunks: np.ndarray, window: list[_Step], opt
     return scores
 
 
-def _run_chunks_in_flight(executor: Executor, chunks: np.ndarray, indices: list[int], options: CollectOptions,
-                          pool: ChunksInFlight) -> list[tuple[int, PerplexityMeter]]:
-    """The chunks through the model and scored in their pool slots, -b's chunks shared among the slots
-    (up to `CPU_SEQS_PER_FORWARD` sequences per forward)."""
+def _run_chunks_in_flight(executor: InMemoryExecutor, chunks: np.ndarray, indices: list[int],
+                          options: CollectOptions, pool: ChunksInFlight) -> list[tuple[int, PerplexityMeter]]:
+    """The chunks through the model and scored in their pool slots, a -b batch's chunks shared among
+    the slots (up to the executor's `seqs_per_forward` per forward)."""
     project = _projects_output(executor, options)
-    per_forward = min(CPU_SEQS_PER_FORWARD, max(1, options.n_seq // pool.n_slots))
+    per_forward = min(executor.seqs_per_forward, max(1, options.n_seq // pool.n_slots))
 
     def run_group(group: list[int]) -> list[PerplexityMeter | None]:
         batch = torch.from_numpy(chunks[group]).to(executor.device)

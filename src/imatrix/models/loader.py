@@ -39,6 +39,10 @@ from imatrix.models.tokenizer import TextTokenizer, tokenizer_from_gguf
 
 @dataclass
 class LoadedModel:
+    """A model ready to run. Its forward is the checkpoint's; its parameters are not always in checkpoint
+    layout: on CPU a llama q/k projection read in place from an F16/BF16 GGUF keeps the file's row order
+    (`models.storage.WideningLinear.file_order_head_rows`), and 16-bit weights stay 16-bit."""
+
     model: torch.nn.Module  # a transformers *ForCausalLM
     tokenizer: TextTokenizer
     architecture: Architecture

@@ -14,8 +14,7 @@ import functools
 import torch
 import torch.nn.functional as F
 from transformers.activations import SiLUActivation
-
-_GATED_PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn")
+from transformers.models.llama.modeling_llama import LlamaMLP
 
 
 class InPlaceGatedMLP(torch.nn.Module):
@@ -36,13 +35,20 @@ def _in_place_class(mlp_class: type) -> type:
 
 
 def compute_mlps_in_place(model: torch.nn.Module) -> int:
-    """Switch every gated MLP of `model` (transformers' `*MLP` with gate/up/down projections) to the
-    in-place forward; the module objects stay the same. Returns how many were switched."""
+    """Switch every gated MLP of `model` whose forward is llama's (Qwen2/3's and the MoE models' shared
+    experts are copies of it) to the in-place forward; the module objects stay the same. MLPs that
+    scale, clamp or normalise on the way keep their own forward. Returns how many were switched."""
     switched = 0
     for module in model.modules():
-        if isinstance(module, InPlaceGatedMLP):
-            continue
-        if type(module).__name__.endswith("MLP") and all(hasattr(module, part) for part in _GATED_PARTS):
+        if not isinstance(module, InPlaceGatedMLP) and _computes_llamas_mlp(type(module)):
             module.__class__ = _in_place_class(type(module))
             switched += 1
     return switched
+
+
+def _computes_llamas_mlp(module_class: type) -> bool:
+    """Whether the class's forward is `LlamaMLP.forward` or a copy of it (transformers copies code
+    between models: the same source compiles to the same bytecode and names)."""
+    forward = getattr(module_class.forward, "__code__", None)
+    reference = LlamaMLP.forward.__code__
+    return forward is not None and forward.co_code == reference.co_code and forward.co_names == reference.co_names
