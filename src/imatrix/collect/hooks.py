@@ -43,8 +43,6 @@ def sequence_sum_sq(activations: torch.Tensor) -> torch.Tensor:
     alone or beside others in a batch, as long as its activations are (`collect.executors`): the
     result does not depend on -b.
     """
-    if activations.dim() < 3:
-        return column_sum_sq(activations).unsqueeze(0)
     return column_sum_sq(activations.reshape(-1, *activations.shape[-2:]))
 
 

@@ -25,10 +25,7 @@ def check_output_path(path: str | Path) -> None:
     target = _writable_target(path)
     if target is None:
         return
-    with _write_errors(path):
-        probe, probe_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=_parent(target))
-    os.close(probe)
-    os.unlink(probe_name)
+    os.unlink(_temporary_beside(target, path))
 
 
 @contextlib.contextmanager
@@ -43,10 +40,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with _write_errors(path):
             yield Path(path)
         return
-    with _write_errors(path):
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=_parent(target))
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _temporary_beside(target, path)
     try:
         # mkstemp makes 0600: give the file the old one's mode, or what the umask allows a new file
         mode = stat.S_IMODE(target.stat().st_mode) if target.is_file() else 0o666 & ~_umask()
@@ -74,6 +68,14 @@ def _writable_target(path: str | Path) -> Path | None:
     if not parent.is_dir():
         raise ImatrixError(f"{path}: output directory '{parent}' does not exist")
     return target
+
+
+def _temporary_beside(target: Path, path: str | Path) -> Path:
+    """A new empty file in `target`'s directory (mode 0600), named after it; errors name `path`."""
+    with _write_errors(path):
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=_parent(target))
+    os.close(fd)
+    return Path(name)
 
 
 def _parent(target: Path) -> Path:
