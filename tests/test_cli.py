@@ -92,7 +92,37 @@ def test_merging_disagreeing_shapes(capsys: pytest.CaptureFixture[str], golden: 
 
 def test_bad_numbers(capsys: pytest.CaptureFixture[str]) -> None:
     fails_cleanly(capsys, ["-c", "0"], "--ctx-size")
-    fails_cleanly(capsys, ["-c", "512", "-b", "700"], "--batch-size")
+    fails_cleanly(capsys, ["-c", "512", "-b", "0"], "--batch-size")
+
+
+def test_batch_clamped_to_whole_chunks(capsys: pytest.CaptureFixture[str], tiny_gguf: Path, text: Path,
+                                       tmp_path: Path) -> None:
+    # llama-imatrix runs -b 2048 -c 1000 as n_seq = 2, batch_size = 2000 (its main clamps -b to n_seq·c)
+    common = ["-m", str(tiny_gguf), "-f", str(text), "-c", "48", "--chunks", "3"]
+    assert main([*common, "-b", "100", "-o", str(tmp_path / "b100.gguf")]) == 0
+    assert "computing over 3 chunks, n_ctx=48, batch_size=96, n_seq=2" in capsys.readouterr().err
+    assert main([*common, "-b", "48", "-o", str(tmp_path / "b48.gguf"), "-lv", "0"]) == 0
+    clamped, single = ImportanceMatrix.load(tmp_path / "b100.gguf"), ImportanceMatrix.load(tmp_path / "b48.gguf")
+    for name in single:
+        assert clamped[name].sums.tobytes() == single[name].sums.tobytes(), name
+
+
+def test_llama_imatrix_option_spellings(golden: Path, tmp_path: Path) -> None:
+    """llama.cpp's other names for our flags: -o/--output, --ppl, --log-verbosity, -tb."""
+    out = tmp_path / "o.dat"
+    argv = ["--in-file", str(golden / C512), "--output-format", "dat", "--output", str(out), "--log-verbosity", "0",
+            "--ppl", "-tb", "1"]
+    assert main(argv) == 0
+    assert out.read_bytes() == (golden / "imatrix/from-gguf.imatrix.dat").read_bytes()
+
+
+def test_suffix_warning_only_when_the_format_is_not_given(capsys: pytest.CaptureFixture[str], golden: Path,
+                                                          tmp_path: Path) -> None:
+    argv = ["--in-file", str(golden / C512), "-o", str(tmp_path / "o.bin")]
+    assert main(argv) == 0
+    assert "without a .gguf suffix" in capsys.readouterr().err
+    assert main([*argv, "--output-format", "gguf"]) == 0  # llama.cpp warns only when it chose the format
+    assert "without a .gguf suffix" not in capsys.readouterr().err
 
 
 def test_help_lists_llama_imatrix_flags(capsys: pytest.CaptureFixture[str]) -> None:
@@ -145,15 +175,25 @@ def test_in_file_that_is_a_directory(capsys: pytest.CaptureFixture[str], tmp_pat
     fails_cleanly(capsys, ["--in-file", str(tmp_path), "-o", str(tmp_path / "o.gguf")], "is a directory")
 
 
+def test_output_that_is_an_input(capsys: pytest.CaptureFixture[str], tiny_gguf: Path, text: Path,
+                                 tmp_path: Path) -> None:
+    model = tmp_path / "model.gguf"
+    model.write_bytes(tiny_gguf.read_bytes())
+    fails_cleanly(capsys, ["-m", str(model), "-f", str(text), "-o", str(model)], str(model), "also the model")
+    fails_cleanly(capsys, ["-m", str(model), "-f", str(text), "-o", str(text)], "also the calibration text")
+    assert model.read_bytes() == tiny_gguf.read_bytes()
+
+
 def test_zero_chunks(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     fails_cleanly(capsys, ["--chunks", "0", "-o", str(tmp_path / "o.gguf")], "--chunks 0")
 
 
 def test_llama_cpp_runtime_flags_are_accepted(golden: Path, tmp_path: Path) -> None:
     out = tmp_path / "o.dat"
-    argv = ["-fa", "-ctk", "q8_0", "-ctv", "q8_0", "-ub", "128", "-nkvo", "--no-mmap", "-np", "2",
+    argv = ["-fa", "-ctk", "q8_0", "-ctv", "q8_0", "-ub", "128", "-nkvo", "--no-mmap", "-np", "2", "-ot", "exps=CPU",
+            "-cmoe", "-ncmoe", "3", "-sm", "layer", "-ts", "3,1", "-mg", "0",
             "--in-file", str(golden / C512), "--output-format", "dat", "-o", str(out), "-lv", "0"]
-    assert main(argv) == 0  # without them registered, -fa was read as -f a and -ctk as -c tk
+    assert main(argv) == 0  # unregistered, -fa would be read as -f a, -ctk as -c tk, -ot as -o t
     assert out.read_bytes() == (golden / "imatrix/from-gguf.imatrix.dat").read_bytes()
     assert main(["--flash-attn", "off", *argv[1:]]) == 0
 

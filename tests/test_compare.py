@@ -85,10 +85,10 @@ def test_tensors_in_only_one_file_are_listed(pair):
     assert len(result.tensors) == 209
 
 
-def _save(path, tensors):
+def _save(path, tensors, value=1.0):
     matrix = ImportanceMatrix(chunk_size=512)
     for name, cols in tensors.items():
-        matrix.tensors[name] = TensorStats(np.ones((1, cols), np.float32), [512])
+        matrix.tensors[name] = TensorStats(np.full((1, cols), value, np.float32), [512])
     matrix.save(path)
     return str(path)
 
@@ -112,3 +112,16 @@ def test_moe_gguf_against_its_legacy_dat(golden, moe_dat) -> None:
     result = compare_matrices(moe, ImportanceMatrix.load(moe_dat, chunk_size=256))
     assert len(result.tensors) == len(moe) and not result.only_a and not result.only_b
     assert min(row.cossim for row in result.tensors) > 0.999999
+
+
+def test_context_size_must_be_positive(golden, capsys):
+    assert main(["compare", str(golden / A), str(golden / A), "-c", "-5"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--ctx-size" in err and "must be > 0" in err
+
+
+def test_json_has_null_where_a_value_is_not_a_number(tmp_path, golden, capsys):
+    broken = _save(tmp_path / "nan.gguf", {"blk.0.attn_q.weight": 576}, value=float("nan"))
+    assert main(["compare", str(golden / A), broken, "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["tensors"][0]
+    assert row["name"] == "blk.0.attn_q.weight" and row["sym_kl"] is None

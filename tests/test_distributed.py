@@ -14,7 +14,7 @@ import pytest
 
 from imatrix import ImportanceMatrix
 from imatrix.collect.distributed import Group
-from imatrix.collect.runner import CollectOptions, _Saver, collect, plan_windows
+from imatrix.collect.runner import CollectOptions, collect, llama_cpp_saves, plan_windows
 from imatrix.models.bundled import default_calibration_text
 from tiny_models import write_tiny_llama_gguf
 
@@ -63,19 +63,17 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_windows_cover_every_batch_once(world: int) -> None:
-    saver = _Saver(CollectOptions(output_file=Path("x.gguf"), output_frequency=4), print, Group(0, world))
-    windows = plan_windows(n_chunk=11, n_ctx=N_CTX, n_seq=2, group=Group(0, world), base_tokens=0, saver=saver,
-                           window_chunks=64)
+    saves = llama_cpp_saves(n_chunk=11, n_ctx=N_CTX, n_seq=2, n_batch=2 * N_CTX, base_tokens=0,
+                            output_frequency=4, save_frequency=0)
+    windows = plan_windows(n_chunk=11, n_seq=2, group=Group(0, world), saves=saves, window_chunks=64)
     batches = [batch for window in windows for step in window for batch in step.batches]
     assert batches == [(0, 2), (2, 2), (4, 2), (6, 2), (8, 2), (10, 1)]
-    assert windows[-1][-1].last_chunk == 11
-    for window in windows[:-1]:  # windows end where a save is due, so the save sees complete data
-        assert any(saver.due(window[-1].last_chunk, window[-1].n_chunks))
+    assert windows[-1][-1].stop == 11
+    for window in windows[:-1]:  # windows end where a save falls, so the save sees complete data
+        start = window[0].batches[0][0]
+        assert any(start < save.chunks_done <= window[-1].stop for save in saves)
 
 
 def test_one_batch_per_window_in_memory() -> None:
-    saver = _Saver(CollectOptions(), print, Group())
-    windows = plan_windows(n_chunk=5, n_ctx=N_CTX, n_seq=2, group=Group(), base_tokens=3 * N_CTX, saver=saver,
-                           window_chunks=0)
+    windows = plan_windows(n_chunk=5, n_seq=2, group=Group(), saves=[], window_chunks=0)
     assert [[step.batches for step in window] for window in windows] == [[[(0, 2)]], [[(2, 2)]], [[(4, 1)]]]
-    assert [window[0].last_chunk for window in windows] == [5, 7, 8]

@@ -21,7 +21,7 @@ from imatrix.cli.main import main
 from imatrix.errors import ImatrixError
 from imatrix.eval.cpu_matmul import activation_rounding, emulate_cpu_matmul_inputs, q8_0_values, q8_k_values
 from imatrix.eval.kld import KLDResult, kl_divergence
-from imatrix.eval.logits_file import LogitsFile, dequantize_log_probs, quantize_log_probs, row_width
+from imatrix.eval.logits_file import HEADER_BYTES, LogitsFile, dequantize_log_probs, quantize_log_probs, row_width
 from imatrix.eval.perplexity import perplexity
 from imatrix.models.architectures import architecture_for
 from imatrix.models.gguf_reader import GGUFModelFile
@@ -244,6 +244,27 @@ def test_vocab_mismatch(model_a: LoadedModel, text: Path, tmp_path: Path) -> Non
     other.write_bytes(bytes(raw))
     with pytest.raises(ImatrixError, match="other.kld"):
         kl_divergence(model_a, other)
+
+
+def test_base_tokens_outside_the_vocabulary(model_a: LoadedModel, text: Path, tmp_path: Path) -> None:
+    base = tmp_path / "base.kld"
+    perplexity(model_a, text, n_ctx=N_CTX, save_base=base)
+    for token in (VOCAB, -5):
+        raw = bytearray(base.read_bytes())
+        raw[HEADER_BYTES + 4 * 7 : HEADER_BYTES + 4 * 8] = np.array([token], dtype="<i4").tobytes()
+        bad = tmp_path / "bad.kld"
+        bad.write_bytes(bytes(raw))
+        with pytest.raises(ImatrixError, match=rf"bad\.kld: token id {token} at position 7 is outside the vocabulary"):
+            kl_divergence(model_a, bad)
+
+
+def test_base_file_never_replaces_the_text_or_model(text: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    mine = tmp_path / "mine.txt"
+    mine.write_bytes(text.read_bytes())
+    assert main(["perplexity", "-f", str(mine), "-c", "64", "--chunks", "1", "--kl-divergence-base", str(mine)]) == 1
+    assert "also the text" in capsys.readouterr().err
+    assert mine.read_bytes() == text.read_bytes()
 
 
 def test_failed_run_leaves_no_base_file(model_a: LoadedModel, tmp_path: Path) -> None:

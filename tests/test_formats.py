@@ -215,3 +215,87 @@ def test_an_empty_matrix_is_not_saved(tmp_path: Path) -> None:
     with pytest.raises(ImatrixError, match="nothing to save"):
         ImportanceMatrix().save(tmp_path / "empty.gguf")
     assert not (tmp_path / "empty.gguf").exists()
+
+
+def write_raw_imatrix(path: Path, tensors: dict[str, np.ndarray], **metadata: object) -> Path:
+    """An imatrix GGUF written by hand with gguf-py, to hold what our writer never would."""
+    writer = gguf.GGUFWriter(path, arch="")
+    writer.kv_data[0].clear()
+    writer.add_string("general.type", "imatrix")
+    for key, value in metadata.items():
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, list):
+            writer.add_array(key, value)
+        else:
+            writer.add_uint32(key, value)
+    for name, values in tensors.items():
+        writer.add_tensor(name, np.asarray(values, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def one_tensor(sums: object, counts: object) -> dict[str, np.ndarray]:
+    return {"blk.0.attn_q.weight.in_sum2": np.asarray(sums), "blk.0.attn_q.weight.counts": np.asarray(counts)}
+
+
+def test_empty_dataset_list_is_written(tmp_path: Path) -> None:
+    # llama.cpp writes imatrix.datasets even empty (a .dat without a dataset name converted), and
+    # llama-quantize refuses a file without it; gguf-py's add_array would drop it
+    matrix = ImportanceMatrix(chunk_size=512, chunk_count=1)
+    matrix.accumulate("blk.0.attn_q.weight", np.ones((1, 4), dtype=np.float32), np.array([512]))
+    matrix.save(tmp_path / "no-dataset.gguf")
+    field = gguf.GGUFReader(tmp_path / "no-dataset.gguf").get_field("imatrix.datasets")
+    # an array of strings (item type 8) with no items, as llama.cpp's gguf_set_arr_str writes it
+    assert field.types == [gguf.GGUFValueType.ARRAY] and [int(part[0]) for part in field.parts[-2:]] == [8, 0]
+    assert ImportanceMatrix.load(tmp_path / "no-dataset.gguf").datasets == []
+
+
+def test_dataset_name_in_another_encoding(golden: Path, tmp_path: Path) -> None:
+    raw = (golden / C512_GGUF).read_bytes().replace(b"corpus/calibration.txt", b"corpus/calibr\xe9tion.txt")
+    latin1 = tmp_path / "latin1.gguf"
+    latin1.write_bytes(raw)
+    assert ImportanceMatrix.load(latin1).datasets == ["corpus/calibr\ufffdtion.txt"]
+
+
+@pytest.mark.parametrize(("tensors", "metadata", "message"), [
+    (one_tensor(np.ones(8), np.ones(3)), {}, "8 values for 3 counts"),
+    (one_tensor(np.ones(8), np.zeros(0)), {}, "is empty"),
+    (one_tensor(np.ones(8), [-512.0]), {}, "negative, too large or not numbers"),
+    (one_tensor(np.ones(8), [np.nan]), {}, "negative, too large or not numbers"),
+    (one_tensor(np.ones(8), [1e30]), {}, "negative, too large or not numbers"),
+    (one_tensor(np.ones(8), [512.0]), {"imatrix.chunk_count": "abc"}, "imatrix.chunk_count is not a count"),
+])
+def test_inconsistent_gguf_is_one_clear_error(tmp_path: Path, tensors: dict, metadata: dict, message: str) -> None:
+    path = write_raw_imatrix(tmp_path / "bad.gguf", tensors, **metadata)
+    with pytest.raises(ImatrixError, match=rf"bad\.gguf: .*{message}"):
+        ImportanceMatrix.load(path)
+
+
+def test_datasets_that_are_not_strings_are_ignored(tmp_path: Path) -> None:
+    path = write_raw_imatrix(tmp_path / "odd.gguf", one_tensor(np.ones(8), [512.0]), **{"imatrix.datasets": "abc"})
+    assert ImportanceMatrix.load(path).datasets == []
+
+
+def test_a_model_is_not_an_imatrix(golden: Path) -> None:
+    with pytest.raises(ImatrixError, match="tiny-qwen3moe-f16.gguf: a model, not an imatrix"):
+        ImportanceMatrix.load(golden / "moe" / "tiny-qwen3moe-f16.gguf")
+
+
+def test_merge_error_names_the_file(golden: Path, tmp_path: Path) -> None:
+    other = write_raw_imatrix(tmp_path / "narrow.gguf", one_tensor(np.ones(16), [512.0]))
+    with pytest.raises(ImatrixError, match=r"narrow\.gguf: cannot merge 'blk\.0\.attn_q\.weight': 576 values vs 16"):
+        ImportanceMatrix.load_many([golden / C512_GGUF, other])
+
+
+def test_counts_too_large_for_the_file(tmp_path: Path) -> None:
+    matrix = ImportanceMatrix(chunk_size=1, chunk_count=2**32)
+    matrix.accumulate("blk.0.attn_q.weight", np.ones((1, 4), dtype=np.float32), np.array([2**32]))
+    with pytest.raises(ImatrixError, match=r"big\.gguf: a chunk count of 4294967296 does not fit"):
+        matrix.save(tmp_path / "big.gguf")
+    with pytest.raises(ImatrixError, match=r"big\.dat: .* do not fit the \.dat format's 32 bits"):
+        matrix.save(tmp_path / "big.dat")
+    assert not any(tmp_path.iterdir())

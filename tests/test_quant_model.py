@@ -11,7 +11,7 @@ import gguf
 import numpy as np
 import pytest
 
-from imatrix import ImportanceMatrix
+from imatrix import ImatrixError, ImportanceMatrix
 from imatrix.cli.main import main
 from imatrix.matrix import TensorStats
 from imatrix.models.gguf_reader import GGUFModelFile
@@ -165,6 +165,13 @@ def test_untied_output_and_its_flags() -> None:
     # tied embeddings follow --output-tensor-type
     chosen, _ = plan_types(q4km, tensors[:1], meta, Overrides(output_tensor_type=T.Q5_0))
     assert chosen["token_embd.weight"] == T.Q5_0
+
+
+def test_type_overrides_must_fit_the_rows() -> None:
+    tensors = [("token_embd.weight", [576, 1000], T.F16), ("blk.0.attn_q.weight", [576, 576], T.F16)]
+    meta = {"general.architecture": "llama", "llama.block_count": 1}
+    with pytest.raises(ImatrixError, match=r"--token-embedding-type q4_K: token_embd\.weight has rows of 576"):
+        plan_types(FILE_TYPES["Q4_0"], tensors, meta, Overrides(token_embedding_type=T.Q4_K))
 
 
 def test_fallback_to_f16_and_uneven_rows() -> None:
@@ -406,6 +413,45 @@ def test_cli_bad_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     fails_cleanly(capsys, ["quantize", str(other), out, "Q4_0"], str(other), "importance matrix, not a model")
     fails_cleanly(capsys, ["quantize", str(src), str(tmp_path), "Q4_0"], "is a directory")
     assert not Path(out).exists()
+
+
+def test_cli_output_named_from_the_type(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """llama-quantize's `<input> <type> [nthreads]`: the output is ggml-model-<TYPE>.gguf beside the input."""
+    src = tmp_path / "tiny.gguf"
+    write_tiny_model(src)
+    assert main(["quantize", str(src), "q4_k_m", "1"]) == 0
+    assert GGUFModelFile(tmp_path / "ggml-model-Q4_K_M.gguf").get("general.file_type") == 15
+    assert main(["quantize", str(src), str(tmp_path / "named.gguf"), "Q8_0", "1"]) == 0
+    assert (tmp_path / "named.gguf").is_file()
+    fails_cleanly(capsys, ["quantize", str(src), "IQ2_XS"], "unknown quantization type 'IQ2_XS'")
+    fails_cleanly(capsys, ["quantize", str(src), str(tmp_path / "x.gguf")], "missing file type")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["ggml-model-Q4_K_M.gguf", "named.gguf", "tiny.gguf"]
+
+
+def test_cli_never_overwrites_its_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "tiny.gguf"
+    tensors = write_tiny_model(src)
+    imatrix = tmp_path / "im.gguf"
+    tiny_imatrix([name for name in tensors if name.endswith(("attn_q.weight", "ffn_down.weight"))]).save(imatrix)
+    before = imatrix.read_bytes()
+    fails_cleanly(capsys, ["quantize", "--imatrix", str(imatrix), str(src), str(imatrix), "Q4_0"], str(imatrix),
+                  "also the imatrix")
+    fails_cleanly(capsys, ["quantize", str(src), str(src), "Q4_0"], "also the input model")
+    assert imatrix.read_bytes() == before
+
+
+def test_one_shard_of_a_split_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    shard = tmp_path / "moe-00001-of-00002.gguf"
+    writer = gguf.GGUFWriter(shard, "qwen3moe")
+    writer.add_uint16("split.no", 0)
+    writer.add_uint16("split.count", 2)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    fails_cleanly(capsys, ["quantize", str(shard), str(tmp_path / "out.gguf"), "Q4_0"], str(shard),
+                  "part 1 of a model split in 2 files")
 
 
 def test_cli_prints_llama_quantize_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

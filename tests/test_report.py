@@ -195,3 +195,16 @@ def test_report_checks_its_outputs_before_writing_any(golden, tmp_path, capsys):
     assert "--png-dir is a file" in capsys.readouterr().err and not html.exists()
     assert main(["report", str(golden / MOE), "-o", str(tmp_path)]) == 1
     assert "is a directory" in capsys.readouterr().err
+
+
+def test_png_folder_that_cannot_be_made(golden, tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_bytes(b"x")
+    assert main(["report", str(golden / MOE), "--png-dir", str(a_file / "sub")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot create the folder" in err and str(a_file / "sub") in err
+
+
+def test_context_size_must_be_positive(golden, capsys):
+    assert main(["report", str(golden / MOE), "-o", "r.html", "-c", "0"]) == 1
+    assert "must be > 0" in capsys.readouterr().err

@@ -131,7 +131,11 @@ class ImportanceMatrix:
         """Read and merge several files in order, as `--in-file a,b` does."""
         merged = cls(chunk_size=chunk_size)
         for path in paths:
-            merged.merge_in(cls.load(path, chunk_size=chunk_size))
+            incoming = cls.load(path, chunk_size=chunk_size)
+            try:
+                merged.merge_in(incoming)
+            except ImatrixError as exc:
+                raise ImatrixError(f"{path}: {exc}") from None
         merged.chunk_size = chunk_size
         merged.update_chunk_count()
         return merged

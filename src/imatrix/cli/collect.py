@@ -12,7 +12,7 @@ from imatrix.cli.common import ArgumentParser, add_ignored_llama_cpp_flags
 from imatrix.collect import distributed
 from imatrix.collect.runner import CollectOptions, collect, log
 from imatrix.errors import ImatrixError
-from imatrix.formats.atomic import check_output_path
+from imatrix.formats.atomic import check_not_an_input, check_output_path
 from imatrix.matrix import ImportanceMatrix
 from imatrix.models.bundled import default_calibration_text, smollm2_path
 from imatrix.models.heap import keep_freed_memory
@@ -29,10 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("-m", "--model", help="GGUF model or Hugging Face checkpoint directory (default: bundled SmolLM2-135M)")
     add("-f", "--file", help="calibration text (default with no --in-file: the bundled calibration.txt)")
-    add("-o", "--output-file", default="imatrix.gguf", help="output file (default: imatrix.gguf)")
+    add("-o", "--output", "--output-file", dest="output_file", default="imatrix.gguf",
+        help="output file (default: imatrix.gguf)")
     add("-c", "--ctx-size", type=int, default=512, help="tokens per chunk (default: 512)")
-    add("-b", "--batch-size", type=int, default=2048, help="tokens per forward pass; n_seq = b / c (default: 2048)")
+    add("-b", "--batch-size", type=int, default=2048,
+        help="tokens per batch: n_seq = b / c chunks, b is clamped to n_seq·c as llama-imatrix does (default: 2048)")
     add("-t", "--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    add("-tb", "--threads-batch", type=int, default=0,
+        help="threads for batches: what llama-imatrix computes with (default: --threads)")
     add("-ngl", "--n-gpu-layers", "--gpu-layers", type=int, default=None,
         help="accepted for compatibility: 0 forces the CPU, anything else selects the GPU if there is one")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the model runs (default: auto)")
@@ -51,14 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
              "perplexity printed covers the chunks computed in this run)")
     add("--chunk", "--from-chunk", dest="from_chunk", type=int, default=0, help="skip the first N chunks")
     add("--chunks", type=int, default=-1, help="maximum number of chunks (default: all)")
-    add("--no-ppl", action="store_true", help="do not compute perplexity (skips the output projection)")
+    add("--ppl", action=argparse.BooleanOptionalAction, default=True,
+        help="compute perplexity (default); --no-ppl skips it, and with it the output projection")
     add("--process-output", action="store_true", help="also collect output.weight")
     add("-ofreq", "--output-frequency", type=int, default=10, help="save every N chunks (default: 10)")
     add("--save-frequency", type=int, default=0, help="also write <out>.at_<chunk> every N chunks (default: 0)")
     add("--in-file", action="append", default=[], help="imatrix file(s) to load and merge (repeat or comma-separate)")
     add("--output-format", choices=["gguf", "dat"], default=None, help="gguf (default) or the legacy dat")
     add("--parse-special", action="store_true", help="parse special tokens in the text")
-    add("-lv", "--verbosity", type=int, default=1, help="0: only perplexity, 1: saves too, 2: more (default: 1)")
+    add("-lv", "--verbosity", "--log-verbosity", type=int, default=1,
+        help="0: only the perplexity lines; 1 or more: progress, timings and saves too (default: 1)")
     add("--show-statistics", action="store_true",
         help="print statistics of the --in-file imatrix and exit (several files: of their merge)")
     add("--stats-format", choices=["table", "json", "csv"], default="table", help="with --show-statistics")
@@ -79,21 +85,24 @@ def main(argv: list[str]) -> int:
         if not in_files:
             raise ImatrixError("--show-statistics needs --in-file")
         return show_statistics(in_files, args.stats_format, args.stats_mode, args.ctx_size)
+    check_not_an_input(args.output_file, model=args.model, calibration_text=args.file)
     check_output_path(args.output_file)
     output = Path(args.output_file)
     output_format = args.output_format or "gguf"
-    _warn_suffix(output, output_format, args.verbosity)
+    if args.output_format is None:  # llama.cpp warns only when it chose the format itself
+        _warn_suffix(output, args.verbosity)
     base = ImportanceMatrix.load_many(in_files, chunk_size=args.ctx_size) if in_files else None
     if args.file is None and in_files:
         log(f"combining {len(in_files)} imatrix file(s) into {output}", args.verbosity)
         base.save(output, output_format)
         return 0
     keep_freed_memory()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    threads = args.threads_batch or args.threads
+    if threads > 0:
+        torch.set_num_threads(threads)
     options = CollectOptions(
         n_ctx=args.ctx_size, n_batch=args.batch_size, from_chunk=args.from_chunk, max_chunks=args.chunks,
-        compute_ppl=not args.no_ppl, process_output=args.process_output, parse_special=args.parse_special,
+        compute_ppl=args.ppl, process_output=args.process_output, parse_special=args.parse_special,
         output_file=output, output_format=output_format, output_frequency=args.output_frequency,
         save_frequency=args.save_frequency, verbosity=args.verbosity, dtype=DTYPES[args.dtype],
         sequential=args.sequential, window_chunks=args.window_chunks, resume=args.resume,
@@ -117,10 +126,8 @@ def _bundled(what: str, path: Path, verbosity: int) -> Path:
 def _check_numbers(args: argparse.Namespace) -> None:
     if args.ctx_size <= 0:
         raise ImatrixError(f"--ctx-size must be > 0 (got {args.ctx_size})")
-    # llama-imatrix's own rule: a batch below the context is fine (a chunk then takes several), above
-    # it must hold whole chunks; one forward per chunk computes the same either way
-    if args.batch_size <= 0 or (args.batch_size >= args.ctx_size and args.batch_size % args.ctx_size):
-        raise ImatrixError(f"--batch-size {args.batch_size} must be a multiple of --ctx-size {args.ctx_size}")
+    if args.batch_size <= 0:
+        raise ImatrixError(f"--batch-size must be > 0 (got {args.batch_size})")
     if args.chunks == 0:
         raise ImatrixError("--chunks 0: no chunk to process")
     if args.window_chunks <= 0:
@@ -131,8 +138,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise ImatrixError(f"--output-frequency must be > 0 (got {args.output_frequency})")
 
 
-def _warn_suffix(output: Path, output_format: str, verbosity: int) -> None:
-    if output_format == "gguf" and output.suffix != ".gguf" and verbosity >= 1:
+def _warn_suffix(output: Path, verbosity: int) -> None:
+    if output.suffix != ".gguf" and verbosity >= 1:
         print(f"imatrix: warning: saving GGUF to '{output}' without a .gguf suffix "
               "(use --output-format dat for the legacy format)", file=sys.stderr)
 

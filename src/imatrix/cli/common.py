@@ -18,6 +18,17 @@ class ArgumentParser(argparse.ArgumentParser):
         raise ImatrixError(message)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number above zero."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: '{text}'") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 (got {value})")
+    return value
+
+
 def add_ignored_llama_cpp_flags(parser: argparse.ArgumentParser) -> None:
     """llama.cpp's common performance flags, accepted so that a llama.cpp command line runs unchanged.
 
@@ -34,5 +45,14 @@ def add_ignored_llama_cpp_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-mmap", action="store_true", help=argparse.SUPPRESS)
     group.add_argument("--mlock", action="store_true", help=argparse.SUPPRESS)
     group.add_argument("-np", "--parallel", type=int, metavar="N", help=argparse.SUPPRESS)
+    # where llama.cpp places tensors and experts (CPU or which GPU)
+    group.add_argument("-ot", "--override-tensor", metavar="PATTERN=TYPE", help=argparse.SUPPRESS)
+    group.add_argument("-cmoe", "--cpu-moe", action="store_true", help=argparse.SUPPRESS)
+    group.add_argument("-ncmoe", "--n-cpu-moe", type=int, metavar="N", help=argparse.SUPPRESS)
+    group.add_argument("-sm", "--split-mode", metavar="none|layer|row", help=argparse.SUPPRESS)
+    group.add_argument("-ts", "--tensor-split", metavar="N0,N1,...", help=argparse.SUPPRESS)
+    group.add_argument("-mg", "--main-gpu", type=int, metavar="N", help=argparse.SUPPRESS)
     group.description = ("-fa/--flash-attn, -ub/--ubatch-size, -ctk/--cache-type-k, -ctv/--cache-type-v, "
-                         "-nkvo/--no-kv-offload, --no-mmap, --mlock, -np/--parallel")
+                         "-nkvo/--no-kv-offload, --no-mmap, --mlock, -np/--parallel, -ot/--override-tensor, "
+                         "-cmoe/--cpu-moe, -ncmoe/--n-cpu-moe, -sm/--split-mode, -ts/--tensor-split, "
+                         "-mg/--main-gpu")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from imatrix.cli.common import ArgumentParser
+from imatrix.cli.common import ArgumentParser, positive_int
 from imatrix.matrix import ImportanceMatrix
 from imatrix.stats.compare import compare_matrices, render_comparison
 
@@ -18,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("file_a")
     parser.add_argument("file_b")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("-c", "--ctx-size", type=int, default=512, help="chunk size used to read legacy .dat files")
+    parser.add_argument("-c", "--ctx-size", type=positive_int, default=512,
+                        help="chunk size used to read legacy .dat files")
     return parser
 
 

@@ -12,7 +12,7 @@ from imatrix.errors import ImatrixError
 from imatrix.eval.cpu_matmul import emulate_cpu_matmul_inputs
 from imatrix.eval.kld import kl_divergence
 from imatrix.eval.perplexity import perplexity, stderr_log, stdout_emit
-from imatrix.formats.atomic import check_output_path
+from imatrix.formats.atomic import check_not_an_input, check_output_path
 from imatrix.models.bundled import smollm2_path
 from imatrix.models.heap import keep_freed_memory
 from imatrix.models.loader import load_model
@@ -81,6 +81,7 @@ def _check(args: argparse.Namespace) -> None:
     if not args.kl_divergence and not Path(args.file).is_file():
         raise ImatrixError(f"{args.file}: no such text file")
     if args.kl_divergence_base is not None and not args.kl_divergence:
+        check_not_an_input(args.kl_divergence_base, model=args.model, text=args.file)
         check_output_path(args.kl_divergence_base)
 
 

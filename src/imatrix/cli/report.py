@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from imatrix.cli.common import ArgumentParser
+from imatrix.cli.common import ArgumentParser, positive_int
 from imatrix.errors import ImatrixError
 from imatrix.formats.atomic import check_output_path
 from imatrix.matrix import ImportanceMatrix
@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("in_files", nargs="+", help="imatrix files (GGUF or legacy .dat); several are merged")
     parser.add_argument("-o", "--output", help="report file: .html (self-contained) or .png")
     parser.add_argument("--png-dir", help="also write each figure as a PNG into this folder")
-    parser.add_argument("-c", "--ctx-size", type=int, default=512, help="chunk size used to read legacy .dat files")
+    parser.add_argument("-c", "--ctx-size", type=positive_int, default=512,
+                        help="chunk size used to read legacy .dat files")
     return parser
 
 

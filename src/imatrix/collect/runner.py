@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -61,6 +62,11 @@ class CollectOptions:
     def n_seq(self) -> int:
         return max(1, self.n_batch // self.n_ctx)
 
+    @property
+    def batch_size(self) -> int:
+        """-b as llama-imatrix clamps it: whole chunks (n_seq·n_ctx) from n_ctx up, as given below it."""
+        return min(self.n_batch, self.n_seq * self.n_ctx)
+
 
 @dataclass
 class CollectResult:
@@ -111,6 +117,7 @@ def collect(model: str | Path | LoadedModel | Executor, text_file: str | Path, o
     targets = collection_targets(executor.loaded, options.process_output)
     _check_fits_model(base, targets, f"{options.output_file}" if resumed is not None else "the --in-file data",
                       executor.loaded.source)
+    _warn_context(executor.loaded, options)
     chunks = _tokenize(executor.loaded, text, options, text_file)
     if resumed is not None:
         log(f"compute_imatrix: resuming from {options.output_file} after {skip} chunks", options.verbosity)
@@ -167,6 +174,13 @@ def open_executor(model: str | Path | LoadedModel | Executor, device: torch.devi
     return executor
 
 
+def _warn_context(loaded: LoadedModel, options: CollectOptions) -> None:
+    trained = getattr(loaded.config, "max_position_embeddings", None)
+    if trained and options.n_ctx > trained:
+        log(f"compute_imatrix: warning: model was trained on only {trained} context tokens "
+            f"({options.n_ctx} specified)", options.verbosity)
+
+
 def _silent(text: str) -> None:
     pass
 
@@ -209,36 +223,87 @@ def _chunks_done(saved: ImportanceMatrix, in_files: ImportanceMatrix, options: C
     return done
 
 
+# llama.cpp's default -ub: llama-imatrix checks whether to save once per micro-batch of this many tokens
+LLAMA_CPP_UBATCH = 512
+
+
+@dataclass(frozen=True)
+class SaveEvent:
+    """A save llama-imatrix makes: after the micro-batch in which its chunk count (tokens seen / n_ctx)
+    reaches a multiple of a frequency, or steps over one (`IMatrixCollector::collect_imatrix`)."""
+
+    chunk_count: int  # llama.cpp's count when it saves: names the snapshot
+    chunks_done: int  # chunks of this run that hold those tokens
+    batch: int  # the -b batch it saves in: llama.cpp prints a newline per save before that batch's ppl lines
+    output: bool  # --output-frequency: the output file
+    snapshot: bool  # --save-frequency: <out>.at_<chunk_count>
+
+
+def llama_cpp_saves(n_chunk: int, n_ctx: int, n_seq: int, n_batch: int, base_tokens: int,
+                    output_frequency: int, save_frequency: int) -> list[SaveEvent]:
+    """The saves llama-imatrix makes over `n_chunk` chunks, on top of `base_tokens` loaded with
+    --in-file, replaying its token count micro-batch by micro-batch (`n_batch` as clamped to
+    n_seq·n_ctx; below n_ctx a chunk takes several decodes)."""
+    ubatch = min(LLAMA_CPP_UBATCH, n_batch)
+    tokens, last = base_tokens, base_tokens // n_ctx
+    events = []
+    for batch, first in enumerate(range(0, n_chunk, n_seq)):
+        size = min(n_seq, n_chunk - first)
+        decodes = [size * n_ctx] if n_batch >= n_ctx else \
+            [min(n_batch, n_ctx - at) for _ in range(size) for at in range(0, n_ctx, n_batch)]
+        for decode in decodes:
+            for at in range(0, decode, ubatch):
+                tokens += min(ubatch, decode - at)
+                count = tokens // n_ctx
+                if count == last:
+                    continue
+                step, last = count - last, count
+                output = output_frequency > 0 and (count % output_frequency) // step == 0
+                snapshot = save_frequency > 0 and (count % save_frequency) // step == 0
+                if output or snapshot:
+                    done = -(-(count * n_ctx - base_tokens) // n_ctx)
+                    events.append(SaveEvent(count, done, batch, output, snapshot))
+    return events
+
+
 class _Saver:
-    """llama.cpp's save schedule: after the batch in which chunk_count crosses a multiple of the frequency."""
+    """Writes llama.cpp's saves (`llama_cpp_saves`) at the end of the window they fall in.
 
-    def __init__(self, options: CollectOptions, emit: Callable[[str], None], group: Group) -> None:
+    A snapshot holds exactly the chunks its name says: the plan cuts the windows there
+    (`plan_windows`). The output file is written at the end of the step that reaches its count, with
+    every chunk done by then (a -b batch is not cut for it), and says how many it holds.
+    """
+
+    def __init__(self, options: CollectOptions, emit: Callable[[str], None], group: Group,
+                 events: list[SaveEvent]) -> None:
         self.options, self.emit, self.group = options, emit, group
+        self.events = events if options.output_file is not None else []
+        self._pending = list(self.events)
 
-    def due(self, last_chunk: int, step: int) -> tuple[bool, bool]:
-        """(output file, snapshot) due after the step that ends at `last_chunk` and spans `step` chunks."""
-        options = self.options
-        if options.output_file is None:
-            return False, False
-        due_output = options.output_frequency > 0 and (last_chunk % options.output_frequency) // step == 0
-        due_snapshot = options.save_frequency > 0 and (last_chunk % options.save_frequency) // step == 0
-        return due_output, due_snapshot
+    def newlines_before(self, n_seq: int) -> dict[int, int]:
+        """Chunk index -> newlines llama.cpp prints before that chunk's ppl line (one per save)."""
+        newlines: dict[int, int] = {}
+        for event in self.events:
+            newlines[event.batch * n_seq] = newlines.get(event.batch * n_seq, 0) + event.output + event.snapshot
+        return newlines
 
-    def after_step(self, matrix_at: Callable[[], ImportanceMatrix], last_chunk: int, step: int) -> None:
-        due_output, due_snapshot = self.due(last_chunk, step)
-        if not (due_output or due_snapshot):
+    def after_window(self, matrix_at: Callable[[], ImportanceMatrix], chunks_done: int) -> None:
+        due = [event for event in self._pending if event.chunks_done <= chunks_done]
+        if not due:
             return
+        self._pending = self._pending[len(due):]
         matrix = matrix_at()  # a collective under torch.distributed: every rank gets here
-        if due_output:
+        if any(event.output for event in due):
             self.save(matrix, self.options.output_file)
-        if due_snapshot:
-            self.save(matrix, Path(f"{self.options.output_file}.at_{last_chunk}"))
+        for event in due:
+            if event.snapshot:
+                self.save(matrix, Path(f"{self.options.output_file}.at_{event.chunk_count}"))
 
-    def save(self, matrix: ImportanceMatrix, path: Path) -> None:
+    def save(self, matrix: ImportanceMatrix, path: Path, newline: bool = False) -> None:
         if not self.group.is_main:
             return
         matrix.save(path, self.options.output_format)
-        if self.options.verbosity >= 1:
+        if newline and self.options.verbosity >= 1:
             self.emit("\n")
         log(f"save_imatrix: stored collected data after {matrix.chunk_count} chunks in {path}",
             self.options.verbosity)
@@ -250,26 +315,42 @@ class _Step:
 
     first_batch: int
     batches: list[tuple[int, int]]  # (first chunk, n chunks) per global batch
-    last_chunk: int  # chunk_count once this step is done (base included)
 
     @property
     def n_chunks(self) -> int:
         return sum(size for _, size in self.batches)
 
+    @property
+    def stop(self) -> int:
+        first, size = self.batches[-1]
+        return first + size
 
-def plan_windows(n_chunk: int, n_ctx: int, n_seq: int, group: Group, base_tokens: int, saver: _Saver,
+
+def plan_windows(n_chunk: int, n_seq: int, group: Group, saves: list[SaveEvent],
                  window_chunks: int) -> list[list[_Step]]:
-    """Steps grouped into windows: a window ends where a save is due, or at `window_chunks` chunks."""
-    batches = [(first, min(n_seq, n_chunk - first)) for first in range(0, n_chunk, n_seq)]
+    """Steps grouped into windows: a window ends where a save falls, or at `window_chunks` chunks.
+
+    -b batches are cut where a snapshot falls, so that it holds exactly its chunks; they stay whole
+    otherwise (the result does not depend on how chunks are batched).
+    """
+    cuts = sorted({event.chunks_done for event in saves if event.snapshot})
+    batches = []
+    for first in range(0, n_chunk, n_seq):
+        stop = min(first + n_seq, n_chunk)
+        edges = [first, *(cut for cut in cuts if first < cut < stop), stop]
+        batches.extend((start, end - start) for start, end in itertools.pairwise(edges))
+    steps: list[_Step] = []
+    for index, batch in enumerate(batches):
+        if not steps or len(steps[-1].batches) == group.world or steps[-1].stop in cuts:
+            steps.append(_Step(index, []))
+        steps[-1].batches.append(batch)
+    save_points = {event.chunks_done for event in saves}
     windows: list[list[_Step]] = [[]]
-    done = 0
-    for first_batch in range(0, len(batches), group.world):
-        step_batches = batches[first_batch : first_batch + group.world]
-        done += sum(size for _, size in step_batches)
-        step = _Step(first_batch, step_batches, (base_tokens + done * n_ctx) // n_ctx)
+    for step in steps:
         windows[-1].append(step)
-        window_size = sum(s.n_chunks for s in windows[-1])
-        if any(saver.due(step.last_chunk, step.n_chunks)) or window_size >= window_chunks:
+        start = step.batches[0][0]
+        saves_here = any(start < point <= step.stop for point in save_points)
+        if saves_here or sum(s.n_chunks for s in windows[-1]) >= window_chunks:
             windows.append([])
     return [window for window in windows if window]
 
@@ -278,15 +359,16 @@ def _run(executor: Executor, targets: dict[str, torch.nn.Module | ExpertTarget],
          options: CollectOptions, base: ImportanceMatrix, emit: Callable[[str], None], group: Group,
          first_index: int) -> CollectResult:
     n_chunk, n_ctx, n_seq = chunks.shape[0], options.n_ctx, options.n_seq
-    if options.verbosity >= 1:
-        emit(f"compute_imatrix: computing over {n_chunk} chunks, n_ctx={n_ctx}, "
-             f"batch_size={options.n_batch}, n_seq={n_seq}\n")
+    log(f"compute_imatrix: computing over {n_chunk} chunks, n_ctx={n_ctx}, batch_size={options.batch_size}, "
+        f"n_seq={n_seq}", options.verbosity)
     meter = PerplexityMeter() if options.compute_ppl and n_chunk else None
-    saver = _Saver(options, emit, group)
+    saves = llama_cpp_saves(n_chunk, n_ctx, n_seq, options.batch_size, base.max_count(),
+                            options.output_frequency, options.save_frequency)
+    saver = _Saver(options, emit, group, saves)
+    newlines = saver.newlines_before(n_seq) if options.verbosity >= 1 else {}
     in_flight = chunks_in_flight(executor, options)
     # each chunk in flight needs its place in the window (a window of one step has one chunk at least)
-    windows = plan_windows(n_chunk, n_ctx, n_seq, group, base.max_count(), saver,
-                           max(executor.window_chunks, in_flight))
+    windows = plan_windows(n_chunk, n_seq, group, saver.events, max(executor.window_chunks, in_flight))
     chunk_ppl: list[float] = []
     progress = tqdm(total=n_chunk * n_ctx, unit="tok", unit_scale=True, file=sys.stderr,
                     disable=not options.progress or options.verbosity < 1, desc="imatrix")
@@ -309,11 +391,9 @@ def _run(executor: Executor, targets: dict[str, torch.nn.Module | ExpertTarget],
             scores = _run_window(executor, chunks, window, options, group, pool)
             collector.end_batch()
             scores = dict(pair for rank_scores in group.gather(scores) for pair in rank_scores)
+            saver.after_window(matrix_now, window[-1].stop)
             for step in window:
-                if step is window[-1]:
-                    saver.after_step(matrix_now, step.last_chunk, step.n_chunks)
-                if meter is not None:
-                    _report_ppl(meter, scores, step, first_index, chunk_ppl, emit)
+                _report(meter, scores, step, first_index, chunk_ppl, newlines, emit)
                 progress.update(step.n_chunks * n_ctx)
         progress.close()
         matrix = matrix_now()
@@ -327,7 +407,8 @@ def _run(executor: Executor, targets: dict[str, torch.nn.Module | ExpertTarget],
     if meter is not None:
         emit(meter.final_line() + "\n")
     if options.output_file is not None:
-        saver.save(matrix, options.output_file)
+        saver.save(matrix, options.output_file, newline=True)
+    emit("\n")
     return CollectResult(matrix, meter, n_chunk, n_chunk * n_ctx / max(elapsed, 1e-9), chunk_ppl)
 
 
@@ -414,11 +495,16 @@ def _collects_output(loaded: LoadedModel, options: CollectOptions) -> bool:
     return options.process_output and not getattr(loaded.config, "tie_word_embeddings", False)
 
 
-def _report_ppl(meter: PerplexityMeter, scores: dict[int, PerplexityMeter], step: _Step, first_index: int,
-                chunk_ppl: list[float], emit: Callable[[str], None]) -> None:
-    """Fold the step's chunks into the running estimate in chunk order, printing it as llama.cpp does."""
+def _report(meter: PerplexityMeter | None, scores: dict[int, PerplexityMeter], step: _Step, first_index: int,
+            chunk_ppl: list[float], newlines: dict[int, int], emit: Callable[[str], None]) -> None:
+    """Fold the step's chunks into the running estimate in chunk order, printing it as llama.cpp does,
+    with the newline it prints on each save before the ppl lines of the -b batch that saved."""
     for first, size in step.batches:
         for chunk in range(first, first + size):
+            if chunk in newlines:
+                emit("\n" * newlines[chunk])
+            if meter is None:
+                continue
             partial = scores[chunk]
             meter.nll += partial.nll
             meter.nll2 += partial.nll2

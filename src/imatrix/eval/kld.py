@@ -260,6 +260,11 @@ def kl_divergence(model: LoadedModel | str | Path, base_file: str | Path, n_batc
     if max_chunks == 0:
         raise ImatrixError(f"{base_file}: --chunks 0 leaves nothing to score")
     chunks = base.tokens if max_chunks < 0 else base.tokens[:max_chunks]
+    outside = np.flatnonzero((chunks < 0) | (chunks >= n_vocab))
+    if outside.size:  # llama_decode refuses them too ("invalid token")
+        position = int(outside[0])
+        raise ImatrixError(f"{base_file}: token id {int(chunks.flat[position])} at position {position} is outside "
+                           f"the vocabulary ({n_vocab} tokens)")
     n_chunk, n_ctx = chunks.shape
     n_seq = n_seq_for(n_ctx, n_batch)
     log(f"kl_divergence: computing over {n_chunk} chunks, n_ctx={n_ctx}, batch_size={n_batch}, n_seq={n_seq}")

@@ -28,6 +28,15 @@ def check_output_path(path: str | Path) -> None:
     os.unlink(_temporary_beside(target, path))
 
 
+def check_not_an_input(output: str | Path, **inputs: str | Path | None) -> None:
+    """Fail if writing `output` would replace one of the command's `inputs` (keyword: what it is)."""
+    if not Path(output).exists():
+        return
+    for what, path in inputs.items():
+        if path is not None and Path(path).exists() and os.path.samefile(output, path):
+            raise ImatrixError(f"{output}: is also the {what.replace('_', ' ')}: writing it would destroy it")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename.

@@ -18,6 +18,7 @@ from imatrix.formats.atomic import atomic_path
 from imatrix.matrix import ImportanceMatrix, TensorStats
 
 _INT = struct.Struct("<i")
+INT32_MAX = 2**31 - 1
 
 
 @dataclass
@@ -103,6 +104,8 @@ def dat_bytes(matrix: ImportanceMatrix) -> bytes:
         encoded = name.encode()
         # ceiling division, as llama.cpp does, so a partial chunk never stores a zero
         ncall = (int(stats.counts.max()) + chunk_size - 1) // chunk_size
+        if ncall > INT32_MAX:
+            raise ImatrixError(f"'{name}': {ncall} chunks do not fit the .dat format's 32 bits")
         counts = stats.counts.astype(np.float32)
         values = stats.sums.copy()
         empty = counts == 0
@@ -112,11 +115,16 @@ def dat_bytes(matrix: ImportanceMatrix) -> bytes:
         parts += [_INT.pack(len(encoded)), encoded, _INT.pack(ncall), _INT.pack(stats.sums.size)]
         parts.append(legacy.astype("<f4").tobytes())
     dataset = (matrix.datasets[-1] if matrix.datasets else "").encode()
+    if matrix.chunk_count > INT32_MAX:
+        raise ImatrixError(f"a chunk count of {matrix.chunk_count} does not fit the .dat format's 32 bits")
     parts += [_INT.pack(matrix.chunk_count), _INT.pack(len(dataset)), dataset]
     return b"".join(parts)
 
 
 def write_dat_imatrix(matrix: ImportanceMatrix, path: Path) -> None:
-    payload = dat_bytes(matrix)
+    try:
+        payload = dat_bytes(matrix)
+    except ImatrixError as exc:
+        raise ImatrixError(f"{path}: {exc}") from None
     with atomic_path(path) as tmp:
         tmp.write_bytes(payload)

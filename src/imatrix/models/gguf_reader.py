@@ -160,6 +160,11 @@ class GGUFModelFile:
             self.metadata, self.tensors = self._parse()
         except (struct.error, ValueError, KeyError) as exc:
             raise ImatrixError(f"{self.path}: corrupt GGUF file ({exc})") from exc
+        n_split = int(self.metadata.get("split.count") or 1)
+        if n_split > 1:  # one shard alone would pass for a model with tensors missing
+            shard = int(self.metadata.get("split.no") or 0) + 1
+            raise ImatrixError(f"{self.path}: part {shard} of a model split in {n_split} files: merge them into "
+                               "one first (llama-gguf-split --merge)")
 
     def _start(self) -> tuple[_Header, int, int]:
         header = _Header(memoryview(self.mmap), self.path)

@@ -1,4 +1,4 @@
-"""gguf-py's GGUF writer, with metadata arrays packed in one call each.
+"""gguf-py's GGUF writer, with metadata arrays packed in one call each, empty ones included.
 
 `GGUFWriter` packs an array value by value through `struct.pack`: ~0.5 s for SmolLM2's 49k-token
 vocab, scores, types and merges, a fifth of quantizing the whole model to Q4_0. The bytes written are
@@ -18,7 +18,8 @@ VT = gguf.GGUFValueType
 
 class ModelWriter(gguf.GGUFWriter):
     def _pack_val(self, val: Any, vtype: VT, add_vtype: bool, sub_type: VT | None = None) -> bytes:
-        if vtype != VT.ARRAY or sub_type is None or not isinstance(val, Sequence) or not val:
+        # empty arrays too, which gguf-py refuses and llama.cpp writes (an imatrix's datasets)
+        if vtype != VT.ARRAY or sub_type is None or not isinstance(val, Sequence):
             return super()._pack_val(val, vtype, add_vtype, sub_type)
         prefix = "<" if self.endianess == gguf.GGUFEndian.LITTLE else ">"
         head = struct.pack(f"{prefix}IIQ", vtype, sub_type, len(val)) if add_vtype else \

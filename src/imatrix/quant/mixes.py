@@ -82,6 +82,15 @@ def parse_file_type(text: str) -> FileType:
     raise ImatrixError(f"unknown quantization type '{text}' (choose from {names})")
 
 
+def looks_like_file_type(text: str) -> bool:
+    """Whether llama-quantize reads `text` as a file type (`try_parse_ftype`), one this project
+    quantizes or not: it then takes `<input> <type>` to mean the output's name is made up."""
+    llama_names = {ft.name.removeprefix("MOSTLY_").removeprefix("ALL_") for ft in gguf.LlamaFileType}
+    numbers = {str(int(ft)) for ft in gguf.LlamaFileType}
+    upper = text.upper()
+    return upper in FILE_TYPES or upper in ALIASES or upper in llama_names or upper == "COPY" or text in numbers
+
+
 def parse_tensor_type(text: str) -> enum.IntEnum:
     """A tensor type by its ggml name in any case (`q8_0`, `Q6_K`), or a registered project type."""
     known: dict[str, enum.IntEnum] = {q.name: q for q in QType}
@@ -467,15 +476,24 @@ def choose_type(
         return current
     cat = category(name)
     if ov.token_embedding_type is not None and cat == Cat.TOKEN_EMBD:
-        return ov.token_embedding_type
+        return _fitting_override(name, shape, ov.token_embedding_type, "--token-embedding-type")
     if ov.output_tensor_type is not None and cat == Cat.OUTPUT:
-        return ov.output_tensor_type
+        return _fitting_override(name, shape, ov.output_tensor_type, "--output-tensor-type")
     if ft.default in UNQUANTIZED:
         return ft.default
     n_cols = int(shape[0])
     chosen = ft.default if ov.pure else _mixed_type(s, ft, name, n_cols, ov)
     chosen = fallback(s, name, n_cols, chosen)
     return dict(ft.substitutes).get(chosen, chosen)
+
+
+def _fitting_override(name: str, shape: Sequence[int], qtype: enum.IntEnum, flag: str) -> enum.IntEnum:
+    """A type asked for by name: it must fit the rows, there is no fallback to choose (llama.cpp fails too)."""
+    block = type_sizes(qtype)[0]
+    if int(shape[0]) % block:
+        raise ImatrixError(f"{flag} {type_name(qtype)}: {name} has rows of {int(shape[0])} values, not a multiple "
+                           f"of its {block}-value blocks")
+    return qtype
 
 
 def plan_types(

@@ -26,7 +26,7 @@ import numpy as np
 
 import imatrix.quant  # noqa: F401  (registers every kernel)
 from imatrix.errors import ImatrixError
-from imatrix.formats.atomic import atomic_path, check_output_path
+from imatrix.formats.atomic import atomic_path, check_not_an_input, check_output_path
 from imatrix.matrix import ImportanceMatrix
 from imatrix.models.gguf_reader import GGUFModelFile, TensorInfo
 from imatrix.models.gguf_writer import ModelWriter
@@ -259,7 +259,8 @@ def _converter(model_file: GGUFModelFile, output_fd: int,
 # --- the imatrix ---
 
 
-def imatrix_values(imatrix: ImportanceMatrix, include: Sequence[str], exclude: Sequence[str]) -> dict[str, np.ndarray]:
+def imatrix_values(imatrix: ImportanceMatrix, include: Sequence[str], exclude: Sequence[str],
+                   source: str | None = None) -> dict[str, np.ndarray]:
     """Per-tensor weights `[n_mat, n_cols]` = Σx²/count, filtered as llama-quantize's flags filter them.
 
     A matrix that saw no tokens gets weights 1 (llama-quantize's load_imatrix), not 0.
@@ -276,7 +277,7 @@ def imatrix_values(imatrix: ImportanceMatrix, include: Sequence[str], exclude: S
         means = stats.mean_sq()
         means[stats.counts <= 0] = 1.0
         if not np.isfinite(means).all():
-            raise ImatrixError(f"imatrix entry {name} contains non-finite values")
+            raise ImatrixError(f"{source or 'the imatrix'}: entry {name} contains non-finite values")
         values[name] = means
     return values
 
@@ -416,11 +417,10 @@ def quantize_model(
     src_path, dst_path = Path(input_path), Path(output_path)
     ft = parse_file_type(ftype)
     overrides = Overrides(_as_type(output_tensor_type), _as_type(token_embedding_type), pure)
-    if dst_path.exists() and src_path.exists() and os.path.samefile(src_path, dst_path):
-        raise ImatrixError(f"{src_path}: input and output files are the same")
+    check_not_an_input(dst_path, input_model=src_path, imatrix=imatrix_file)
     check_output_path(dst_path)
     model_file = open_model(src_path)
-    values = _check_imatrix(src_path, model_file, imatrix, include_weights, exclude_weights)
+    values = _check_imatrix(src_path, model_file, imatrix, include_weights, exclude_weights, imatrix_file)
     jobs, fallbacks = _plan(src_path, model_file, ft, overrides, values, leave_output_tensor, allow_requantize)
     report = QuantizeReport(src_path, dst_path, ft.name, int(ft.ftype), fallbacks=fallbacks)
     for note in fallbacks:
@@ -461,6 +461,7 @@ def _check_imatrix(
     imatrix: ImportanceMatrix | None,
     include: Sequence[str],
     exclude: Sequence[str],
+    imatrix_file: str | None,
 ) -> dict[str, np.ndarray]:
     if imatrix is None:
         if include or exclude:
@@ -469,7 +470,7 @@ def _check_imatrix(
     names = set(model_file.tensors)
     if not names.intersection(imatrix.names()):
         raise ImatrixError(f"{path}: no tensor of this model is in the imatrix (an imatrix of another model?)")
-    return imatrix_values(imatrix, include, exclude)
+    return imatrix_values(imatrix, include, exclude, imatrix_file)
 
 
 def _write_one(output_fd: int, model_file: GGUFModelFile, job: _Job, offset: int, converted_bytes: int,

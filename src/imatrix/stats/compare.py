@@ -14,6 +14,7 @@ import numpy as np
 
 from imatrix.errors import ImatrixError
 from imatrix.matrix import ImportanceMatrix
+from imatrix.stats.compute import finite_or_null
 from imatrix.stats.names import layer_number, split_name
 
 KL_EPS = 1e-10
@@ -40,8 +41,8 @@ class Comparison:
         return {
             "a": self.source_a,
             "b": self.source_b,
-            "tensors": [asdict(row) for row in self.tensors],
-            "layers": [asdict(row) for row in self.layers],
+            "tensors": [finite_or_null(asdict(row)) for row in self.tensors],
+            "layers": [finite_or_null(asdict(row)) for row in self.layers],
             "only_in_a": self.only_a,
             "only_in_b": self.only_b,
         }

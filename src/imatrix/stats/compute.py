@@ -69,12 +69,12 @@ class Statistics:
         return {
             "source": self.source,
             "mode": self.mode,
-            "tensors": [_finite(asdict(row)) for row in self.tensors],
-            "layers": [_finite(asdict(row)) for row in self.layers],
+            "tensors": [finite_or_null(asdict(row)) for row in self.tensors],
+            "layers": [finite_or_null(asdict(row)) for row in self.layers],
         }
 
 
-def _finite(values: dict) -> dict:
+def finite_or_null(values: dict) -> dict:
     """NaN/inf (e.g. CosSim against an all-zero tensor) become null so the JSON stays valid."""
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()}
 

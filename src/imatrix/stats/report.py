@@ -12,7 +12,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from imatrix.errors import ImatrixError
-from imatrix.formats import atomic_path
+from imatrix.formats.atomic import atomic_path, check_output_path
 from imatrix.matrix import ImportanceMatrix
 from imatrix.stats.compute import Statistics, compute_statistics
 from imatrix.stats.figures import expert_figure, heatmap_figure, layer_curves_figure, skew_figure
@@ -65,11 +65,16 @@ def write_report(matrix: ImportanceMatrix, output: str | Path, source: str = "")
 
 def write_png_dir(matrix: ImportanceMatrix, directory: str | Path, source: str = "") -> list[Path]:
     folder = Path(directory)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ImatrixError(f"{folder}: cannot create the folder: {exc.strerror}") from None
     written = []
     for key, fig in build_figures(matrix, compute_statistics(matrix, "preferred", source)).items():
         path = folder / f"{key}.png"
-        path.write_bytes(figure_png(fig))
+        check_output_path(path)
+        with atomic_path(path) as tmp:
+            Path(tmp).write_bytes(figure_png(fig))
         written.append(path)
     return written
 
