@@ -259,3 +259,11 @@ def test_python_api_rejects_what_the_cli_rejects(tiny_gguf: Path, text: Path) ->
     for options in (CollectOptions(n_ctx=0), CollectOptions(n_ctx=-5), CollectOptions(max_chunks=0)):
         with pytest.raises(ImatrixError):
             collect(tiny_gguf, text, options)
+
+
+def test_context_beyond_the_trained_one_is_a_warning(capsys: pytest.CaptureFixture[str], tiny_gguf: Path, text: Path,
+                                                     tmp_path: Path) -> None:
+    argv = ["-m", str(tiny_gguf), "-f", str(text), "-c", "600", "--chunks", "1", "--no-ppl",
+            "-o", str(tmp_path / "o.gguf")]
+    assert main(argv) == 0
+    assert "warning: model was trained on only 512 context tokens (600 specified)" in capsys.readouterr().err
