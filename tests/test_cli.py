@@ -266,4 +266,4 @@ def test_context_beyond_the_trained_one_is_a_warning(capsys: pytest.CaptureFixtu
     argv = ["-m", str(tiny_gguf), "-f", str(text), "-c", "600", "--chunks", "1", "--no-ppl",
             "-o", str(tmp_path / "o.gguf")]
     assert main(argv) == 0
-    assert "warning: model was trained on only 512 context tokens (600 specified)" in capsys.readouterr().err
+    assert "warning: model was trained on only 512 context tokens (600 per chunk specified)" in capsys.readouterr().err

@@ -421,11 +421,14 @@ def test_cli_output_named_from_the_type(tmp_path: Path, capsys: pytest.CaptureFi
     write_tiny_model(src)
     assert main(["quantize", str(src), "q4_k_m", "1"]) == 0
     assert GGUFModelFile(tmp_path / "ggml-model-Q4_K_M.gguf").get("general.file_type") == 15
+    # an alias, or a number, takes the first name of llama-quantize's list: the alias
+    assert main(["quantize", str(src), "Q5_K", "1"]) == 0 and main(["quantize", str(src), "12", "1"]) == 0
     assert main(["quantize", str(src), str(tmp_path / "named.gguf"), "Q8_0", "1"]) == 0
     assert (tmp_path / "named.gguf").is_file()
     fails_cleanly(capsys, ["quantize", str(src), "IQ2_XS"], "unknown quantization type 'IQ2_XS'")
     fails_cleanly(capsys, ["quantize", str(src), str(tmp_path / "x.gguf")], "missing file type")
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["ggml-model-Q4_K_M.gguf", "named.gguf", "tiny.gguf"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "ggml-model-Q3_K.gguf", "ggml-model-Q4_K_M.gguf", "ggml-model-Q5_K.gguf", "named.gguf", "tiny.gguf"]
 
 
 def test_cli_never_overwrites_its_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -35,6 +35,18 @@ def test_micro_batches_of_several_chunks_step_over_multiples() -> None:
     assert counts(saves, "output") == [10, 20]
 
 
+def test_several_sequences_take_equal_shares_of_a_micro_batch() -> None:
+    # what llama-imatrix (built from the vendored llama.cpp source) wrote: with one KV stream per
+    # sequence, a micro-batch takes 512 // n_seqs tokens of each (504 for 12 sequences, 510 for 6), so
+    # the count steps over multiples at other places than 512-token micro-batches would
+    saves = llama_cpp_saves(n_chunk=28, n_ctx=128, n_seq=16, n_batch=2048, base_tokens=0, output_frequency=100,
+                            save_frequency=5)
+    assert counts(saves, "snapshot") == [8, 12, 16, 23, 27]
+    saves = llama_cpp_saves(n_chunk=12, n_ctx=256, n_seq=6, n_batch=1536, base_tokens=0, output_frequency=100,
+                            save_frequency=5)
+    assert counts(saves, "snapshot") == [5, 11]
+
+
 def test_counting_continues_from_in_file_data() -> None:
     # 3.5 chunks loaded: after two chunks of this run the count is 5 (2816 tokens / 512)
     saves = llama_cpp_saves(n_chunk=8, n_ctx=512, n_seq=4, n_batch=2048, base_tokens=1792, output_frequency=100,

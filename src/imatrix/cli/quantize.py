@@ -40,7 +40,7 @@ def positionals(input_path: str, rest: list[str]) -> tuple[Path, str, int | None
     """(output, type, nthreads) from llama-quantize's `<input> [<output>] <type> [<nthreads>]`: a type in
     second place means the output is `ggml-model-<TYPE>.gguf` in the input's folder (`main` in
     llama.cpp's tools/quantize/quantize.cpp)."""
-    from imatrix.quant.mixes import looks_like_file_type, parse_file_type
+    from imatrix.quant.mixes import llama_cpp_type_name, looks_like_file_type
 
     if looks_like_file_type(rest[0]):
         type_text, output, extra = rest[0], None, rest[1:]
@@ -55,7 +55,7 @@ def positionals(input_path: str, rest: list[str]) -> tuple[Path, str, int | None
     except ValueError:
         raise ImatrixError(f"quantize: nthreads must be a number (got '{extra[0]}')") from None
     if output is None:
-        output = Path(input_path).parent / f"ggml-model-{parse_file_type(type_text).name}.gguf"
+        output = Path(input_path).parent / f"ggml-model-{llama_cpp_type_name(type_text)}.gguf"
     return output, type_text, n_threads
 
 

@@ -175,10 +175,12 @@ def open_executor(model: str | Path | LoadedModel | Executor, device: torch.devi
 
 
 def _warn_context(loaded: LoadedModel, options: CollectOptions) -> None:
+    # llama-imatrix compares its KV cache, n_seq·n_ctx, and so also warns when every chunk fits: what
+    # matters is one chunk, the longest sequence the model sees
     trained = getattr(loaded.config, "max_position_embeddings", None)
     if trained and options.n_ctx > trained:
         log(f"compute_imatrix: warning: model was trained on only {trained} context tokens "
-            f"({options.n_ctx} specified)", options.verbosity)
+            f"({options.n_ctx} per chunk specified)", options.verbosity)
 
 
 def _silent(text: str) -> None:
@@ -223,7 +225,7 @@ def _chunks_done(saved: ImportanceMatrix, in_files: ImportanceMatrix, options: C
     return done
 
 
-# llama.cpp's default -ub: llama-imatrix checks whether to save once per micro-batch of this many tokens
+# llama.cpp's default -ub: llama-imatrix checks whether to save once per micro-batch of at most this many tokens
 LLAMA_CPP_UBATCH = 512
 
 
@@ -242,28 +244,40 @@ class SaveEvent:
 def llama_cpp_saves(n_chunk: int, n_ctx: int, n_seq: int, n_batch: int, base_tokens: int,
                     output_frequency: int, save_frequency: int) -> list[SaveEvent]:
     """The saves llama-imatrix makes over `n_chunk` chunks, on top of `base_tokens` loaded with
-    --in-file, replaying its token count micro-batch by micro-batch (`n_batch` as clamped to
-    n_seq·n_ctx; below n_ctx a chunk takes several decodes)."""
-    ubatch = min(LLAMA_CPP_UBATCH, n_batch)
+    --in-file, replaying its token count micro-batch by micro-batch (`n_batch` as clamped to n_seq·n_ctx)."""
     tokens, last = base_tokens, base_tokens // n_ctx
     events = []
     for batch, first in enumerate(range(0, n_chunk, n_seq)):
-        size = min(n_seq, n_chunk - first)
-        decodes = [size * n_ctx] if n_batch >= n_ctx else \
-            [min(n_batch, n_ctx - at) for _ in range(size) for at in range(0, n_ctx, n_batch)]
-        for decode in decodes:
-            for at in range(0, decode, ubatch):
-                tokens += min(ubatch, decode - at)
-                count = tokens // n_ctx
-                if count == last:
-                    continue
-                step, last = count - last, count
-                output = output_frequency > 0 and (count % output_frequency) // step == 0
-                snapshot = save_frequency > 0 and (count % save_frequency) // step == 0
-                if output or snapshot:
-                    done = -(-(count * n_ctx - base_tokens) // n_ctx)
-                    events.append(SaveEvent(count, done, batch, output, snapshot))
+        for micro_batch in _micro_batches(n_seq, min(n_seq, n_chunk - first), n_ctx, n_batch):
+            tokens += micro_batch
+            count = tokens // n_ctx
+            if count == last:
+                continue
+            step, last = count - last, count
+            output = output_frequency > 0 and (count % output_frequency) // step == 0
+            snapshot = save_frequency > 0 and (count % save_frequency) // step == 0
+            if output or snapshot:
+                done = -(-(count * n_ctx - base_tokens) // n_ctx)
+                events.append(SaveEvent(count, done, batch, output, snapshot))
     return events
+
+
+def _micro_batches(n_seq: int, batch_chunks: int, n_ctx: int, n_batch: int) -> Iterator[int]:
+    """Tokens in each micro-batch llama.cpp cuts one -b batch of `batch_chunks` chunks into.
+
+    One sequence: decodes of n_batch tokens (several per chunk when -b < -c), each cut flat. Several:
+    every sequence has a KV stream of its own, and `split_equal` (llama-batch.cpp) takes the same
+    number of tokens from each, as many as fit: 510 tokens for 6 sequences, 504 for 12.
+    """
+    ubatch = min(LLAMA_CPP_UBATCH, n_batch)
+    if n_seq == 1:
+        for start in range(0, n_ctx, n_batch):
+            decode = min(n_batch, n_ctx - start)
+            yield from (min(ubatch, decode - at) for at in range(0, decode, ubatch))
+        return
+    per_sequence = max(1, ubatch // batch_chunks)
+    for start in range(0, n_ctx, per_sequence):
+        yield min(per_sequence, n_ctx - start) * batch_chunks
 
 
 class _Saver:

@@ -91,6 +91,16 @@ def looks_like_file_type(text: str) -> bool:
     return upper in FILE_TYPES or upper in ALIASES or upper in llama_names or upper == "COPY" or text in numbers
 
 
+def llama_cpp_type_name(text: str) -> str:
+    """The name llama-quantize gives the file type `text`: the first entry of its list that matches,
+    where the aliases (Q4_K for Q4_K_M, ...) come before the names they stand for."""
+    ft = parse_file_type(text)
+    if text.upper() in ALIASES:
+        return text.upper()
+    alias_of = {name: alias for alias, name in ALIASES.items()}
+    return alias_of.get(ft.name, ft.name) if text.strip().isdigit() else ft.name
+
+
 def parse_tensor_type(text: str) -> enum.IntEnum:
     """A tensor type by its ggml name in any case (`q8_0`, `Q6_K`), or a registered project type."""
     known: dict[str, enum.IntEnum] = {q.name: q for q in QType}
