@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from imatrix.cli.common import ArgumentParser, add_ignored_llama_cpp_flags
+from imatrix.cli.common import ArgumentParser, add_ignored_llama_cpp_flags, positive_int
 from imatrix.collect import distributed
 from imatrix.collect.runner import CollectOptions, collect, log
 from imatrix.errors import ImatrixError
@@ -31,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("-f", "--file", help="calibration text (default with no --in-file: the bundled calibration.txt)")
     add("-o", "--output", "--output-file", dest="output_file", default="imatrix.gguf",
         help="output file (default: imatrix.gguf)")
-    add("-c", "--ctx-size", type=int, default=512, help="tokens per chunk (default: 512)")
-    add("-b", "--batch-size", type=int, default=2048,
+    add("-c", "--ctx-size", type=positive_int, default=512, help="tokens per chunk (default: 512)")
+    add("-b", "--batch-size", type=positive_int, default=2048,
         help="tokens per batch: n_seq = b / c chunks, b is clamped to n_seq·c as llama-imatrix does (default: 2048)")
     add("-t", "--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     add("-tb", "--threads-batch", type=int, default=0,
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--sequential", action=argparse.BooleanOptionalAction, default=None,
         help="run one layer at a time, loading each from the model file (default: only when the "
              "weights would not fit in memory)")
-    add("--window-chunks", type=int, default=64,
+    add("--window-chunks", type=positive_int, default=64,
         help="with --sequential: chunks pushed through each loaded layer at most (default: 64)")
     add("--chunks-in-flight", type=int, default=0,
         help="model in memory on the CPU: chunks computed at once, each in its own thread on "
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--ppl", action=argparse.BooleanOptionalAction, default=True,
         help="compute perplexity (default); --no-ppl skips it, and with it the output projection")
     add("--process-output", action="store_true", help="also collect output.weight")
-    add("-ofreq", "--output-frequency", type=int, default=10, help="save every N chunks (default: 10)")
+    add("-ofreq", "--output-frequency", type=positive_int, default=10, help="save every N chunks (default: 10)")
     add("--save-frequency", type=int, default=0, help="also write <out>.at_<chunk> every N chunks (default: 0)")
     add("--in-file", action="append", default=[], help="imatrix file(s) to load and merge (repeat or comma-separate)")
     add("--output-format", choices=["gguf", "dat"], default=None, help="gguf (default) or the legacy dat")
@@ -124,18 +124,10 @@ def _bundled(what: str, path: Path, verbosity: int) -> Path:
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-    if args.ctx_size <= 0:
-        raise ImatrixError(f"--ctx-size must be > 0 (got {args.ctx_size})")
-    if args.batch_size <= 0:
-        raise ImatrixError(f"--batch-size must be > 0 (got {args.batch_size})")
     if args.chunks == 0:
         raise ImatrixError("--chunks 0: no chunk to process")
-    if args.window_chunks <= 0:
-        raise ImatrixError(f"--window-chunks must be > 0 (got {args.window_chunks})")
     if args.chunks_in_flight < 0:
         raise ImatrixError(f"--chunks-in-flight must be >= 0 (got {args.chunks_in_flight})")
-    if args.output_frequency <= 0:
-        raise ImatrixError(f"--output-frequency must be > 0 (got {args.output_frequency})")
 
 
 def _warn_suffix(output: Path, verbosity: int) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from imatrix.cli.common import ArgumentParser, add_ignored_llama_cpp_flags
+from imatrix.cli.common import ArgumentParser, add_ignored_llama_cpp_flags, positive_int
 from imatrix.errors import ImatrixError
 from imatrix.eval.cpu_matmul import emulate_cpu_matmul_inputs
 from imatrix.eval.kld import kl_divergence
@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("-f", "--file", help="text to score (not needed with --kl-divergence: the tokens are in the base file)")
     add("-c", "--ctx-size", type=int, default=512, help="tokens per chunk (default: 512)")
     add("--chunks", type=int, default=-1, help="maximum number of chunks (default: all)")
-    add("-b", "--batch-size", type=int, default=2048, help="tokens per forward pass; n_seq = b / c (default: 2048)")
+    add("-b", "--batch-size", type=positive_int, default=2048,
+        help="tokens per forward pass; n_seq = b / c (default: 2048)")
     add("-t", "--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     add("--kl-divergence-base", metavar="FILE",
         help="without --kl-divergence: save the base log-probabilities here; with it: read them from here")
@@ -70,8 +71,6 @@ def main(argv: list[str]) -> int:
 def _check(args: argparse.Namespace) -> None:
     if args.ctx_size <= 3:
         raise ImatrixError(f"--ctx-size must be > 3 (got {args.ctx_size})")
-    if args.batch_size <= 0:
-        raise ImatrixError(f"--batch-size must be > 0 (got {args.batch_size})")
     if args.kl_divergence and not args.kl_divergence_base:
         raise ImatrixError("--kl-divergence needs --kl-divergence-base FILE (the base model's log-probabilities)")
     if args.kl_divergence and not Path(args.kl_divergence_base).is_file():

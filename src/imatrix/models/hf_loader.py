@@ -10,9 +10,7 @@ import transformers
 from safetensors import SafetensorError
 
 from imatrix.errors import ImatrixError
-from imatrix.models.attention import use_blocked_attention
-from imatrix.models.loader import LoadedModel, gguf_name_map, hf_architecture
-from imatrix.models.mlp import compute_mlps_in_place
+from imatrix.models.loader import LoadedModel, gguf_name_map, hf_architecture, use_collection_forwards
 
 
 @dataclass
@@ -38,8 +36,7 @@ def load_hf_model(directory: Path, device: str | torch.device, dtype: torch.dtyp
     except (OSError, ValueError, SafetensorError) as exc:
         raise ImatrixError(f"{directory}: cannot load checkpoint ({exc})") from exc
     model.eval()
-    use_blocked_attention(model)
-    compute_mlps_in_place(model)
+    use_collection_forwards(model)
     add_bos = bool(getattr(tokenizer, "add_bos_token", False))
     wrapped = HFTokenizer(tokenizer, tokenizer.bos_token_id, add_bos)
     names = gguf_name_map(model, architecture, model.config.num_hidden_layers)

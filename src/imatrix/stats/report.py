@@ -12,7 +12,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from imatrix.errors import ImatrixError
-from imatrix.formats.atomic import atomic_path, check_output_path
+from imatrix.formats.atomic import atomic_path
 from imatrix.matrix import ImportanceMatrix
 from imatrix.stats.compute import Statistics, compute_statistics
 from imatrix.stats.figures import expert_figure, heatmap_figure, layer_curves_figure, skew_figure
@@ -72,7 +72,6 @@ def write_png_dir(matrix: ImportanceMatrix, directory: str | Path, source: str =
     written = []
     for key, fig in build_figures(matrix, compute_statistics(matrix, "preferred", source)).items():
         path = folder / f"{key}.png"
-        check_output_path(path)
         with atomic_path(path) as tmp:
             Path(tmp).write_bytes(figure_png(fig))
         written.append(path)
