@@ -36,3 +36,22 @@ def test_blockwise_scoring_equals_scoring_the_full_logits(tmp_path: Path, file_d
     assert by_blocks.nll == pytest.approx(float(expected.sum()), rel=1e-6)
     assert by_blocks.nll2 == pytest.approx(float((expected * expected).sum()), rel=1e-6)
     assert whole.nll == pytest.approx(float(expected.sum()), rel=1e-6)
+
+
+def test_sequences_scored_together_score_as_each_alone(tmp_path: Path) -> None:
+    config = tiny_llama_config(tied=True)
+    head = load_model(write_tiny_llama_gguf(tmp_path / "tiny.gguf", config, dtype=np.float16)).model.lm_head
+    generator = torch.Generator().manual_seed(6)
+    hidden = 3 * torch.randn(3, 11, config.hidden_size, generator=generator)
+    targets = torch.randint(0, config.vocab_size, (3, 11), generator=generator)
+    with torch.inference_mode():
+        together = perplexity.projected_partials(head, hidden, targets)
+        alone = [PerplexityMeter() for _ in range(3)]
+        for meter, rows, ids in zip(alone, hidden, targets, strict=True):
+            meter.add_projected(head, rows, ids)
+        empty = perplexity.projected_partials(head, hidden[:, :0], targets[:, :0])
+    assert [meter.count for meter in together] == [11, 11, 11]
+    for joint, single in zip(together, alone, strict=True):
+        assert joint.nll == pytest.approx(single.nll, rel=1e-9)
+        assert joint.nll2 == pytest.approx(single.nll2, rel=1e-9)
+    assert [meter.count for meter in empty] == [0, 0, 0]  # -c 2 scores nothing

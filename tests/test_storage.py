@@ -192,3 +192,29 @@ def test_llama_qk_rows_kept_in_file_order_widen_to_the_checkpoint_rows(tmp_path:
     q_in_float16 = load_model(path, dtype=torch.float16).model.model.layers[1].self_attn.q_proj
     assert type(q_in_float16) is torch.nn.Linear
     assert torch.equal(q_in_float16.weight.float(), checkpoint["blk.1.attn_q.weight"])
+
+
+def test_siblings_reading_one_input_computed_as_one_matmul(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    loaded = load_model(write_tiny_llama_gguf(tmp_path / "f16.gguf", dtype=np.float16))
+    attention, mlp = loaded.model.model.layers[0].self_attn, loaded.model.model.layers[0].mlp
+    qkv, gate_up = attention.q_proj.input_siblings, mlp.up_proj.input_siblings
+    assert qkv.members == [attention.q_proj, attention.k_proj, attention.v_proj]
+    assert gate_up.members == [mlp.gate_proj, mlp.up_proj]
+    assert attention.o_proj.input_siblings is mlp.down_proj.input_siblings is None
+    x = torch.randn(2, 5, loaded.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    matmuls = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *args: matmuls.append(args[1].shape) or linear(*args))
+    with torch.inference_mode():
+        alone = [member.own_output(x) for member in qkv.members]
+        matmuls.clear()
+        joint = [member(x) for member in qkv.members]
+        assert matmuls == [(sum(qkv.rows), loaded.config.hidden_size)]
+        assert all(torch.equal(a, b) for a, b in zip(alone, joint, strict=True))  # the same bits
+        # a member's output is handed out once, and only for the very input it was computed from
+        assert torch.equal(attention.k_proj(x), alone[1]) and len(matmuls) == 2
+        y = x.clone()
+        attention.q_proj(x)
+        assert torch.equal(attention.v_proj(y), alone[2]) and len(matmuls) == 4
+    matmuls.clear()
+    assert torch.equal(attention.k_proj(x), alone[1]) and len(matmuls) == 1  # with autograd: each alone

@@ -24,15 +24,27 @@ from imatrix.collect.moe import ExpertTarget, Handle, Names, attach_experts
 from imatrix.errors import ImatrixError
 from imatrix.matrix import ImportanceMatrix
 
+# on CPU, rows are squared and summed this many values at a time: the squares of a block stay in the
+# core's cache, where those of a whole [512, 1536] input went to memory and back (0.7 against 1.3 ms)
+SQUARES_BLOCK_VALUES = 1 << 16
+
 
 def column_sum_sq(rows: torch.Tensor) -> torch.Tensor:
     """Σ x² per column of `rows` [..., n_rows, n_cols], in float32: [..., n_cols].
 
-    One fused pass without a [n_rows, n_cols] temporary: on CPU `vecdot` over the rows runs ~10×
-    faster than `vector_norm`, whose column reduction dominated the hooks' cost.
+    `vecdot` over the rows: on CPU it runs ~10× faster than `vector_norm`, whose column reduction
+    dominated the hooks' cost. The blocks of rows depend on the row count only, so a sequence's
+    sums are the same bits whatever is batched beside it.
     """
     rows = rows.float()
-    return torch.linalg.vecdot(rows, rows, dim=-2)
+    block_rows = max(1, SQUARES_BLOCK_VALUES // rows.shape[-1])
+    if rows.device.type != "cpu" or rows.shape[-2] <= block_rows:
+        return torch.linalg.vecdot(rows, rows, dim=-2)
+    blocks = rows.split(block_rows, dim=-2)
+    total = torch.linalg.vecdot(blocks[0], blocks[0], dim=-2)
+    for block in blocks[1:]:
+        total.add_(torch.linalg.vecdot(block, block, dim=-2))
+    return total
 
 
 def sequence_sum_sq(activations: torch.Tensor) -> torch.Tensor:

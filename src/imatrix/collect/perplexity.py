@@ -25,12 +25,9 @@ class PerplexityMeter:
         self.add_nll(_LogSumExp(logits.shape[0], logits.device).fold(logits.float(), 0, targets).nll())
 
     def add_projected(self, head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor) -> None:
-        """Score final hidden states `[n, d_model]` through the output projection `head` a block of
-        vocabulary rows at a time, never holding the `[n, vocab]` logits (50 MB per SmolLM2 chunk)."""
-        total = _LogSumExp(hidden.shape[0], hidden.device)
-        for rows in output_blocks(head, SCORE_BLOCK_VALUES):
-            total.fold(linear_rows(head, hidden, rows).float(), rows.start, targets)
-        self.add_nll(total.nll())
+        """Score final hidden states `[n, d_model]` through the output projection `head`
+        (`projected_nll`)."""
+        self.add_nll(projected_nll(head, hidden, targets))
 
     def add_nll(self, nll: torch.Tensor) -> None:
         """Add −log p of each scored position."""
@@ -59,6 +56,30 @@ class PerplexityMeter:
         if estimate is None:
             return "Unexpected negative standard deviation of log(prob)"
         return f"Final estimate: PPL = {estimate[0]:.4f} +/- {estimate[1]:.5f}"
+
+
+def projected_nll(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """−log p(target) of final hidden states `[n, d_model]` through the output projection `head`, float64,
+    a block of vocabulary rows at a time, never holding the `[n, vocab]` logits (50 MB per SmolLM2 chunk)."""
+    total = _LogSumExp(hidden.shape[0], hidden.device)
+    for rows in output_blocks(head, SCORE_BLOCK_VALUES):
+        total.fold(linear_rows(head, hidden, rows).float(), rows.start, targets)
+    return total.nll()
+
+
+def projected_partials(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor) -> list[PerplexityMeter]:
+    """One meter per sequence of `hidden [n_seq, n, d_model]` predicting `targets [n_seq, n]`.
+
+    The sequences go through each block of the vocabulary together: one matmul of 510 rows runs ~10%
+    faster than two of 255 (two SmolLM2 chunks at -c 512), and gives every row the same bits.
+    """
+    nll = projected_nll(head, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1))
+    meters = []
+    for sequence_nll in nll.view(hidden.shape[:2]):
+        meter = PerplexityMeter()
+        meter.add_nll(sequence_nll)
+        meters.append(meter)
+    return meters
 
 
 class _LogSumExp:

@@ -26,7 +26,7 @@ from imatrix.collect.executors import Executor, InMemoryExecutor
 from imatrix.collect.hooks import ActivationCollector
 from imatrix.collect.in_flight import ChunksInFlight, default_chunks_in_flight
 from imatrix.collect.moe import ExpertTarget, expert_count_lines
-from imatrix.collect.perplexity import PerplexityMeter
+from imatrix.collect.perplexity import PerplexityMeter, projected_partials
 from imatrix.collect.targets import collection_targets
 from imatrix.errors import ImatrixError
 from imatrix.formats.atomic import check_output_path
@@ -492,17 +492,16 @@ def _score_sequences(head: torch.nn.Module, loaded: LoadedModel, hidden: torch.T
     a block of the vocabulary at a time, and nothing at all without perplexity.
     """
     first = options.n_ctx // 2
-    collect_output = _collects_output(loaded, options)
+    if not _collects_output(loaded, options):
+        if options.compute_ppl:
+            yield from projected_partials(head, hidden[:, first:-1], batch[:, first + 1 :])
+        return
     for sequence, tokens in zip(hidden, batch, strict=True):
-        logits = head(sequence)[first:-1] if collect_output else None
-        if not options.compute_ppl:
-            continue
-        partial = PerplexityMeter()
-        if logits is not None:
+        logits = head(sequence)[first:-1]
+        if options.compute_ppl:
+            partial = PerplexityMeter()
             partial.add(logits, tokens[first + 1 :])
-        else:
-            partial.add_projected(head, sequence[first:-1], tokens[first + 1 :])
-        yield partial
+            yield partial
 
 
 def _collects_output(loaded: LoadedModel, options: CollectOptions) -> bool:

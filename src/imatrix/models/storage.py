@@ -43,8 +43,15 @@ class WideningLinear(torch.nn.Linear):
 
     release_pages: PageRelease | None = None  # set when the weight is read in place from a mapped file
     file_order_head_rows: int = 0  # rows per attention head when the rows are in the GGUF file's order
+    input_siblings: SharedInputLinears | None = None  # set when computed jointly with siblings
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Linear's own signature
+        if self.input_siblings is not None and not torch.is_grad_enabled():
+            return self.input_siblings.output_of(self, input)
+        return self.own_output(input)
+
+    def own_output(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002
+        """This Linear's output alone."""
         if self.weight.numel() <= WIDEN_WHOLE_MAX_VALUES:
             return self._widened_linear(input, self.weight, self.bias)
         output = input.new_empty(*input.shape[:-1], self.out_features)
@@ -60,7 +67,93 @@ class WideningLinear(torch.nn.Linear):
         return F.linear(input, wide, None if bias is None else bias.to(input.dtype))
 
 
+class SharedInputLinears:
+    """Sibling WideningLinears that read the very same input (llama's q/k/v projections, a gated MLP's
+    gate/up ones) computed as one matmul over their weights widened side by side.
+
+    The widened weights are a per-call copy anyway, so joining them costs no memory, and one wider
+    matmul runs faster than narrow ones (SmolLM2's k and v projections have 192 rows each): a
+    two-thread SmolLM2 forward ~1.5% faster, with the same bits in every output. The first member's call computes
+    all the outputs; each other member takes its own (a view of the joint output) once, on a call with
+    the same input tensor, and computes it alone otherwise.
+    """
+
+    def __init__(self, members: list[WideningLinear]) -> None:
+        self.members = members
+        self.rows = [member.out_features for member in members]
+        self._pending = threading.local()  # .input, .outputs: per thread, as chunks run in threads
+
+    def output_of(self, member: WideningLinear, input: torch.Tensor) -> torch.Tensor:  # noqa: A002
+        if member is not self.members[0]:
+            outputs = getattr(self._pending, "outputs", None)
+            if outputs and member in outputs and self._pending.input is input:
+                output = outputs.pop(member)
+                if not outputs:
+                    self._pending.input = self._pending.outputs = None
+                return output
+            return member.own_output(input)
+        joint = F.linear(input, self._widened(input.dtype))
+        outputs = dict(zip(self.members, joint.split(self.rows, dim=-1), strict=True))
+        output = outputs.pop(member)
+        # holding the input itself: an `is` test against a live tensor cannot match a new one at its address
+        self._pending.input, self._pending.outputs = input, outputs
+        return output
+
+    def _widened(self, dtype: torch.dtype) -> torch.Tensor:
+        first = self.members[0].weight
+        joint = _scratch_buffer((sum(self.rows), first.shape[1]), dtype, first.device)
+        for member, rows in zip(self.members, joint.split(self.rows), strict=True):
+            if member.file_order_head_rows:
+                checkpoint_row_order(member.weight, member.file_order_head_rows, out=rows)
+            else:
+                rows.copy_(member.weight)
+            if member.release_pages is not None:
+                member.release_pages(member.weight)
+        return joint
+
+
+# the Linears of a module that read the same input, by attribute name
+SHARED_INPUT_LINEARS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def join_shared_input_linears(model: torch.nn.Module) -> int:
+    """Compute each module's q/k/v (and gate/up) WideningLinears jointly (`SharedInputLinears`) where
+    they have no bias and their widened weights together fit one whole widening; returns how many
+    groups were joined. Every architecture we run feeds them one input; one that did not would still
+    get the right outputs, each computed alone."""
+    joined = 0
+    for module in model.modules():
+        for names in SHARED_INPUT_LINEARS:
+            members = [getattr(module, name, None) for name in names]
+            if _joinable(members):
+                siblings = SharedInputLinears(members)
+                for member in members:
+                    member.input_siblings = siblings
+                joined += 1
+    return joined
+
+
+def _joinable(members: list[torch.nn.Module | None]) -> bool:
+    if not all(isinstance(member, WideningLinear) and member.bias is None for member in members):
+        return False
+    weights = [member.weight for member in members]
+    return (len({(weight.shape[1], weight.dtype, weight.device) for weight in weights}) == 1
+            and sum(weight.numel() for weight in weights) <= WIDEN_WHOLE_MAX_VALUES)
+
+
 _scratch = threading.local()
+
+
+def _scratch_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """This thread's reusable buffer for a shape: valid until the next call for the same shape."""
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
+    key = (tuple(shape), dtype, device)
+    buffer = buffers.get(key)
+    if buffer is None:
+        buffer = buffers[key] = torch.empty(shape, dtype=dtype, device=device)
+    return buffer
 
 
 def widened(weight: torch.Tensor, dtype: torch.dtype, file_order_head_rows: int = 0) -> torch.Tensor:
@@ -74,13 +167,7 @@ def widened(weight: torch.Tensor, dtype: torch.dtype, file_order_head_rows: int 
     if torch.is_grad_enabled():
         wide = weight.to(dtype)
         return checkpoint_row_order(wide, file_order_head_rows) if file_order_head_rows else wide
-    buffers = getattr(_scratch, "buffers", None)
-    if buffers is None:
-        buffers = _scratch.buffers = {}
-    key = (weight.shape, dtype, weight.device)
-    buffer = buffers.get(key)
-    if buffer is None:
-        buffer = buffers[key] = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    buffer = _scratch_buffer(tuple(weight.shape), dtype, weight.device)
     if file_order_head_rows:
         return checkpoint_row_order(weight, file_order_head_rows, out=buffer)
     return buffer.copy_(weight)
@@ -162,6 +249,7 @@ def widen_narrow_modules(model: torch.nn.Module, compute_dtype: torch.dtype,
     (and then call `release_pages` with the narrow weight, or the block of it, just read).
 
     The module objects stay the same (their class is swapped), so hooks and tied weights keep working.
+    Linears that read the same input are then computed jointly (`join_shared_input_linears`).
     """
     for module in model.modules():
         weight = getattr(module, "weight", None)
@@ -175,3 +263,4 @@ def widen_narrow_modules(model: torch.nn.Module, compute_dtype: torch.dtype,
         else:
             continue
         module.release_pages = release_pages
+    join_shared_input_linears(model)
