@@ -28,8 +28,8 @@ def test_blockwise_scoring_equals_scoring_the_full_logits(tmp_path: Path, file_d
     assert len(storage.output_blocks(head, perplexity.SCORE_BLOCK_VALUES)) > 5
     with torch.inference_mode():
         logits = head(hidden).double()
-        by_blocks, whole = PerplexityMeter(), PerplexityMeter()
-        by_blocks.add_projected(head, hidden, targets)
+        (by_blocks,) = perplexity.projected_partials(head, hidden[None], targets[None])
+        whole = PerplexityMeter()
         whole.add(head(hidden), targets)
     expected = torch.logsumexp(logits, dim=1) - logits.gather(1, targets.view(-1, 1)).view(-1)
     assert by_blocks.count == whole.count == 40
@@ -46,9 +46,8 @@ def test_sequences_scored_together_score_as_each_alone(tmp_path: Path) -> None:
     targets = torch.randint(0, config.vocab_size, (3, 11), generator=generator)
     with torch.inference_mode():
         together = perplexity.projected_partials(head, hidden, targets)
-        alone = [PerplexityMeter() for _ in range(3)]
-        for meter, rows, ids in zip(alone, hidden, targets, strict=True):
-            meter.add_projected(head, rows, ids)
+        alone = [perplexity.projected_partials(head, rows[None], ids[None])[0]
+                 for rows, ids in zip(hidden, targets, strict=True)]
         empty = perplexity.projected_partials(head, hidden[:, :0], targets[:, :0])
     assert [meter.count for meter in together] == [11, 11, 11]
     for joint, single in zip(together, alone, strict=True):

@@ -24,11 +24,6 @@ class PerplexityMeter:
         """`logits [n, vocab]` predicting `targets [n]`; accumulates Σ-log p and Σ(log p)²."""
         self.add_nll(_LogSumExp(logits.shape[0], logits.device).fold(logits.float(), 0, targets).nll())
 
-    def add_projected(self, head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor) -> None:
-        """Score final hidden states `[n, d_model]` through the output projection `head`
-        (`projected_nll`)."""
-        self.add_nll(projected_nll(head, hidden, targets))
-
     def add_nll(self, nll: torch.Tensor) -> None:
         """Add −log p of each scored position."""
         nll = nll.double()
