@@ -44,14 +44,29 @@ def test_hands_other_calls_to_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
     query, key, value = qkv(256, 4, 2)
     layer = Layer(2)
     mask = torch.rand(256, 256, generator=torch.Generator().manual_seed(1)) > 0.3
-    for args, kwargs in (((mask,), {}), ((None,), {"is_causal": False}), ((None,), {"dropout": 0.0, "softcap": None}),
-                         ((None,), {"position_bias": torch.zeros(1, 4, 256, 256)})):
-        expected, _ = sdpa_attention_forward(layer, query, key, value, *args, **kwargs)
-        ours, _ = blocked_causal_attention(layer, query, key, value, *args, **kwargs)
-        torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+    handed: list[tuple] = []
+
+    def recording_sdpa(*args: object, **kwargs: object) -> tuple[torch.Tensor, None]:
+        handed.append(args)
+        return sdpa_attention_forward(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "sdpa_attention_forward", recording_sdpa)
     short = qkv(BLOCK_QUERIES, 4, 2)
-    torch.testing.assert_close(blocked_causal_attention(layer, *short, None)[0],
-                               sdpa_attention_forward(layer, *short, None)[0], rtol=0, atol=0)
+    for args, kwargs in (((query, key, value, mask), {}), ((query, key, value, None), {"is_causal": False}),
+                         ((query, key, value, None), {"position_bias": torch.zeros(1, 4, 256, 256)}),
+                         ((*short, None), {})):
+        expected, _ = sdpa_attention_forward(layer, *args, **kwargs)
+        ours, _ = blocked_causal_attention(layer, *args, **kwargs)
+        assert handed.pop()[1] is args[0] and not handed
+        torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+
+
+def test_blocks_plain_causal_calls_spelled_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    query, key, value = qkv(256, 4, 2)
+    monkeypatch.setattr(attention, "sdpa_attention_forward", None)  # a call handed over would fail
+    ours, _ = blocked_causal_attention(Layer(2), query, key, value, None, dropout=0.0, softcap=None, is_causal=True)
+    reference = F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
 
 
 def test_loaded_models_use_it_and_keep_their_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,4 +82,6 @@ def test_loaded_models_use_it_and_keep_their_outputs(tmp_path: Path, monkeypatch
         monkeypatch.undo()
         loaded.model.set_attn_implementation("sdpa")
         whole = loaded.model(input_ids=ids).logits
-    torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=1e-5)
+    # The same sums, cut at other places: another CPU's sgemm kernels round the blocks' shorter key ranges
+    # differently (2.8e-5 seen in CI); one key too many or too few moves these logits by ~6e-2.
+    torch.testing.assert_close(blocked, whole, rtol=1e-4, atol=2e-4)

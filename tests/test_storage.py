@@ -51,7 +51,9 @@ def test_16_bit_weights_kept_narrow_and_logits_unchanged(tmp_path: Path, file_ty
         assert narrow.dtype == torch.float32
         widened_to_float32(model)
         reference = model(input_ids=ids).logits
-    torch.testing.assert_close(narrow, reference, rtol=0, atol=0)
+    # widening is exact; q/k/v and gate/up joined in one wider matmul (`SharedInputLinears`) are the same
+    # bits with MKL's AVX-512 sgemm, within its rounding with AVX2 kernels (4e-6 seen)
+    torch.testing.assert_close(narrow, reference, rtol=1e-5, atol=2e-5)
 
 
 def test_float32_file_and_bfloat16_compute_keep_their_dtype(tmp_path: Path) -> None:

@@ -32,7 +32,8 @@ class Executor(Protocol):
 # three or four only grew the peak RSS (SmolLM2 with perplexity: 0.64 and 0.72 GB against 0.60), for
 # no speed-up measurable on the benchmarks' VM. The hooks add each sequence's sums on its own
 # (`collect.hooks`), so the statistics do not depend on the split as long as a sequence's activations
-# do not either (so with MKL's sgemm on CPU: the same bits at -b 512, 1024 and 2048 for SmolLM2).
+# do not either: with MKL's AVX-512 sgemm, the same bits at -b 512, 1024 and 2048 for SmolLM2. A sgemm
+# that rounds a row differently in a taller matrix (MKL's AVX2 kernels on small ones) moves the last bits.
 CPU_SEQS_PER_FORWARD = 2
 
 

@@ -66,7 +66,8 @@ def projected_partials(head: torch.nn.Linear, hidden: torch.Tensor, targets: tor
     """One meter per sequence of `hidden [n_seq, n, d_model]` predicting `targets [n_seq, n]`.
 
     The sequences go through each block of the vocabulary together: one matmul of 510 rows runs ~10%
-    faster than two of 255 (two SmolLM2 chunks at -c 512), and gives every row the same bits.
+    faster than two of 255 (two SmolLM2 chunks at -c 512), and with MKL's AVX-512 sgemm gives every row the
+    same bits (other kernels may round a row differently in a taller matrix, in the last bits).
     """
     nll = projected_nll(head, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1))
     meters = []

@@ -73,7 +73,8 @@ class SharedInputLinears:
 
     The widened weights are a per-call copy anyway, so joining them costs no memory, and one wider
     matmul runs faster than narrow ones (SmolLM2's k and v projections have 192 rows each): a
-    two-thread SmolLM2 forward ~1.5% faster, with the same bits in every output. The first member's call computes
+    two-thread SmolLM2 forward ~1.5% faster, with the same bits in every output under MKL's AVX-512 sgemm (other
+    kernels may round a column differently in a wider matrix, in the last bits). The first member's call computes
     all the outputs; each other member takes its own (a view of the joint output) once, on a call with
     the same input tensor, and computes it alone otherwise.
     """
