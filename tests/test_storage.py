@@ -212,7 +212,9 @@ def test_siblings_reading_one_input_computed_as_one_matmul(tmp_path: Path, monke
         matmuls.clear()
         joint = [member(x) for member in qkv.members]
         assert matmuls == [(sum(qkv.rows), loaded.config.hidden_size)]
-        assert all(torch.equal(a, b) for a, b in zip(alone, joint, strict=True))  # the same bits
+        # the same bits with MKL's AVX-512 sgemm; other kernels may round a column of a wider matrix otherwise
+        for own, shared in zip(alone, joint, strict=True):
+            torch.testing.assert_close(shared, own, rtol=1e-6, atol=1e-6)
         # a member's output is handed out once, and only for the very input it was computed from
         assert torch.equal(attention.k_proj(x), alone[1]) and len(matmuls) == 2
         y = x.clone()
