@@ -16,6 +16,13 @@ every run's rate, as timeit does: on a shared VM the slow runs measure the neigh
 is the fastest sgemm repetition too. Peak RSS is the largest seen.
 
     python benchmarks/collect_speed.py [--chunks 40] [--threads 2] [--repeat 3]
+
+The issue's reference machine is AVX2-class (torch's sgemm 150–190 GFLOP/s on its two cores). On an
+AVX-512 machine, capping torch's and MKL's kernels at AVX2 reproduces that class of sgemm rate, with
+everything else (caches, memory bandwidth) of the machine at hand; the table's first line says which
+kernels ran:
+
+    MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 DNNL_MAX_CPU_ISA=AVX2 python benchmarks/collect_speed.py
 """
 
 from __future__ import annotations
@@ -106,6 +113,15 @@ class Run:
     peak_rss_gb: list[float]
 
 
+def kernel_isa() -> str:
+    """The vector instructions torch's own kernels use, and MKL's where an environment variable caps them
+    (the issue's reference machine is AVX2-class: its sgemm reaches 150–190 GFLOP/s on two cores)."""
+    caps = [f"ATen {torch.backends.cpu.get_cpu_capability()}"]
+    caps += [f"{name}={os.environ[name]}" for name in ("MKL_ENABLE_INSTRUCTIONS", "DNNL_MAX_CPU_ISA")
+             if name in os.environ]
+    return " ".join(caps)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chunks", type=int, default=40)
@@ -133,7 +149,7 @@ def main() -> None:
     model_flops = flops_per_token(model_file, 512, 1.0)
     roofline = gflops * 1e9 / model_flops
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, {args.threads} threads; fp32 sgemm {gflops:.0f} GFLOP/s "
+          f"torch {torch.__version__}, {args.threads} threads, {kernel_isa()}; fp32 sgemm {gflops:.0f} GFLOP/s "
           f"(best of {', '.join(f'{sample.best:.0f}' for sample in samples)}; sustained over each sample "
           f"{', '.join(f'{sample.sustained:.0f}' for sample in samples)}); "
           f"fp32 weights {weights_gb:.2f} GB; {args.chunks} chunks of 512; "
