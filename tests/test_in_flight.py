@@ -63,11 +63,12 @@ def test_the_result_does_not_depend_on_thread_timing_or_batch_size(model: Loaded
         np.testing.assert_array_equal(runs[3].matrix[name].sums, runs[0].matrix[name].sums, err_msg=name)
     assert runs[3].chunk_ppl == runs[0].chunk_ppl
     # other -b: forwards of two sequences, which MKL's AVX-512 sgemm rounds as two of one (the same bits
-    # here), and its AVX2 kernels not quite (4e-7 seen); a chunk lost or counted twice moves a sum by ~10%
+    # here), and other kernels not quite (AVX2: 4e-7 seen; CI's CPU rounded 40× more than that elsewhere);
+    # a chunk lost or counted twice moves a sum by ~10%
     for other in runs[1:3]:
         for name in runs[0].matrix:
-            np.testing.assert_allclose(other.matrix[name].sums, runs[0].matrix[name].sums, rtol=2e-6, err_msg=name)
-        np.testing.assert_allclose(other.chunk_ppl, runs[0].chunk_ppl, rtol=2e-6)
+            np.testing.assert_allclose(other.matrix[name].sums, runs[0].matrix[name].sums, rtol=1e-4, err_msg=name)
+        np.testing.assert_allclose(other.chunk_ppl, runs[0].chunk_ppl, rtol=1e-4)
 
 
 def test_saves_hold_every_chunk_before_them(model: LoadedModel, text: Path, tmp_path: Path) -> None:

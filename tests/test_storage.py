@@ -52,8 +52,9 @@ def test_16_bit_weights_kept_narrow_and_logits_unchanged(tmp_path: Path, file_ty
         widened_to_float32(model)
         reference = model(input_ids=ids).logits
     # widening is exact; q/k/v and gate/up joined in one wider matmul (`SharedInputLinears`) are the same
-    # bits with MKL's AVX-512 sgemm, within its rounding with AVX2 kernels (4e-6 seen)
-    torch.testing.assert_close(narrow, reference, rtol=1e-5, atol=2e-5)
+    # bits with MKL's AVX-512 sgemm, within the rounding of other kernels (AVX2: 4e-6 seen); weights widened
+    # through bfloat16 move these logits by 5e-3, rows out of order by ~3
+    torch.testing.assert_close(narrow, reference, rtol=1e-4, atol=2e-4)
 
 
 def test_float32_file_and_bfloat16_compute_keep_their_dtype(tmp_path: Path) -> None:
@@ -214,7 +215,7 @@ def test_siblings_reading_one_input_computed_as_one_matmul(tmp_path: Path, monke
         assert matmuls == [(sum(qkv.rows), loaded.config.hidden_size)]
         # the same bits with MKL's AVX-512 sgemm; other kernels may round a column of a wider matrix otherwise
         for own, shared in zip(alone, joint, strict=True):
-            torch.testing.assert_close(shared, own, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(shared, own, rtol=1e-5, atol=1e-5)
         # a member's output is handed out once, and only for the very input it was computed from
         assert torch.equal(attention.k_proj(x), alone[1]) and len(matmuls) == 2
         y = x.clone()
