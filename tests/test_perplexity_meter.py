@@ -52,7 +52,8 @@ def test_sequences_scored_together_score_as_each_alone(tmp_path: Path) -> None:
     assert [meter.count for meter in together] == [11, 11, 11]
     for joint, single in zip(together, alone, strict=True):
         # the same rows, in a taller matmul: equal where the sgemm rounds a row alike whatever the height
-        # (MKL's AVX-512 kernels), within its last bits elsewhere (AVX2: 8e-9); a row lost or mixed: ~1e-1
+        # (MKL's AVX-512 kernels), within its last bits elsewhere (AVX2: 8e-9); a row swapped with another
+        # sequence's moves them by 6e-3 or more
         assert joint.nll == pytest.approx(single.nll, rel=1e-5)
         assert joint.nll2 == pytest.approx(single.nll2, rel=1e-5)
     assert [meter.count for meter in empty] == [0, 0, 0]  # -c 2 scores nothing
