@@ -31,6 +31,12 @@ class PerplexityMeter:
         self.nll2 += float((nll * nll).sum())
         self.count += int(nll.numel())
 
+    def add_meter(self, other: PerplexityMeter) -> None:
+        """Add the positions another meter scored (a chunk's partial, folded into the running estimate)."""
+        self.nll += other.nll
+        self.nll2 += other.nll2
+        self.count += other.count
+
     @property
     def ppl(self) -> float:
         return math.exp(self.nll / self.count) if self.count else float("nan")

@@ -518,9 +518,6 @@ def _report(meter: PerplexityMeter | None, scores: dict[int, PerplexityMeter], s
                 emit("\n" * newlines[chunk])
             if meter is None:
                 continue
-            partial = scores[chunk]
-            meter.nll += partial.nll
-            meter.nll2 += partial.nll2
-            meter.count += partial.count
+            meter.add_meter(scores[chunk])
             chunk_ppl.append(meter.ppl)
             emit(f"[{first_index + chunk + 1}]{meter.ppl:.4f},")

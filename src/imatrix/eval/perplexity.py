@@ -131,7 +131,7 @@ def perplexity(model: LoadedModel | str | Path, text_path: str | Path, n_ctx: in
     logits_iter = scored_logits(loaded, chunks, n_batch, eta_logger(n_chunk, n_seq, log, "perplexity"))
     if save_base is None:
         for index, logits, targets in logits_iter:
-            _add(meter, _nll(logits, targets))
+            meter.add_nll(_nll(logits, targets))
             _progress(index, meter, chunk_ppl, emit)
     else:
         log(f"perplexity: saving all logits to {save_base}")
@@ -140,7 +140,7 @@ def perplexity(model: LoadedModel | str | Path, text_path: str | Path, n_ctx: in
             for index, logits, targets in logits_iter:
                 rows, nll = quantize_log_probs(logits, targets)
                 writer.write_chunk(rows)
-                _add(meter, nll)
+                meter.add_nll(nll)
                 _progress(index, meter, chunk_ppl, emit)
     result = _result(meter, chunk_ppl, n_ctx)
     emit("\n")
@@ -154,12 +154,6 @@ def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     log_sum_exp = torch.exp(logits - max_logit).double().sum(dim=1).log()
     picked = logits.gather(1, targets.view(-1, 1)).view(-1) - max_logit.view(-1)
     return log_sum_exp - picked.double()
-
-
-def _add(meter: PerplexityMeter, nll: torch.Tensor) -> None:
-    meter.nll += float(nll.sum())
-    meter.nll2 += float((nll * nll).sum())
-    meter.count += int(nll.numel())
 
 
 def _progress(index: int, meter: PerplexityMeter, chunk_ppl: list[float], emit: Emit) -> None:

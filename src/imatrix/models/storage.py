@@ -104,10 +104,7 @@ class SharedInputLinears:
         first = self.members[0].weight
         joint = _scratch_buffer((sum(self.rows), first.shape[1]), dtype, first.device)
         for member, rows in zip(self.members, joint.split(self.rows), strict=True):
-            if member.file_order_head_rows:
-                checkpoint_row_order(member.weight, member.file_order_head_rows, out=rows)
-            else:
-                rows.copy_(member.weight)
+            widen_into(rows, member.weight, member.file_order_head_rows)
             if member.release_pages is not None:
                 member.release_pages(member.weight)
         return joint
@@ -168,10 +165,14 @@ def widened(weight: torch.Tensor, dtype: torch.dtype, file_order_head_rows: int 
     if torch.is_grad_enabled():
         wide = weight.to(dtype)
         return checkpoint_row_order(wide, file_order_head_rows) if file_order_head_rows else wide
-    buffer = _scratch_buffer(tuple(weight.shape), dtype, weight.device)
+    return widen_into(_scratch_buffer(tuple(weight.shape), dtype, weight.device), weight, file_order_head_rows)
+
+
+def widen_into(out: torch.Tensor, weight: torch.Tensor, file_order_head_rows: int = 0) -> torch.Tensor:
+    """`weight` converted into `out` (its rows in checkpoint order, for `file_order_head_rows` per head)."""
     if file_order_head_rows:
-        return checkpoint_row_order(weight, file_order_head_rows, out=buffer)
-    return buffer.copy_(weight)
+        return checkpoint_row_order(weight, file_order_head_rows, out=out)
+    return out.copy_(weight)
 
 
 def checkpoint_row_order(rows: torch.Tensor, head_rows: int, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -59,7 +59,7 @@ def write_report(matrix: ImportanceMatrix, output: str | Path, source: str = "")
     figures = build_figures(matrix, stats)
     data = render_html(matrix, stats, figures, source).encode() if suffix != ".png" else stacked_png(figures)
     with atomic_path(target) as tmp:
-        Path(tmp).write_bytes(data)
+        tmp.write_bytes(data)
     return target
 
 
@@ -73,7 +73,7 @@ def write_png_dir(matrix: ImportanceMatrix, directory: str | Path, source: str =
     for key, fig in build_figures(matrix, compute_statistics(matrix, "preferred", source)).items():
         path = folder / f"{key}.png"
         with atomic_path(path) as tmp:
-            Path(tmp).write_bytes(figure_png(fig))
+            tmp.write_bytes(figure_png(fig))
         written.append(path)
     return written
 
