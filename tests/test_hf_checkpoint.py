@@ -97,16 +97,16 @@ def test_directory_without_config(tmp_path: Path) -> None:
 def test_garbage_safetensors_is_a_clear_error(tiny_llama_dir: Path, tmp_path: Path) -> None:
     import shutil
 
-    from imatrix.collect.sequential import open_lazy_model
+    from imatrix.models.open import open_model
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_llama_dir, broken)
     for weights in broken.glob("*.safetensors"):
         weights.write_bytes(b"\xff" * 64)
-    with pytest.raises(ImatrixError, match="broken: cannot load checkpoint"):
+    with pytest.raises(ImatrixError, match=r"model.safetensors: cannot read safetensors file"):
         load_model(broken)
     with pytest.raises(ImatrixError, match=r"model.safetensors: cannot read safetensors file"):
-        open_lazy_model(broken, torch.device("cpu"))
+        open_model(broken, torch.device("cpu"))
 
 
 def test_only_rank_0_shows_the_loading_bar(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,9 +15,10 @@ from imatrix.cli.main import main
 from imatrix.collect.executors import InMemoryExecutor
 from imatrix.collect.hooks import ActivationCollector
 from imatrix.collect.runner import CollectOptions, CollectResult, chunks_in_flight, collect
-from imatrix.collect.sequential import SequentialExecutor, open_lazy_model
+from imatrix.collect.sequential import SequentialExecutor
 from imatrix.collect.targets import collection_targets
 from imatrix.models.loader import LoadedModel, load_model
+from imatrix.models.open import open_model
 
 N_CTX = 32
 
@@ -101,8 +102,7 @@ def test_only_a_model_in_memory_on_the_cpu_runs_several(model: LoadedModel, tiny
     assert chunks_in_flight(in_memory, CollectOptions(chunks_in_flight=3)) == 3
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert chunks_in_flight(in_memory, CollectOptions()) == 1
-    loaded, weights = open_lazy_model(tiny_gguf, torch.device("cpu"))
-    layer_by_layer = SequentialExecutor(loaded, weights, torch.device("cpu"), torch.float32, 8)
+    layer_by_layer = SequentialExecutor(open_model(tiny_gguf), torch.device("cpu"), torch.float32, 8)
     assert chunks_in_flight(layer_by_layer, CollectOptions(chunks_in_flight=2)) == 1
 
 

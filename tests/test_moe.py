@@ -18,9 +18,10 @@ from imatrix.collect.moe import ExpertTarget, expert_count_lines, expert_token_c
 from imatrix.collect.runner import CollectOptions, collect
 from imatrix.collect.targets import collection_targets
 from imatrix.formats import partial_data_warnings
-from imatrix.models.architectures import ARCHITECTURES, MIXTRAL, Architecture
+from imatrix.models.architectures import ALL, Architecture
 from imatrix.models.gguf_reader import GGUFModelFile
-from imatrix.models.loader import LoadedModel, expert_stack_map, gguf_name_map, load_model
+from imatrix.models.loader import LoadedModel, load_model
+from imatrix.models.names import expert_stack_map, gguf_name_map
 from tiny_models import BOS, _hf_tokenizer, permute_rows, tiny_vocab, write_metadata
 
 HIDDEN, N_LAYERS, N_CTX, N_SEQ = 64, 2, 48, 2
@@ -49,12 +50,13 @@ def deepseek_v3() -> transformers.PretrainedConfig:
         kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
 
 
+ADAPTERS = {arch.model_class: arch for arch in ALL}
 # config, adapter (llama.cpp converts Mixtral as llama, DeepSeek-V3 as deepseek2), MoE blocks, shared experts
 CASES: dict[str, tuple[Callable[[], transformers.PretrainedConfig], Architecture, list[int], bool]] = {
-    "qwen3moe": (qwen3moe, ARCHITECTURES["qwen3moe"], [0, 1], False),
-    "qwen2moe": (qwen2moe, ARCHITECTURES["qwen2moe"], [0, 1], True),
-    "mixtral": (mixtral, MIXTRAL, [0, 1], False),
-    "deepseek_v3": (deepseek_v3, ARCHITECTURES["deepseek2"], [1], True),
+    "qwen3moe": (qwen3moe, ADAPTERS["Qwen3MoeForCausalLM"], [0, 1], False),
+    "qwen2moe": (qwen2moe, ADAPTERS["Qwen2MoeForCausalLM"], [0, 1], True),
+    "mixtral": (mixtral, ADAPTERS["MixtralForCausalLM"], [0, 1], False),
+    "deepseek_v3": (deepseek_v3, ADAPTERS["DeepseekV3ForCausalLM"], [1], True),
 }
 
 
@@ -229,7 +231,7 @@ def write_moe_gguf(path: Path, loaded: LoadedModel) -> Path:
     if hasattr(config, "shared_expert_intermediate_size"):
         writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
     state = {name: tensor.detach().numpy() for name, tensor in loaded.model.state_dict().items()}
-    for param, name in loaded.gguf_names.items():
+    for param, (name,) in loaded.gguf_names.items():
         values = state[param]
         if architecture.permute_qk and name.endswith(("attn_q.weight", "attn_k.weight")):
             values = permute_rows(values, config.num_attention_heads if "attn_q" in name

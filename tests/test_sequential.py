@@ -15,7 +15,7 @@ from imatrix.cli.main import main
 from imatrix.collect import sequential
 from imatrix.collect.executors import InMemoryExecutor
 from imatrix.collect.runner import CollectOptions, CollectResult, collect, open_executor
-from imatrix.collect.sequential import SequentialExecutor, open_lazy_model
+from imatrix.collect.sequential import SequentialExecutor
 from imatrix.models.loader import load_model
 from tiny_models import tiny_llama_config, write_tiny_llama_gguf, write_tiny_llama_hf
 
@@ -67,8 +67,7 @@ def test_tied_embeddings(tiny_tied_gguf: Path, text: Path) -> None:
 
 def test_hf_directory_matches_in_memory(tmp_path: Path, text: Path) -> None:
     directory = write_tiny_llama_hf(tmp_path / "hf")
-    lazy, _ = open_lazy_model(directory, "cpu")
-    in_memory = dataclasses.replace(lazy, model=transformers.LlamaForCausalLM.from_pretrained(directory).eval())
+    in_memory = load_model(directory)
     reference = run(in_memory, text)
     ours = run(directory, text, sequential=True, window_chunks=3)
     assert_same_statistics(ours.matrix, reference.matrix)
@@ -142,8 +141,7 @@ def test_hf_moe_experts_stored_apart(tmp_path: Path, text: Path) -> None:
     directory = write_tiny_llama_hf(tmp_path / "hf")  # for the tokenizer files
     torch.manual_seed(0)
     transformers.Qwen3MoeForCausalLM(config).save_pretrained(directory)
-    lazy, _ = open_lazy_model(directory, "cpu")
-    in_memory = dataclasses.replace(lazy, model=transformers.Qwen3MoeForCausalLM.from_pretrained(directory).eval())
+    in_memory = load_model(directory)
     reference = run(in_memory, text, max_chunks=4)
     ours = run(directory, text, sequential=True, max_chunks=4, window_chunks=2)
     assert_same_statistics(ours.matrix, reference.matrix)

@@ -13,7 +13,8 @@ from imatrix.collect import sequential
 from imatrix.collect.executors import CPU_SEQS_PER_FORWARD, InMemoryExecutor, forward_in_memory
 from imatrix.models import storage
 from imatrix.models.gguf_reader import GGUFModelFile
-from imatrix.models.loader import gguf_tensor, load_model
+from imatrix.models.loader import load_model
+from imatrix.models.open import open_model
 from imatrix.models.storage import WideningEmbedding, WideningLinear
 from imatrix.quant.model import quantize_model
 from tiny_models import tiny_llama_config, write_tiny_llama_gguf
@@ -182,7 +183,7 @@ def test_llama_qk_rows_kept_in_file_order_widen_to_the_checkpoint_rows(tmp_path:
         assert module.file_order_head_rows == 16
         in_file = torch.from_numpy(model_file.tensor_f32(name))
         assert torch.equal(module.weight.float(), in_file)  # as stored: the rotary halves interleaved
-        checkpoint[name] = gguf_tensor(model_file, loaded.architecture, loaded.config, name, False)  # reordered
+        checkpoint[name] = open_model(path).weights.tensor(f"model.layers.1.self_attn.{name[11]}_proj.weight")
         assert not torch.equal(checkpoint[name], in_file)
         with torch.inference_mode():
             assert torch.equal(storage.widened(module.weight, torch.float32, 16), checkpoint[name])

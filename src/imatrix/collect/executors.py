@@ -60,7 +60,7 @@ class InMemoryExecutor:
 
     @contextmanager
     def output_head(self) -> Iterator[torch.nn.Module]:
-        yield self.loaded.model.lm_head
+        yield self.loaded.lm_head
 
 
 def forward_in_memory(loaded: LoadedModel, batch: torch.Tensor) -> torch.Tensor:
@@ -69,4 +69,4 @@ def forward_in_memory(loaded: LoadedModel, batch: torch.Tensor) -> torch.Tensor:
     The output projection is not run here: the runner applies it per sequence, only where it is
     needed (perplexity, or --process-output), which keeps one chunk's logits in memory at a time.
     """
-    return loaded.model.model(input_ids=batch, use_cache=False).last_hidden_state
+    return loaded.decoder(input_ids=batch, use_cache=False).last_hidden_state

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -59,23 +60,30 @@ class PerplexityMeter:
         return f"Final estimate: PPL = {estimate[0]:.4f} +/- {estimate[1]:.5f}"
 
 
-def projected_nll(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """−log p(target) of final hidden states `[n, d_model]` through the output projection `head`, float64,
-    a block of vocabulary rows at a time, never holding the `[n, vocab]` logits (50 MB per SmolLM2 chunk)."""
+LogitsTransform = Callable[[torch.Tensor], torch.Tensor]
+
+
+def projected_nll(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor,
+                  finish: LogitsTransform | None = None) -> torch.Tensor:
+    """−log p(target) of final hidden states `[n, d_model]` through the output projection `head` (and
+    `finish`, the model's element-wise soft-capping or scaling of logits), float64, a block of vocabulary
+    rows at a time, never holding the `[n, vocab]` logits (50 MB per SmolLM2 chunk)."""
     total = _LogSumExp(hidden.shape[0], hidden.device)
     for rows in output_blocks(head, SCORE_BLOCK_VALUES):
-        total.fold(linear_rows(head, hidden, rows).float(), rows.start, targets)
+        logits = linear_rows(head, hidden, rows).float()
+        total.fold(finish(logits) if finish else logits, rows.start, targets)
     return total.nll()
 
 
-def projected_partials(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor) -> list[PerplexityMeter]:
+def projected_partials(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor,
+                       finish: LogitsTransform | None = None) -> list[PerplexityMeter]:
     """One meter per sequence of `hidden [n_seq, n, d_model]` predicting `targets [n_seq, n]`.
 
     The sequences go through each block of the vocabulary together: one matmul of 510 rows runs ~10%
     faster than two of 255 (two SmolLM2 chunks at -c 512), and with MKL's AVX-512 sgemm gives every row the
     same bits (other kernels may round a row differently in a taller matrix, in the last bits).
     """
-    nll = projected_nll(head, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1))
+    nll = projected_nll(head, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1), finish)
     meters = []
     for sequence_nll in nll.view(hidden.shape[:2]):
         meter = PerplexityMeter()

@@ -32,6 +32,7 @@ from imatrix.errors import ImatrixError
 from imatrix.formats.atomic import check_output_path
 from imatrix.matrix import ImportanceMatrix
 from imatrix.models.loader import LoadedModel, load_model
+from imatrix.models.open import open_model
 
 
 @dataclass
@@ -165,8 +166,7 @@ def open_executor(model: str | Path | LoadedModel | Executor, device: torch.devi
                 options.verbosity)
     start = time.perf_counter()
     if use_sequential:
-        loaded, weights = sequential.open_lazy_model(path, device)
-        executor: Executor = sequential.SequentialExecutor(loaded, weights, device, options.dtype,
+        executor: Executor = sequential.SequentialExecutor(open_model(path, device), device, options.dtype,
                                                            options.window_chunks)
     else:
         executor = InMemoryExecutor(load_model(path, device=device, dtype=options.dtype))
@@ -494,10 +494,10 @@ def _score_sequences(head: torch.nn.Module, loaded: LoadedModel, hidden: torch.T
     first = options.n_ctx // 2
     if not _collects_output(loaded, options):
         if options.compute_ppl:
-            yield from projected_partials(head, hidden[:, first:-1], batch[:, first + 1 :])
+            yield from projected_partials(head, hidden[:, first:-1], batch[:, first + 1 :], loaded.finish_logits)
         return
     for sequence, tokens in zip(hidden, batch, strict=True):
-        logits = head(sequence)[first:-1]
+        logits = loaded.finish_logits(head(sequence)[first:-1])
         if options.compute_ppl:
             partial = PerplexityMeter()
             partial.add(logits, tokens[first + 1 :])

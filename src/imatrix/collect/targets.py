@@ -20,13 +20,14 @@ def collection_targets(loaded: LoadedModel, process_output: bool) -> dict[str, t
     modules = dict(loaded.model.named_modules())
     targets: dict[str, torch.nn.Module | ExpertTarget] = {}
     tied = bool(getattr(loaded.config, "tie_word_embeddings", False))
-    for param, gguf_name in loaded.gguf_names.items():
+    for param, gguf_names in loaded.gguf_names.items():
         module = modules.get(param.rpartition(".")[0])
-        if not param.endswith(".weight") or not _is_matmul(module, gguf_name):
-            continue
-        wanted = gguf_name.startswith("blk.") or (process_output and gguf_name == OUTPUT_WEIGHT and not tied)
-        if wanted:
-            targets[gguf_name] = module
+        for gguf_name in gguf_names:
+            if not param.endswith(".weight") or not _is_matmul(module, gguf_name):
+                continue
+            wanted = gguf_name.startswith("blk.") or (process_output and gguf_name == OUTPUT_WEIGHT and not tied)
+            if wanted:
+                targets[gguf_name] = module
     targets.update(expert_targets(loaded.model, _tensor_map(loaded)))
     return targets
 

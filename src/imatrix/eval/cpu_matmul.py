@@ -84,7 +84,8 @@ def emulate_cpu_matmul_inputs(loaded: LoadedModel) -> list[torch.utils.hooks.Rem
     types = {name: info.tensor_type for name, info in GGUFModelFile(loaded.source).tensors.items()}
     modules = dict(loaded.model.named_modules())
     handles = []
-    for param, gguf_name in loaded.gguf_names.items():
+    for param, gguf_names in loaded.gguf_names.items():
+        gguf_name = gguf_names[0]
         if gguf_name == "output.weight" and gguf_name not in types:
             gguf_name = "token_embd.weight"  # tied embeddings: the output matmul reads token_embd
         module = modules.get(param.rpartition(".")[0])

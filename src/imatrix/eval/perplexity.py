@@ -93,11 +93,11 @@ def scored_logits(loaded: LoadedModel, chunks: np.ndarray, n_batch: int = 2048,
             if bos is not None:
                 batch[:, 0] = bos
             began = time.perf_counter()
-            hidden = model.model(input_ids=batch.to(device), use_cache=False).last_hidden_state
+            hidden = loaded.decoder(input_ids=batch.to(device), use_cache=False).last_hidden_state
             if on_batch is not None:
                 on_batch(start, time.perf_counter() - began)
             for seq in range(batch.shape[0]):
-                logits = model.lm_head(hidden[seq, first:-1]).float().cpu()
+                logits = loaded.finish_logits(loaded.lm_head(hidden[seq, first:-1]).float()).cpu()
                 yield start + seq, logits, torch.from_numpy(chunks[start + seq, first + 1 :])
 
 

@@ -1,0 +1,113 @@
+"""One way to open a model: GGUF file or Hugging Face directory -> skeleton, GGUF names, tokenizer, weights.
+
+Every path that runs a model starts here: in memory (`models.loader.load_model` fills the skeleton),
+layer by layer (`collect.sequential`), on several ranks, and `imatrix perplexity`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imatrix.errors import ImatrixError
+from imatrix.models.architectures import architecture_for_file, architecture_for_hf
+from imatrix.models.architectures.base import Architecture
+from imatrix.models.gguf_reader import GGUFModelFile
+from imatrix.models.names import GGUFNames, expert_stack_map, gguf_name_map
+from imatrix.models.patches import use_collection_forwards
+from imatrix.models.tokenizer import TextTokenizer, tokenizer_from_gguf
+from imatrix.models.weights import GGUFWeights, SafetensorsWeights, WeightSource
+
+
+@dataclass
+class OpenedModel:
+    """A model whose weights are not loaded yet: its modules are on the meta device."""
+
+    skeleton: torch.nn.Module  # a transformers *ForCausalLM
+    architecture: Architecture
+    gguf_names: GGUFNames  # parameter (model.layers.0.self_attn.q_proj.weight) -> its GGUF tensors
+    tokenizer: TextTokenizer
+    weights: WeightSource
+    source: Path
+    # 3-D expert parameter -> the GGUF stacks (`blk.N.ffn_gate_exps.weight`, …) it is made of
+    expert_stacks: GGUFNames = field(default_factory=dict)
+
+    @property
+    def config(self) -> Any:  # a transformers PretrainedConfig
+        return self.skeleton.config
+
+    @property
+    def model_file(self) -> GGUFModelFile | None:
+        return self.weights.model_file if isinstance(self.weights, GGUFWeights) else None
+
+
+def open_model(path: str | Path, device: str | torch.device = "cpu") -> OpenedModel:
+    """Open `path` (a .gguf file or a Hugging Face checkpoint directory); rotary tables go to `device`."""
+    source = Path(path)
+    if source.is_dir():
+        return _open_hf(source, device)
+    model_file = GGUFModelFile(source)
+    architecture = architecture_for_file(model_file)
+    config = architecture.build_config(model_file)
+    skeleton = empty_model(architecture, config, device)
+    n_blocks = config.num_hidden_layers
+    names = gguf_name_map(skeleton, architecture, n_blocks)
+    stacks = expert_stack_map(skeleton, architecture, n_blocks)
+    weights = GGUFWeights(model_file, architecture, config, names, stacks)
+    return OpenedModel(skeleton, architecture, names, tokenizer_from_gguf(model_file), weights, source, stacks)
+
+
+def _open_hf(directory: Path, device: str | torch.device) -> OpenedModel:
+    import transformers
+
+    from imatrix.models.hf_loader import HFTokenizer
+
+    architecture = architecture_for_hf(read_hf_config(directory).get("model_type", "?"), directory)
+    weights = SafetensorsWeights(directory)
+    try:
+        config = architecture.config_type().from_pretrained(directory)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as exc:
+        raise ImatrixError(f"{directory}: cannot load checkpoint ({exc})") from exc
+    skeleton = empty_model(architecture, config, device)
+    names = gguf_name_map(skeleton, architecture, config.num_hidden_layers)
+    stacks = expert_stack_map(skeleton, architecture, config.num_hidden_layers)
+    return OpenedModel(skeleton, architecture, names, HFTokenizer.of(tokenizer), weights, directory, stacks)
+
+
+def empty_model(architecture: Architecture, config: Any, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The transformers model on the meta device, with our forwards; rotary tables on `device`."""
+    with torch.device("meta"):
+        model = architecture.model_type()(config)
+    use_collection_forwards(model)
+    rebuild_meta_buffers(model, device)
+    return model.eval()
+
+
+def rebuild_meta_buffers(model: torch.nn.Module, device: str | torch.device) -> None:
+    """Non-persistent buffers (rotary inv_freq, embedding scales) are not in any checkpoint: made on
+    `device` and filled by the model's own `_init_weights`, as transformers' `from_pretrained` does."""
+    owners = {}
+    for name, buffer in model.named_non_persistent_buffers():
+        if buffer.is_meta:
+            path, _, attribute = name.rpartition(".")
+            owner = model.get_submodule(path)
+            owner._buffers[attribute] = torch.empty_like(buffer, device=device)
+            owners[id(owner)] = owner
+    with torch.no_grad():
+        for owner in owners.values():
+            model._init_weights(owner)
+
+
+def read_hf_config(directory: Path) -> dict:
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise ImatrixError(f"{directory}: not a Hugging Face checkpoint (no config.json)")
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ImatrixError(f"{config_path}: invalid JSON ({exc.msg})") from exc

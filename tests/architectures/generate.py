@@ -1,0 +1,196 @@
+"""Regenerate the tiny architecture models and their llama.cpp goldens (`tests/architectures/<name>/`).
+
+Each folder holds a `spec.json`; from it this script writes
+  hf/            a random-weight transformers checkpoint (config, float16 safetensors, tokenizer)
+  model.gguf     that checkpoint converted by llama.cpp's own `convert_hf_to_gguf.py --outtype f16`
+  imatrix.gguf   `llama-imatrix -m model.gguf -f calibration.txt <spec's imatrix_args>`
+  ppl.txt        llama-imatrix's per-chunk perplexity lines (stdout)
+
+llama.cpp is the copy vendored in the PyPI sdist `llama-cpp-python==0.3.36`, built outside this repository:
+    pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36
+    tar xzf llama_cpp_python-0.3.36.tar.gz
+    cmake -S llama_cpp_python-0.3.36/vendor/llama.cpp -B build -DLLAMA_CURL=OFF
+    cmake --build build -j2 --target llama-imatrix
+Run with the project's environment plus `sentencepiece` (for the SentencePiece tokenizers):
+    python tests/architectures/generate.py --llama-cpp <vendor/llama.cpp> --bin <build/bin> [name ...]
+
+spec.json keys (all but model_class/config_class optional):
+  model_class, config_class   transformers classes (`Gemma3ForCausalLM`, `Gemma3TextConfig`)
+  config                      keyword arguments of the config; vocab and special ids are added
+  tokenizer                   "bpe" (SmolLM2's byte-level BPE cut to 1024 tokens, pre-tokenizer "smollm")
+                              or "spm" (a SentencePiece BPE trained on the calibration text)
+  tokenizer_class             the transformers tokenizer class for "spm" (default LlamaTokenizer)
+  tokenizer_config            extra tokenizer_config.json entries; extra_special_tokens: more control tokens
+  add_bos                     whether the tokenizer adds BOS (default false)
+  init_std                    the config's initializer_range (default 0.1); norms and biases get noise too
+  convert_args, imatrix_args  extra arguments of the converter and of llama-imatrix
+The models are tiny on purpose: every byte is committed, and CI runs each one twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+VOCAB_SIZE = 1024
+DEFAULT_IMATRIX_ARGS = ["-c", "128", "--chunks", "4"]
+CONTROL_TOKENS = 17  # SmolLM2's special tokens come first in its vocabulary
+
+
+def calibration_text() -> Path:
+    shared = Path(os.environ.get("IMATRIX_SHARED", ROOT.parent / "shared"))
+    return shared / "data" / "calibration.txt"
+
+
+def smollm2_bpe(vocab_size: int = VOCAB_SIZE) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """SmolLM2's vocabulary cut to its first `vocab_size` tokens, with the merges that make them: a
+    byte-level BPE that tokenizes like SmolLM2's stopped at that merge rank."""
+    from imatrix.models.bundled import smollm2_path
+    from imatrix.models.gguf_reader import GGUFModelFile
+
+    model_file = GGUFModelFile(smollm2_path())
+    tokens = list(model_file.require("tokenizer.ggml.tokens"))[:vocab_size]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    merges = []
+    for merge in model_file.require("tokenizer.ggml.merges"):
+        left, right = merge.split(" ", 1)
+        if left in vocab and right in vocab and left + right in vocab:
+            merges.append((left, right))
+    return vocab, merges
+
+
+def bpe_tokenizer(spec: dict) -> transformers.PreTrainedTokenizerFast:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab, merges = smollm2_bpe()
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    backend.decoder = decoders.ByteLevel()
+    specials = [token for token, index in vocab.items() if index < CONTROL_TOKENS]
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>")
+    return tokenizer
+
+
+def spm_tokenizer(spec: dict, work: Path) -> transformers.PreTrainedTokenizerBase:
+    import sentencepiece
+
+    prefix = work / "spm"
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(calibration_text()), model_prefix=str(prefix), vocab_size=VOCAB_SIZE, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, num_threads=1, split_digits=True,
+        bos_id=2, eos_id=1, unk_id=3, pad_id=0, bos_piece="<bos>", eos_piece="<eos>", pad_piece="<pad>",
+        max_sentence_length=1 << 16, input_sentence_size=0, shuffle_input_sentence=False,
+        minloglevel=2)
+    tokenizer_class = getattr(transformers, spec.get("tokenizer_class", "LlamaTokenizer"))
+    return tokenizer_class(vocab_file=f"{prefix}.model", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+                           pad_token="<pad>")
+
+
+def write_tokenizer(spec: dict, hf_dir: Path, work: Path) -> transformers.PreTrainedTokenizerBase:
+    kind = spec.get("tokenizer", "bpe")
+    tokenizer = bpe_tokenizer(spec) if kind == "bpe" else spm_tokenizer(spec, work)
+    extra = spec.get("extra_special_tokens", [])
+    if extra:
+        tokenizer.add_special_tokens({"additional_special_tokens": extra})
+    tokenizer.save_pretrained(hf_dir)
+    if kind == "spm":
+        shutil.copy(work / "spm.model", hf_dir / "tokenizer.model")
+    config_path = hf_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.update({"add_bos_token": bool(spec.get("add_bos", False)), "add_eos_token": False},
+                  **spec.get("tokenizer_config", {}))
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return tokenizer
+
+
+def write_checkpoint(spec: dict, hf_dir: Path, tokenizer: transformers.PreTrainedTokenizerBase) -> None:
+    config_class = getattr(transformers, spec["config_class"])
+    config = config_class(**spec["config"], vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                          initializer_range=spec.get("init_std", 0.1))
+    torch.manual_seed(spec.get("seed", 0))
+    model = getattr(transformers, spec["model_class"])(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 1 and ("norm" in name or name.endswith(".bias")):
+                param.add_(0.1 * torch.randn_like(param))
+    model.to(torch.float16).save_pretrained(hf_dir)
+
+
+# Our tiny vocabularies are no model's, so the converter cannot recognise them by hash; the pre-tokenizer
+# is the one they were cut from (SmolLM2's), stated as the converter would state it.
+CONVERTER = """
+import runpy, sys
+sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + "/gguf-py")
+import conversion.base
+pre, script = sys.argv[2], sys.argv[1] + "/convert_hf_to_gguf.py"
+conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
+sys.argv = [script] + sys.argv[3:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def convert(spec: dict, hf_dir: Path, gguf_path: Path, llama_cpp: Path) -> None:
+    args = [str(hf_dir), "--outfile", str(gguf_path), "--outtype", "f16", *spec.get("convert_args", [])]
+    run([sys.executable, "-c", CONVERTER, str(llama_cpp), spec.get("pre", "smollm"), *args])
+
+
+def run_imatrix(spec: dict, folder: Path, bin_dir: Path) -> None:
+    args = spec.get("imatrix_args", DEFAULT_IMATRIX_ARGS)
+    command = [str(bin_dir / "llama-imatrix"), "-m", str(folder / "model.gguf"), "-f", str(calibration_text()),
+               "-o", str(folder / "imatrix.gguf"), "-t", "2", *args]
+    result = run(command)
+    (folder / "ppl.txt").write_text(result.stdout)
+    (folder / "imatrix.log").write_text(" ".join(["llama-imatrix", *command[1:]]) + "\n" + result.stderr)
+
+
+def run(command: list[str]) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"failed ({result.returncode}): {' '.join(command)}\n{result.stderr[-4000:]}")
+    return result
+
+
+def generate(folder: Path, llama_cpp: Path, bin_dir: Path) -> None:
+    spec = json.loads((folder / "spec.json").read_text())
+    hf_dir = folder / "hf"
+    shutil.rmtree(hf_dir, ignore_errors=True)
+    hf_dir.mkdir()
+    with tempfile.TemporaryDirectory() as work:
+        tokenizer = write_tokenizer(spec, hf_dir, Path(work))
+    write_checkpoint(spec, hf_dir, tokenizer)
+    convert(spec, hf_dir, folder / "model.gguf", llama_cpp)
+    run_imatrix(spec, folder, bin_dir)
+    print(f"{folder.name}: {sum(f.stat().st_size for f in folder.rglob('*') if f.is_file()) / 1e6:.2f} MB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--llama-cpp", type=Path, required=True, help="llama.cpp source (convert_hf_to_gguf.py)")
+    parser.add_argument("--bin", type=Path, required=True, help="folder with llama-imatrix")
+    parser.add_argument("names", nargs="*", help="architectures to regenerate (default: all)")
+    args = parser.parse_args()
+    folders = [HERE / name for name in args.names] or sorted(p.parent for p in HERE.glob("*/spec.json"))
+    for folder in folders:
+        generate(folder, args.llama_cpp, args.bin)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Every supported architecture against llama-imatrix, on tiny random-weight models (`tests/architectures/`).
+
+Each folder holds a transformers checkpoint, llama.cpp's conversion of it and what llama-imatrix collected from
+that conversion (`generate.py` makes them). Collected from the GGUF file and from the checkpoint directory, our
+file must have llama.cpp's tensor names, shapes and counts, the same statistics (cosine ≥ 0.9999 and median
+relative L2 ≤ 1e-3 per tensor, as the F16 goldens of SmolLM2) and a final perplexity within 0.5%.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imatrix import ImportanceMatrix
+from imatrix.collect.runner import CollectOptions, collect
+
+HERE = Path(__file__).resolve().parent / "architectures"
+NAMES = sorted(path.parent.name for path in HERE.glob("*/imatrix.gguf"))
+
+
+def spec(name: str) -> dict:
+    return json.loads((HERE / name / "spec.json").read_text())
+
+
+def imatrix_options(args: list[str]) -> dict:
+    """llama-imatrix's `-c N --chunks N [-b N]` as collection options."""
+    flags = dict(zip(args[::2], args[1::2], strict=True))
+    options = {"n_ctx": int(flags["-c"]), "max_chunks": int(flags["--chunks"])}
+    if "-b" in flags:
+        options["n_batch"] = int(flags["-b"])
+    return options
+
+
+def golden_final_ppl(name: str) -> float:
+    return float(re.search(r"Final estimate: PPL = ([0-9.]+)", (HERE / name / "ppl.txt").read_text()).group(1))
+
+
+def similarity(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, float]:
+    a, b = ours.ravel().astype(np.float64), theirs.ravel().astype(np.float64)
+    cosine = a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) if a.any() or b.any() else 1.0
+    return float(cosine), float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def assert_matches_llama_cpp(ours: ImportanceMatrix, theirs: ImportanceMatrix, count_tolerance: float) -> None:
+    assert ours.names() == theirs.names()
+    cosines, rel_l2 = {}, {}
+    for name in theirs:
+        assert ours[name].sums.shape == theirs[name].sums.shape, name
+        if count_tolerance:  # MoE routing: near-tied router scores may pick another expert in llama.cpp
+            np.testing.assert_allclose(ours[name].counts, theirs[name].counts, rtol=count_tolerance, atol=2,
+                                       err_msg=name)
+        else:
+            assert ours[name].counts.tolist() == theirs[name].counts.tolist(), name
+        cosines[name], rel_l2[name] = similarity(ours[name].mean_sq(), theirs[name].mean_sq())
+    worst = min(cosines, key=cosines.get)
+    assert cosines[worst] >= 0.9999, (worst, cosines[worst])
+    assert np.median(list(rel_l2.values())) <= 1e-3
+
+
+@pytest.mark.parametrize("source", ["model.gguf", "hf"])
+@pytest.mark.parametrize("name", NAMES)
+def test_collects_what_llama_imatrix_collects(name: str, source: str, calibration_text: Path, tmp_path: Path) -> None:
+    info = spec(name)
+    options = imatrix_options(info.get("imatrix_args", ["-c", "128", "--chunks", "4"]))
+    printed: list[str] = []
+    result = collect(HERE / name / source, calibration_text,
+                     CollectOptions(**options, progress=False, verbosity=0, output_file=tmp_path / "imatrix.gguf"),
+                     stdout=printed.append)
+    theirs = ImportanceMatrix.load(HERE / name / "imatrix.gguf")
+    assert_matches_llama_cpp(result.matrix, theirs, info.get("count_tolerance", 0.0))
+    assert result.ppl.final()[0] == pytest.approx(golden_final_ppl(name), rel=5e-3)
