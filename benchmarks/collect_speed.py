@@ -40,9 +40,9 @@ from pathlib import Path
 
 import torch
 
+from imatrix.ggufio.reader import GGUFModelFile
 from imatrix.models.bundled import default_calibration_text, smollm2_path
 from imatrix.models.f16 import write_f16_model
-from imatrix.models.gguf_reader import GGUFModelFile
 
 LLAMA_CPP = {"tokens/s": 227.0, "wall s (40 chunks)": 88.0, "peak RSS GB": 0.84}
 RUNS = (("with PPL", []), ("--no-ppl", ["--no-ppl"]),

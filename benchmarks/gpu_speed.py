@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from collect_speed import flops_per_token, run_cli
+from imatrix.ggufio.reader import GGUFModelFile
 from imatrix.models.bundled import default_calibration_text
-from imatrix.models.gguf_reader import GGUFModelFile
 from memory import write_random_q4_0_llama
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -27,8 +27,8 @@ import gguf
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from imatrix.ggufio.reader import GGUFModelFile  # noqa: E402
 from imatrix.models.bundled import default_calibration_text, smollm2_path  # noqa: E402
-from imatrix.models.gguf_reader import GGUFModelFile  # noqa: E402
 from tiny_models import tiny_llama_config, write_metadata  # noqa: E402
 
 GB = 1024**3

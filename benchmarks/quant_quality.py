@@ -29,9 +29,9 @@ from imatrix.errors import ImatrixError
 from imatrix.eval.cpu_matmul import emulate_cpu_matmul_inputs
 from imatrix.eval.kld import kl_divergence
 from imatrix.eval.perplexity import perplexity, stderr_log
+from imatrix.ggufio.reader import GGUFModelFile
 from imatrix.matrix import ImportanceMatrix
 from imatrix.models.bundled import smollm2_path
-from imatrix.models.gguf_reader import GGUFModelFile
 from imatrix.models.loader import load_model
 
 REPO = Path(__file__).resolve().parent.parent

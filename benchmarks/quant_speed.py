@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+from imatrix.ggufio.reader import GGUFModelFile
 from imatrix.models.bundled import smollm2_path
 from imatrix.models.f16 import write_f16_model
-from imatrix.models.gguf_reader import GGUFModelFile
 from imatrix.quant.mixes import FILE_TYPES
 from quant_quality import IMATRIX, QUALITY_MD, parse_quality
 

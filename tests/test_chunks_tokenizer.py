@@ -9,7 +9,7 @@ import pytest
 
 from imatrix import ImatrixError
 from imatrix.collect.chunks import make_chunks, read_calibration_text
-from imatrix.models.gguf_reader import GGUFModelFile
+from imatrix.ggufio.reader import GGUFModelFile
 from imatrix.models.tokenizer import tokenizer_from_gguf
 
 

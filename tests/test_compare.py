@@ -120,8 +120,16 @@ def test_context_size_must_be_positive(golden, capsys):
     assert err.count("\n") == 1 and "--ctx-size" in err and "must be > 0" in err
 
 
-def test_json_has_null_where_a_value_is_not_a_number(tmp_path, golden, capsys):
-    broken = _save(tmp_path / "nan.gguf", {"blk.0.attn_q.weight": 576}, value=float("nan"))
-    assert main(["compare", str(golden / A), broken, "--json"]) == 0
-    row = json.loads(capsys.readouterr().out)["tensors"][0]
+def test_json_has_null_where_a_value_is_not_a_number(golden):
+    # files with NaN sums are refused on reading; a matrix built in memory can still hold one
+    nan = ImportanceMatrix(chunk_size=512)
+    nan.tensors["blk.0.attn_q.weight"] = TensorStats(np.full((1, 576), np.nan, np.float32), [512])
+    row = json.loads(json.dumps(compare_matrices(ImportanceMatrix.load(golden / A), nan).to_dict()))["tensors"][0]
     assert row["name"] == "blk.0.attn_q.weight" and row["sym_kl"] is None
+
+
+def test_a_file_with_nan_sums_is_refused(tmp_path, golden, capsys):
+    broken = _save(tmp_path / "nan.gguf", {"blk.0.attn_q.weight": 576}, value=float("nan"))
+    assert main(["compare", str(golden / A), broken]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nan.gguf: tensor 'blk.0.attn_q.weight' has sums that are NaN" in err

@@ -23,8 +23,8 @@ from imatrix.eval.cpu_matmul import activation_rounding, emulate_cpu_matmul_inpu
 from imatrix.eval.kld import KLDResult, kl_divergence
 from imatrix.eval.logits_file import HEADER_BYTES, LogitsFile, dequantize_log_probs, quantize_log_probs, row_width
 from imatrix.eval.perplexity import perplexity
+from imatrix.ggufio.reader import GGUFModelFile
 from imatrix.models.architectures import ALL
-from imatrix.models.gguf_reader import GGUFModelFile
 from imatrix.models.loader import LoadedModel, load_model
 
 T = gguf.GGMLQuantizationType
@@ -52,7 +52,8 @@ def tiny_model(seed: int, add_bos: bool = True) -> LoadedModel:
         for param in model.parameters():
             param.normal_(0.0, 0.3)  # peaked enough that the softmax is far from uniform
     model.eval()
-    return LoadedModel(model, CharTokenizer(add_bos=add_bos), next(arch for arch in ALL if arch.model_class == "LlamaForCausalLM"), {}, Path("tiny"))
+    llama = next(arch for arch in ALL if arch.model_class == "LlamaForCausalLM")
+    return LoadedModel(model, CharTokenizer(add_bos=add_bos), llama, {}, Path("tiny"))
 
 
 def perturbed(loaded: LoadedModel, seed: int, amount: float = 0.05) -> LoadedModel:

@@ -262,11 +262,16 @@ def test_dataset_name_in_another_encoding(golden: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("tensors", "metadata", "message"), [
-    (one_tensor(np.ones(8), np.ones(3)), {}, "8 values for 3 counts"),
+    (one_tensor(np.ones(8), np.ones(3)), {}, "1 matrices of sums but 3 counts"),
+    (one_tensor(np.ones(576), [512.0, 512.0]), {}, "1 matrices of sums but 2 counts"),
     (one_tensor(np.ones(8), np.zeros(0)), {}, "is empty"),
-    (one_tensor(np.ones(8), [-512.0]), {}, "negative, too large or not numbers"),
-    (one_tensor(np.ones(8), [np.nan]), {}, "negative, too large or not numbers"),
-    (one_tensor(np.ones(8), [1e30]), {}, "negative, too large or not numbers"),
+    (one_tensor(np.ones(8), [-512.0]), {}, "token counts that are negative or too large"),
+    (one_tensor(np.ones(8), [np.nan]), {}, "token counts that are not numbers"),
+    (one_tensor(np.ones(8), [1e30]), {}, "token counts that are negative or too large"),
+    (one_tensor(np.ones(8), [0.4]), {}, "token counts that are not whole numbers"),
+    (one_tensor(np.full(8, np.nan), [512.0]), {}, "sums that are NaN or infinite"),
+    (one_tensor(np.full(8, np.inf), [512.0]), {}, "sums that are NaN or infinite"),
+    (one_tensor(-np.ones(8), [512.0]), {}, "negative sums of squares"),
     (one_tensor(np.ones(8), [512.0]), {"imatrix.chunk_count": "abc"}, "imatrix.chunk_count is not a count"),
 ])
 def test_inconsistent_gguf_is_one_clear_error(tmp_path: Path, tensors: dict, metadata: dict, message: str) -> None:

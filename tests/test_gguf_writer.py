@@ -7,8 +7,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from imatrix.models.gguf_reader import GGUFModelFile
-from imatrix.models.gguf_writer import ModelWriter
+from imatrix.ggufio.reader import GGUFModelFile
+from imatrix.ggufio.writer import ModelWriter
 
 VT = gguf.GGUFValueType
 

@@ -12,7 +12,7 @@ import transformers
 from imatrix import ImatrixError
 from imatrix.cli.main import main
 from imatrix.collect.runner import CollectOptions, collect
-from imatrix.models.gguf_reader import GGUFModelFile
+from imatrix.ggufio.reader import GGUFModelFile
 from imatrix.models.loader import load_model
 from imatrix.models.tokenizer import tokenizer_from_gguf
 

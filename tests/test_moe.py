@@ -18,8 +18,8 @@ from imatrix.collect.moe import ExpertTarget, expert_count_lines, expert_token_c
 from imatrix.collect.runner import CollectOptions, collect
 from imatrix.collect.targets import collection_targets
 from imatrix.formats import partial_data_warnings
+from imatrix.ggufio.reader import GGUFModelFile
 from imatrix.models.architectures import ALL, Architecture
-from imatrix.models.gguf_reader import GGUFModelFile
 from imatrix.models.loader import LoadedModel, load_model
 from imatrix.models.names import expert_stack_map, gguf_name_map
 from tiny_models import BOS, _hf_tokenizer, permute_rows, tiny_vocab, write_metadata

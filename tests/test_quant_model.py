@@ -13,8 +13,8 @@ import pytest
 
 from imatrix import ImatrixError, ImportanceMatrix
 from imatrix.cli.main import main
+from imatrix.ggufio.reader import GGUFModelFile
 from imatrix.matrix import TensorStats
-from imatrix.models.gguf_reader import GGUFModelFile
 from imatrix.quant.base import quantize_rows
 from imatrix.quant.hifi import HIFI_TYPE_ID, dequantize_q3_k_hifi
 from imatrix.quant.mixes import FILE_TYPES, Overrides, parse_file_type, plan_types, row_bytes
@@ -534,3 +534,30 @@ def test_smollm2_q4_k_m_with_imatrix(smollm2_q4_1: Path, golden: Path, tmp_path:
     assert reader.fields["general.file_type"].contents() == 15
     merges = "tokenizer.ggml.merges"
     assert reader.fields[merges].contents()[:5] == f16_reader.fields[merges].contents()[:5]
+
+
+@pytest.mark.parametrize("weight", [0.0, 1e-45, 3e38])
+def test_degenerate_imatrix_rows_do_not_zero_a_tensor(golden: Path, tmp_path: Path, weight: float) -> None:
+    name = "blk.5.ffn_down.weight"
+    imatrix = ImportanceMatrix.load(golden / "imatrix" / "smollm2-f16.c512.n40.imatrix.gguf")
+    imatrix.tensors[name] = TensorStats(np.full_like(imatrix.tensors[name].sums, weight), [1])  # mean: weight
+    out = tmp_path / "q4_k.gguf"
+    with pytest.warns(UserWarning, match=r"ffn_down.weight'.*would quantize the tensor to zeros"):
+        quantize_model(golden / "quant" / "source-f16.gguf", out, "Q4_K_S", imatrix, pure=True)
+    values = GGUFModelFile(out).tensor_f32(name)
+    assert np.count_nonzero(values) > 0.99 * values.size  # llama-quantize writes 0 of 884,736 here
+    with pytest.raises(ImatrixError, match=r"ffn_down.weight'.*would quantize the tensor to zeros"):
+        quantize_model(golden / "quant" / "source-f16.gguf", out, "Q4_K_S", imatrix, pure=True, strict_imatrix=True)
+
+
+def test_rescaled_imatrix_rows_keep_their_ratios(golden: Path, tmp_path: Path) -> None:
+    name = "blk.5.ffn_down.weight"
+    imatrix = ImportanceMatrix.load(golden / "imatrix" / "smollm2-f16.c512.n40.imatrix.gguf")
+    reference, scaled = tmp_path / "reference.gguf", tmp_path / "scaled.gguf"
+    quantize_model(golden / "quant" / "source-f16.gguf", reference, "Q4_K_S", imatrix, pure=True)
+    imatrix.tensors[name].sums *= np.float32(1e-30) / imatrix.tensors[name].sums.max()
+    with pytest.warns(UserWarning):
+        quantize_model(golden / "quant" / "source-f16.gguf", scaled, "Q4_K_S", imatrix, pure=True)
+    ours, theirs = GGUFModelFile(scaled), GGUFModelFile(reference)
+    same = np.mean(ours.raw(name) == theirs.raw(name))
+    assert same > 0.95  # the same weighting up to a factor: the same blocks but for float rounding

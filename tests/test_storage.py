@@ -11,8 +11,8 @@ import torch
 
 from imatrix.collect import sequential
 from imatrix.collect.executors import CPU_SEQS_PER_FORWARD, InMemoryExecutor, forward_in_memory
+from imatrix.ggufio.reader import GGUFModelFile
 from imatrix.models import storage
-from imatrix.models.gguf_reader import GGUFModelFile
 from imatrix.models.loader import load_model
 from imatrix.models.open import open_model
 from imatrix.models.storage import WideningEmbedding, WideningLinear

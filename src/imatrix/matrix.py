@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imatrix.errors import ImatrixError
+from imatrix.errors import ImatrixError, shown
 
 
 @dataclass
@@ -150,7 +150,7 @@ class ImportanceMatrix:
 def _add_into(name: str, current: TensorStats, incoming: TensorStats) -> None:
     if current.sums.size != incoming.sums.size:
         raise ImatrixError(
-            f"cannot merge '{name}': {current.sums.size} values vs {incoming.sums.size}"
+            f"cannot merge {shown(name)}: {current.sums.size} values vs {incoming.sums.size}"
         )
     if current.n_mat == 1 and incoming.n_mat > 1:
         # llama.cpp broadcasts a single count over experts when an old file meets a MoE one
@@ -164,7 +164,27 @@ def _add_into(name: str, current: TensorStats, incoming: TensorStats) -> None:
         return
     elif current.n_mat != incoming.n_mat:
         raise ImatrixError(
-            f"cannot merge '{name}': {current.n_mat} matrices vs {incoming.n_mat}"
+            f"cannot merge {shown(name)}: {current.n_mat} matrices vs {incoming.n_mat}"
         )
     current.sums += incoming.sums.reshape(current.sums.shape)
     current.counts += incoming.counts
+
+
+MAX_COUNT = 2**62  # counts are int64; F32 cannot hold more exactly anyway
+
+
+def statistics_problem(sums: np.ndarray, counts: np.ndarray) -> str | None:
+    """What makes stored statistics garbage (sums of squares that are negative or not finite, token counts that
+    are negative, fractional or not finite), or None. Squares are never negative; llama-imatrix stops on a
+    non-finite activation before it saves."""
+    if not np.isfinite(counts).all():
+        return "token counts that are not numbers"
+    if (counts < 0).any() or (counts > MAX_COUNT).any():
+        return "token counts that are negative or too large"
+    if (counts != np.rint(counts)).any():
+        return "token counts that are not whole numbers"
+    if not np.isfinite(sums).all():
+        return "sums that are NaN or infinite"
+    if (sums < 0).any():
+        return "negative sums of squares"
+    return None

@@ -20,9 +20,22 @@ spec.json keys (all but model_class/config_class optional):
   tokenizer                   "bpe" (SmolLM2's byte-level BPE cut to 1024 tokens, pre-tokenizer "smollm")
                               or "spm" (a SentencePiece BPE trained on the calibration text)
   tokenizer_class             the transformers tokenizer class for "spm" (default LlamaTokenizer)
+  spm_model                   whether an "spm" checkpoint ships its tokenizer.model besides tokenizer.json (default
+                              true; Gemma 4's converter reads tokenizer.json alone)
+  vocab_size                  the tokenizer's vocabulary size (default 1024), smaller where per-token tables
+                              dominate the model (Gemma 3n's per-layer embeddings)
   tokenizer_config            extra tokenizer_config.json entries; extra_special_tokens: more control tokens
   add_bos                     whether the tokenizer adds BOS (default false)
-  init_std                    the config's initializer_range (default 0.1); norms and biases get noise too
+  init_std                    the config's initializer_range (default 0.1); norms, biases and the routers'
+                              selection biases get noise too
+  perturb                     endings of more parameter (or buffer) names that get that noise, where their init
+                              would leave a path unmeasured or untested (Gemma 3n's zero AltUp output scale)
+  hf_config                   entries written over the saved config.json, to state it as published checkpoints
+                              do (Granite 4's legacy `layer_types` names, which the converter reads)
+  converter_vocab             a vocabulary method of the converter's TextModel (`_set_vocab_gpt2`) run instead of
+                              the architecture's own, where that one reads a tokenizer format ours lack
+                              (HunYuan's tiktoken ranks); the tensors and hyperparameters are converted as usual
+  mxfp4_experts               store the experts' 3-D weights as MXFP4 blocks and scales (gpt-oss checkpoints)
   convert_args, imatrix_args  extra arguments of the converter and of llama-imatrix
 The models are tiny on purpose: every byte is committed, and CI runs each one twice.
 """
@@ -45,6 +58,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 VOCAB_SIZE = 1024
 DEFAULT_IMATRIX_ARGS = ["-c", "128", "--chunks", "4"]
+IMATRIX_RETRIES = 4  # runs of llama-imatrix until its stdout came through whole
 CONTROL_TOKENS = 17  # SmolLM2's special tokens come first in its vocabulary
 
 
@@ -56,8 +70,8 @@ def calibration_text() -> Path:
 def smollm2_bpe(vocab_size: int = VOCAB_SIZE) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """SmolLM2's vocabulary cut to its first `vocab_size` tokens, with the merges that make them: a
     byte-level BPE that tokenizes like SmolLM2's stopped at that merge rank."""
+    from imatrix.ggufio.reader import GGUFModelFile
     from imatrix.models.bundled import smollm2_path
-    from imatrix.models.gguf_reader import GGUFModelFile
 
     model_file = GGUFModelFile(smollm2_path())
     tokens = list(model_file.require("tokenizer.ggml.tokens"))[:vocab_size]
@@ -73,7 +87,7 @@ def smollm2_bpe(vocab_size: int = VOCAB_SIZE) -> tuple[dict[str, int], list[tupl
 def bpe_tokenizer(spec: dict) -> transformers.PreTrainedTokenizerFast:
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    vocab, merges = smollm2_bpe()
+    vocab, merges = smollm2_bpe(spec.get("vocab_size", VOCAB_SIZE))
     backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
     backend.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
@@ -93,14 +107,21 @@ def spm_tokenizer(spec: dict, work: Path) -> transformers.PreTrainedTokenizerBas
 
     prefix = work / "spm"
     sentencepiece.SentencePieceTrainer.train(
-        input=str(calibration_text()), model_prefix=str(prefix), vocab_size=VOCAB_SIZE, model_type="bpe",
+        input=str(calibration_text()), model_prefix=str(prefix), vocab_size=spec.get("vocab_size", VOCAB_SIZE),
+        model_type="bpe",
         byte_fallback=True, character_coverage=1.0, num_threads=1, split_digits=True,
         bos_id=2, eos_id=1, unk_id=3, pad_id=0, bos_piece="<bos>", eos_piece="<eos>", pad_piece="<pad>",
         max_sentence_length=1 << 16, input_sentence_size=0, shuffle_input_sentence=False,
         minloglevel=2)
+    source = work / "spm-source"
+    source.mkdir()
+    shutil.copy(f"{prefix}.model", source / "tokenizer.model")
+    # transformers 5 builds its fast tokenizer from a tokenizer.model only through from_pretrained
     tokenizer_class = getattr(transformers, spec.get("tokenizer_class", "LlamaTokenizer"))
-    return tokenizer_class(vocab_file=f"{prefix}.model", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
-                           pad_token="<pad>")
+    # the saved tokenizer.json follows `add_prefix_space` only when the tokenizer is built with it (ERNIE 4.5's is off)
+    prefix_space = {key: value for key, value in spec.get("tokenizer_config", {}).items() if key == "add_prefix_space"}
+    return tokenizer_class.from_pretrained(source, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+                                           pad_token="<pad>", **prefix_space)
 
 
 def write_tokenizer(spec: dict, hf_dir: Path, work: Path) -> transformers.PreTrainedTokenizerBase:
@@ -110,7 +131,7 @@ def write_tokenizer(spec: dict, hf_dir: Path, work: Path) -> transformers.PreTra
     if extra:
         tokenizer.add_special_tokens({"additional_special_tokens": extra})
     tokenizer.save_pretrained(hf_dir)
-    if kind == "spm":
+    if kind == "spm" and spec.get("spm_model", True):
         shutil.copy(work / "spm.model", hf_dir / "tokenizer.model")
     config_path = hf_dir / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
@@ -127,11 +148,57 @@ def write_checkpoint(spec: dict, hf_dir: Path, tokenizer: transformers.PreTraine
                           initializer_range=spec.get("init_std", 0.1))
     torch.manual_seed(spec.get("seed", 0))
     model = getattr(transformers, spec["model_class"])(config)
+    perturbed = tuple(spec.get("perturb", ()))
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if param.dim() == 1 and ("norm" in name or name.endswith(".bias")):
+            # experts' biases are `<weight>_bias` (gpt-oss), zero at init
+            if ((param.dim() == 1 and ("norm" in name or name.endswith(".bias"))) or name.endswith("_bias")
+                    or name.endswith(perturbed)):
                 param.add_(0.1 * torch.randn_like(param))
+        for name, buffer in model.named_buffers():
+            # routers' expert-selection biases, zero at init, are buffers in most models
+            if name.endswith(("e_score_correction_bias", *perturbed)):
+                buffer.add_(0.1 * torch.randn_like(buffer))
     model.to(torch.float16).save_pretrained(hf_dir)
+    if spec.get("hf_config"):
+        config_path = hf_dir / "config.json"
+        config = {**json.loads(config_path.read_text()), **spec["hf_config"]}
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+    if spec.get("mxfp4_experts"):
+        store_experts_as_mxfp4(hf_dir)
+
+
+# e2m1 values of the 4-bit codes, as transformers' MXFP4 checkpoints index them
+FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def store_experts_as_mxfp4(hf_dir: Path) -> None:
+    """Rewrite the experts' 3-D weights as MXFP4 `_blocks`/`_scales`, as gpt-oss checkpoints are published:
+    transformers dequantizes them on loading, llama.cpp's converter copies them into the GGUF as MXFP4."""
+    from safetensors.torch import load_file, save_file
+
+    path = hf_dir / "model.safetensors"
+    tensors = load_file(path)
+    for name in [name for name in tensors if name.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        # stored [E, n_in, n_out]; quantized along n_in, one row per output
+        tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = mxfp4(tensors.pop(name).float().transpose(1, 2))
+    save_file(tensors, path, metadata={"format": "pt"})
+    config_path = hf_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def mxfp4(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[..., n]` -> blocks `[..., n/32, 16]` (two codes a byte, the even value in the low nibble) and
+    scales `[..., n/32]` (power-of-two exponents + 127): each group of 32 scaled so its largest value fits."""
+    groups = rows.reshape(*rows.shape[:-1], -1, 32)
+    largest = groups.abs().amax(dim=-1, keepdim=True).clamp(min=2.0**-100)
+    exponent = torch.ceil(torch.log2(largest / 6.0))
+    codes = (groups / torch.exp2(exponent)).unsqueeze(-1).sub(FP4_VALUES).abs().argmin(dim=-1).to(torch.uint8)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return blocks.contiguous(), (exponent.squeeze(-1) + 127).to(torch.uint8)
 
 
 # Our tiny vocabularies are no model's, so the converter cannot recognise them by hash; the pre-tokenizer
@@ -139,17 +206,25 @@ def write_checkpoint(spec: dict, hf_dir: Path, tokenizer: transformers.PreTraine
 CONVERTER = """
 import runpy, sys
 sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + "/gguf-py")
-import conversion.base
-pre, script = sys.argv[2], sys.argv[1] + "/convert_hf_to_gguf.py"
+import conversion, conversion.base
+pre, vocab, script = sys.argv[2], sys.argv[3], sys.argv[1] + "/convert_hf_to_gguf.py"
 conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
-sys.argv = [script] + sys.argv[3:]
+if vocab:
+    find_model_class = conversion.get_model_class
+    def get_model_class(*args, **kwargs):
+        model_class = find_model_class(*args, **kwargs)
+        model_class.set_vocab = getattr(conversion.base.TextModel, vocab)
+        return model_class
+    conversion.get_model_class = get_model_class
+sys.argv = [script] + sys.argv[4:]
 runpy.run_path(script, run_name="__main__")
 """
 
 
 def convert(spec: dict, hf_dir: Path, gguf_path: Path, llama_cpp: Path) -> None:
     args = [str(hf_dir), "--outfile", str(gguf_path), "--outtype", "f16", *spec.get("convert_args", [])]
-    run([sys.executable, "-c", CONVERTER, str(llama_cpp), spec.get("pre", "smollm"), *args])
+    run([sys.executable, "-c", CONVERTER, str(llama_cpp), spec.get("pre", "smollm"), spec.get("converter_vocab", ""),
+         *args])
 
 
 def run_imatrix(spec: dict, folder: Path, bin_dir: Path) -> None:
@@ -157,6 +232,11 @@ def run_imatrix(spec: dict, folder: Path, bin_dir: Path) -> None:
     command = [str(bin_dir / "llama-imatrix"), "-m", str(folder / "model.gguf"), "-f", str(calibration_text()),
                "-o", str(folder / "imatrix.gguf"), "-t", "2", *args]
     result = run(command)
+    for _ in range(IMATRIX_RETRIES):
+        if "Final estimate" in result.stdout:
+            break
+        # llama.cpp's logger is never flushed at exit (common/log.cpp leaks it): the last lines may be lost
+        result = run(command)
     (folder / "ppl.txt").write_text(result.stdout)
     (folder / "imatrix.log").write_text(" ".join(["llama-imatrix", *command[1:]]) + "\n" + result.stderr)
 

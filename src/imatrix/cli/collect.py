@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from imatrix.cli.common import ArgumentParser, add_ignored_llama_cpp_flags, positive_int
+from imatrix.cli.common import ArgumentParser, add_ignored_llama_cpp_flags, capped_threads, positive_int
 from imatrix.collect import distributed
 from imatrix.collect.runner import CollectOptions, collect, log
 from imatrix.errors import ImatrixError
@@ -97,7 +97,7 @@ def main(argv: list[str]) -> int:
         base.save(output, output_format)
         return 0
     keep_freed_memory()
-    threads = args.threads_batch or args.threads
+    threads = capped_threads(args.threads_batch or args.threads)
     if threads > 0:
         torch.set_num_threads(threads)
     options = CollectOptions(
@@ -106,7 +106,7 @@ def main(argv: list[str]) -> int:
         output_file=output, output_format=output_format, output_frequency=args.output_frequency,
         save_frequency=args.save_frequency, verbosity=args.verbosity, dtype=DTYPES[args.dtype],
         sequential=args.sequential, window_chunks=args.window_chunks, resume=args.resume,
-        chunks_in_flight=args.chunks_in_flight,
+        chunks_in_flight=capped_threads(args.chunks_in_flight, "chunks in flight"),
     )
     model = args.model or _bundled("model", smollm2_path(), args.verbosity)
     text = args.file or _bundled("calibration text", default_calibration_text(), args.verbosity)

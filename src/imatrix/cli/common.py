@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from imatrix.errors import ImatrixError
+
+# threads or worker processes beyond this many per core only cost memory (and, past the system's limit, crash)
+MAX_THREADS_PER_CORE = 4
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -27,6 +32,16 @@ def positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0 (got {value})")
     return value
+
+
+def capped_threads(requested: int, what: str = "threads") -> int:
+    """`requested` threads or workers, at most `MAX_THREADS_PER_CORE` per core (a warning says so)."""
+    cap = MAX_THREADS_PER_CORE * (os.cpu_count() or 1)
+    if requested > cap:
+        print(f"imatrix: warning: {requested} {what} requested, using {cap} ({MAX_THREADS_PER_CORE} per core)",
+              file=sys.stderr)
+        return cap
+    return requested
 
 
 def add_ignored_llama_cpp_flags(parser: argparse.ArgumentParser) -> None:

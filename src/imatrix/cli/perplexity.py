@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from imatrix.cli.common import ArgumentParser, add_ignored_llama_cpp_flags, positive_int
+from imatrix.cli.common import ArgumentParser, add_ignored_llama_cpp_flags, capped_threads, positive_int
 from imatrix.errors import ImatrixError
 from imatrix.eval.cpu_matmul import emulate_cpu_matmul_inputs
 from imatrix.eval.kld import kl_divergence
@@ -50,8 +50,9 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     _check(args)
     keep_freed_memory()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    threads = capped_threads(args.threads)
+    if threads > 0:
+        torch.set_num_threads(threads)
     model_path = args.model or smollm2_path()
     loaded = load_model(model_path, device=_device(args.device), round_to_f16=args.round_to_f16)
     stderr_log(f"perplexity: loaded {model_path}")

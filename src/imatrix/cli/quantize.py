@@ -8,7 +8,7 @@ import time
 import warnings
 from pathlib import Path
 
-from imatrix.cli.common import ArgumentParser
+from imatrix.cli.common import ArgumentParser, capped_threads
 from imatrix.errors import ImatrixError
 
 
@@ -18,6 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quantize a GGUF model like llama-quantize, optionally guided by an importance matrix.",
     )
     p.add_argument("--imatrix", metavar="FILE", help="importance matrix (GGUF or legacy .dat)")
+    p.add_argument("--strict-imatrix", action="store_true",
+                   help="refuse imatrix rows that would quantize a tensor to zeros (default: mend them, with a "
+                        "warning; llama-quantize writes the zeros)")
     p.add_argument("--include-weights", action="append", default=[], metavar="T",
                    help="use the imatrix only for tensors whose name contains T (repeatable)")
     p.add_argument("--exclude-weights", action="append", default=[], metavar="T",
@@ -72,6 +75,8 @@ def main(argv: list[str]) -> int:
     from imatrix.quant.model import quantize_model
 
     output, type_text, n_threads = positionals(args.input, args.rest)
+    if n_threads:
+        n_threads = capped_threads(n_threads, "worker processes")
     ft = parse_file_type(type_text)
     out_type = parse_tensor_type(args.output_tensor_type) if args.output_tensor_type else None
     embd_type = parse_tensor_type(args.token_embedding_type) if args.token_embedding_type else None
@@ -92,7 +97,7 @@ def main(argv: list[str]) -> int:
             output_tensor_type=out_type, token_embedding_type=embd_type,
             allow_requantize=args.allow_requantize, pure=args.pure,
             leave_output_tensor=args.leave_output_tensor, n_threads=n_threads,
-            imatrix_file=args.imatrix, log=print,
+            imatrix_file=args.imatrix, log=print, strict_imatrix=args.strict_imatrix,
         )
     print(f"\nquantize: total time = {(time.perf_counter() - started) * 1000:8.2f} ms")
     return 0

@@ -1,8 +1,9 @@
 """What is measured: Σx² per input column and token rows, for every matmul weight.
 
 `ActivationCollector` is a context manager that attaches forward pre-hooks to the modules named in
-`targets` (GGUF name per module: `nn.Linear`s and MoE routers) and hooks the routed experts
-(`ExpertTarget`s, see `collect.moe`), and removes all of it on exit. Sums and expert counts stay on
+`targets` (GGUF name per module: `nn.Linear`s and MoE routers), hooks the routed experts
+(`ExpertTarget`s, see `collect.moe`) and attaches the adapter's observers (`ObservedTarget`s, see
+`collect.observers`), and removes all of it on exit. Sums and expert counts stay on
 the model's device; nothing is copied to the host until `snapshot()`.
 
 Several chunks may run through the model at once, in threads (`collect.in_flight`): each thread adds
@@ -21,6 +22,7 @@ from types import TracebackType
 import torch
 
 from imatrix.collect.moe import ExpertTarget, Handle, Names, attach_experts
+from imatrix.collect.observers import ObservedTarget, attach_observers
 from imatrix.errors import ImatrixError
 from imatrix.matrix import ImportanceMatrix
 
@@ -58,6 +60,28 @@ def sequence_sum_sq(activations: torch.Tensor) -> torch.Tensor:
     return column_sum_sq(activations.reshape(-1, *activations.shape[-2:]))
 
 
+@dataclass(frozen=True)
+class ReorderedInput:
+    """A matmul whose weight's input columns llama.cpp's converter reordered (`ColumnOrder`): `module`'s
+    input is measured, its column sums reported in the file's order (`columns[i]`: the input column
+    behind the file's column i)."""
+
+    module: torch.nn.Module
+    columns: torch.Tensor
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+
+Target = torch.nn.Module | ReorderedInput | ExpertTarget | ObservedTarget
+
+
+def dense_width(target: torch.nn.Module | ReorderedInput | ObservedTarget) -> int:
+    """Values in a dense target's accumulator: its weight's input columns (all matrices' for an observed one)."""
+    return target.width if isinstance(target, ObservedTarget) else target.weight.shape[-1]
+
+
 @dataclass
 class _Slot:
     """The accumulators one thread adds into."""
@@ -88,7 +112,7 @@ class _Slot:
 
 
 class ActivationCollector:
-    def __init__(self, targets: dict[str, torch.nn.Module | ExpertTarget]) -> None:
+    def __init__(self, targets: dict[str, Target]) -> None:
         self.targets = targets  # GGUF name -> module whose input is measured, or routed experts
         self._slots = [_Slot()]
         self._current = threading.local()  # .slot: the _Slot this thread adds into (default: the first)
@@ -96,10 +120,14 @@ class ActivationCollector:
 
     def __enter__(self) -> ActivationCollector:
         experts = {name: target for name, target in self.targets.items() if isinstance(target, ExpertTarget)}
-        for name, module in self.targets.items():
-            if name not in experts:
-                self._handles.append(module.register_forward_pre_hook(self._hook_for(name)))
+        observed = {name: target for name, target in self.targets.items() if isinstance(target, ObservedTarget)}
+        for name, target in self.targets.items():
+            if isinstance(target, ReorderedInput):
+                self._handles.append(target.module.register_forward_pre_hook(self._hook_for(name, target.columns)))
+            elif name not in experts and name not in observed:
+                self._handles.append(target.register_forward_pre_hook(self._hook_for(name)))
         self._handles.extend(attach_experts(experts, self))
+        self._handles.extend(attach_observers(observed, self))
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -125,16 +153,19 @@ class ActivationCollector:
     def _slot(self) -> _Slot:
         return getattr(self._current, "slot", self._slots[0])
 
-    def _hook_for(self, name: str):  # noqa: ANN202
+    def _hook_for(self, name: str, columns: torch.Tensor | None = None):  # noqa: ANN202
         def hook(module: torch.nn.Module, args: tuple) -> None:
-            self.observe(name, args[0])
+            self.observe(name, args[0], columns)
 
         return hook
 
-    def observe(self, name: str, activations: torch.Tensor) -> None:
-        """Add one matmul input `[..., n_cols]` to the statistics of `name`, a dense target."""
+    def observe(self, name: str, activations: torch.Tensor, columns: torch.Tensor | None = None) -> None:
+        """Add one matmul input `[..., n_cols]` to the statistics of `name`, a dense target (its
+        columns taken in the order `columns` gives, where the file reordered them)."""
         slot = self._slot()
         sums_by_sequence = self._sum_sq(slot, activations)
+        if columns is not None:
+            sums_by_sequence = sums_by_sequence.index_select(-1, columns.to(sums_by_sequence.device))
         if not slot.sums:
             self._allocate_sums(slot, activations.device)
         for sequence_sums in sums_by_sequence:
@@ -148,12 +179,28 @@ class ActivationCollector:
         the heap's freed activation blocks, and glibc's heap grew by ~4 MB per layer (+0.14 GB for
         SmolLM2, in some runs).
         """
-        widths = {name: module.weight.shape[-1] for name, module in self.targets.items()
-                  if not isinstance(module, ExpertTarget)}
+        widths = {name: dense_width(target) for name, target in self.targets.items()
+                  if not isinstance(target, ExpertTarget)}
         flat = torch.zeros(sum(widths.values()), dtype=torch.float32, device=device)
         for name, width in widths.items():
             slot.sums[name], flat = flat[:width], flat[width:]
             slot.counts[name] = 0
+
+    def observe_matrices(self, name: str, rows: torch.Tensor) -> None:
+        """Add the inputs of `name`, a weight of n_mat matrices (an `ObservedTarget`), as llama-imatrix
+        adds a plain `MUL_MAT` of a 3-D weight: Σx² per matrix and column, one count of token rows.
+
+        `rows` is `[n_seq, n_mat, n_tokens, n_cols]`, summed one sequence at a time like `observe`.
+        """
+        slot = self._slot()
+        sums_by_sequence = column_sum_sq(rows.reshape(-1, *rows.shape[-3:]))  # [n_seq, n_mat, n_cols]
+        slot.check_finite(sums_by_sequence)
+        if not slot.sums:
+            self._allocate_sums(slot, rows.device)
+        total = slot.sums[name].view(sums_by_sequence.shape[1:])
+        for sequence_sums in sums_by_sequence:
+            total.add_(sequence_sums)
+        slot.counts[name] += sums_by_sequence.shape[0] * rows.shape[-2]
 
     def _sum_sq(self, slot: _Slot, activations: torch.Tensor) -> torch.Tensor:
         # q/k/v (and gate/up) read the very same tensor: square it once

@@ -11,6 +11,7 @@ One adapter per way transformers lays experts out:
 * `FusedExperts`: all experts in 3-D parameters (`gate_up_proj`, `down_proj`) of a module decorated
   with `use_experts_implementation` (every MoE model of transformers 5.x: Qwen2/3-MoE, Mixtral,
   DeepSeek-V3, OLMoE, …).
+* `BatchedExperts`: Llama 4's 3-D experts, which run every expert over every token.
 * `ExpertLinears`: an `nn.ModuleList` of per-expert MLPs made of `nn.Linear` (`gate_proj`/`up_proj`/
   `down_proj`, or Mixtral's old `w1`/`w3`/`w2`), as older transformers and remote-code models have.
 """
@@ -27,7 +28,16 @@ import numpy as np
 import torch
 
 from imatrix.matrix import ImportanceMatrix
-from imatrix.models.experts import DOWN, GATE, UP, expert_block, is_fused_experts, stack_name
+from imatrix.models.experts import (
+    DOWN,
+    GATE,
+    GATE_UP,
+    UP,
+    expert_block,
+    is_batched_experts,
+    is_fused_experts,
+    stack_name,
+)
 
 Names = tuple[str, ...]  # GGUF names sharing one accumulation (gate and up)
 
@@ -117,19 +127,56 @@ class FusedExperts:
             sink.observe_by_expert(down_names, n_expert, activations, state.ids)
             return activations
 
-        handles: list[Handle] = [_override(experts, "forward", forward)]
+        handles: list[Handle] = [override_attribute(experts, "forward", forward)]
         if experts.has_gate:
             apply_gate = type(experts)._apply_gate
-            handles.append(_override(experts, "_apply_gate", lambda out: observe_down(apply_gate(experts, out))))
+            handles.append(override_attribute(experts, "_apply_gate",
+                                              lambda out: observe_down(apply_gate(experts, out))))
         else:
             handles.append(experts.act_fn.register_forward_hook(lambda _m, _a, out: observe_down(out)))
         return handles
 
 
-def _override(module: torch.nn.Module, attribute: str, replacement: Callable) -> Handle:
+def override_attribute(module: torch.nn.Module, attribute: str, replacement: Callable) -> Handle:
+    """Replace `module.<attribute>` (a method) for this instance only, until the handle is removed."""
     module.__dict__[attribute] = replacement
     return _Restore(module, attribute)
 
+
+
+class BatchedExperts:
+    """Llama 4's experts (`models.experts.is_batched_experts`): every expert multiplies its own copy of all
+    tokens (`bmm`), scaled by the router's sigmoid score, which is 0 for the experts a token is not routed
+    to. llama.cpp multiplies the routed (token, expert) rows only, scaled the same way (`build_moe_ffn`
+    weighs llama4's expert input before the FFN), so the rows measured are those that are not all zeros.
+    The forward is transformers' own, spelled out to reach the down projection's input."""
+
+    def find(self, model: torch.nn.Module, tensor_map: gguf.TensorNameMap | None) -> dict[str, ExpertTarget]:
+        targets = {}
+        for path, module in model.named_modules():
+            block = expert_block(path, tensor_map) if is_batched_experts(module) else None
+            if block is not None:
+                n_expert = module.down_proj.shape[0]
+                targets.update({stack_name(block, kind): ExpertTarget(module, kind, n_expert, self)
+                                for kind in (GATE, UP, DOWN)})
+        return targets
+
+    def attach(self, experts: torch.nn.Module, names: dict[str, str], sink: ExpertSink) -> list[Handle]:
+        n_expert = experts.down_proj.shape[0]
+        input_names = tuple(names[kind] for kind in (GATE, UP) if kind in names)
+        down_names = (names[DOWN],)
+
+        def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+            rows = hidden_states.view(n_expert, -1, hidden_states.shape[-1])
+            routed = rows.ne(0).any(dim=-1)  # [n_expert, n_tokens]
+            expert_ids = torch.arange(n_expert, device=rows.device).unsqueeze(1).expand_as(routed)[routed]
+            sink.observe_by_expert(input_names, n_expert, rows[routed], expert_ids)
+            gate, up = torch.bmm(rows, experts.gate_up_proj).chunk(2, dim=-1)
+            activated = up * experts.act_fn(gate)
+            sink.observe_by_expert(down_names, n_expert, activated[routed], expert_ids)
+            return torch.bmm(activated, experts.down_proj).view(-1, hidden_states.shape[-1])
+
+        return [override_attribute(experts, "forward", forward)]
 
 _LINEAR_ROLES = {"gate_proj": GATE, "up_proj": UP, "down_proj": DOWN, "w1": GATE, "w3": UP, "w2": DOWN}
 
@@ -174,15 +221,19 @@ def _expert_hook(sink: ExpertSink, names: Names, n_expert: int, index: int) -> C
     return hook
 
 
-LAYOUTS: tuple[ExpertLayout, ...] = (FusedExperts(), ExpertLinears())
+LAYOUTS: tuple[ExpertLayout, ...] = (FusedExperts(), BatchedExperts(), ExpertLinears())
 
 
-def expert_targets(model: torch.nn.Module, tensor_map: gguf.TensorNameMap | None = None) -> dict[str, ExpertTarget]:
-    """GGUF name (`blk.N.ffn_up_exps.weight`) -> routed-expert target, over every known layout."""
+def expert_targets(model: torch.nn.Module, tensor_map: gguf.TensorNameMap | None = None,
+                   fused_gate_up: bool = False) -> dict[str, ExpertTarget]:
+    """GGUF name (`blk.N.ffn_up_exps.weight`) -> routed-expert target, over every known layout; with
+    `fused_gate_up`, gate and up are the one stack `ffn_gate_up_exps` (`StackJoin.fused_gate_up`)."""
     targets: dict[str, ExpertTarget] = {}
     for layout in LAYOUTS:
         targets.update(layout.find(model, tensor_map))
-    return targets
+    if not fused_gate_up:
+        return targets
+    return {name.replace(GATE, GATE_UP): target for name, target in targets.items() if target.kind != UP}
 
 
 def attach_experts(targets: dict[str, ExpertTarget], sink: ExpertSink) -> list[Handle]:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from imatrix.collect.chunks import read_calibration_text, tokenize_chunks
 from imatrix.collect.distributed import SINGLE, Group
 from imatrix.collect.executors import Executor, InMemoryExecutor
-from imatrix.collect.hooks import ActivationCollector
+from imatrix.collect.hooks import ActivationCollector, dense_width
 from imatrix.collect.in_flight import ChunksInFlight, default_chunks_in_flight
 from imatrix.collect.moe import ExpertTarget, expert_count_lines
 from imatrix.collect.perplexity import PerplexityMeter, projected_partials
@@ -140,7 +140,7 @@ def _check_fits_model(base: ImportanceMatrix, targets: dict[str, torch.nn.Module
             fits = stats.n_mat in (1, target.n_expert)
             found, expected = f"{stats.n_mat} experts", f"{target.n_expert} experts"
         else:
-            n_cols = target.weight.shape[-1]
+            n_cols = dense_width(target)
             fits = stats.n_mat == 1 and stats.n_cols == n_cols
             found, expected = f"{stats.n_mat} × {stats.n_cols} columns", f"1 × {n_cols} columns"
         if not fits:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from imatrix.errors import ImatrixError
-from imatrix.models.gguf_reader import GGUFModelFile
+from imatrix.ggufio.reader import GGUFModelFile
 from imatrix.models.loader import LoadedModel, loaded_from
 from imatrix.models.open import OpenedModel
 from imatrix.models.storage import storage_dtype

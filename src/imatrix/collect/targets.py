@@ -5,7 +5,9 @@ from __future__ import annotations
 import gguf
 import torch
 
-from imatrix.collect.moe import ExpertTarget, expert_targets
+from imatrix.collect.hooks import ReorderedInput, Target
+from imatrix.collect.moe import expert_targets
+from imatrix.collect.observers import observed_targets
 from imatrix.models.loader import LoadedModel
 
 OUTPUT_WEIGHT = "output.weight"
@@ -14,11 +16,12 @@ OUTPUT_WEIGHT = "output.weight"
 ROUTER_SUFFIXES = (".ffn_gate_inp.weight", ".ffn_gate_inp_shexp.weight")
 
 
-def collection_targets(loaded: LoadedModel, process_output: bool) -> dict[str, torch.nn.Module | ExpertTarget]:
+def collection_targets(loaded: LoadedModel, process_output: bool) -> dict[str, Target]:
     """GGUF name -> what llama-imatrix collects for it: an `nn.Linear` or router whose input is
-    measured (`blk.*`, optionally output), or the routed experts of a MoE layer (`*_exps`)."""
+    measured (`blk.*`, optionally output), the routed experts of a MoE layer (`*_exps`), or an input
+    the adapter's observers compute (which replaces what the module holding the weight would give)."""
     modules = dict(loaded.model.named_modules())
-    targets: dict[str, torch.nn.Module | ExpertTarget] = {}
+    targets: dict[str, Target] = {}
     tied = bool(getattr(loaded.config, "tie_word_embeddings", False))
     for param, gguf_names in loaded.gguf_names.items():
         module = modules.get(param.rpartition(".")[0])
@@ -27,9 +30,15 @@ def collection_targets(loaded: LoadedModel, process_output: bool) -> dict[str, t
                 continue
             wanted = gguf_name.startswith("blk.") or (process_output and gguf_name == OUTPUT_WEIGHT and not tied)
             if wanted:
-                targets[gguf_name] = module
-    targets.update(expert_targets(loaded.model, _tensor_map(loaded)))
+                targets[gguf_name] = _measured(loaded, module, gguf_name)
+    targets.update(expert_targets(loaded.model, _tensor_map(loaded), loaded.architecture.expert_join.fused_gate_up))
+    targets.update(observed_targets(loaded.architecture.observers, loaded.model, loaded.gguf_names))
     return targets
+
+
+def _measured(loaded: LoadedModel, module: torch.nn.Module, gguf_name: str) -> torch.nn.Module | ReorderedInput:
+    columns = loaded.architecture.file_columns(loaded.config, gguf_name)
+    return module if columns is None else ReorderedInput(module, torch.as_tensor(columns, dtype=torch.long))
 
 
 def _is_matmul(module: torch.nn.Module | None, gguf_name: str) -> bool:

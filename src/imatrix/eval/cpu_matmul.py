@@ -23,7 +23,7 @@ import gguf
 import torch
 
 from imatrix.errors import ImatrixError
-from imatrix.models.gguf_reader import GGUFModelFile
+from imatrix.ggufio.reader import GGUFModelFile
 from imatrix.models.loader import LoadedModel
 from imatrix.quant.hifi import HIFI_TYPE_ID
 

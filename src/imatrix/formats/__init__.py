@@ -9,16 +9,10 @@ from imatrix.errors import ImatrixError
 from imatrix.formats.atomic import atomic_path
 from imatrix.formats.dat_file import read_dat_imatrix, write_dat_imatrix
 from imatrix.formats.gguf_file import read_gguf_imatrix, write_gguf_imatrix
+from imatrix.ggufio.reader import is_gguf
 from imatrix.matrix import ImportanceMatrix
 
-GGUF_MAGIC = b"GGUF"
-
 __all__ = ["atomic_path", "is_gguf", "load_imatrix", "partial_data_warnings", "save_imatrix"]
-
-
-def is_gguf(path: str | Path) -> bool:
-    with open(path, "rb") as handle:
-        return handle.read(4) == GGUF_MAGIC
 
 
 def load_imatrix(path: str | Path, chunk_size: int = 512) -> ImportanceMatrix:

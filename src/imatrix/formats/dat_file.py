@@ -13,12 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from imatrix.errors import ImatrixError
+from imatrix.errors import ImatrixError, shown
 from imatrix.formats.atomic import atomic_path
-from imatrix.matrix import ImportanceMatrix, TensorStats
+from imatrix.matrix import ImportanceMatrix, TensorStats, statistics_problem
 
 _INT = struct.Struct("<i")
 INT32_MAX = 2**31 - 1
+MAX_NAME_BYTES = 4096
+MIN_ENTRY_BYTES = 4 + 1 + 4 + 4 + 4  # name length, one byte of name, ncall, nval, one value
 
 
 @dataclass
@@ -40,7 +42,7 @@ class _Cursor:
 
     def take(self, n: int, what: str) -> bytes:
         if n < 0 or self.pos + n > len(self.data):
-            raise ImatrixError(f"{self.path}: truncated or corrupt imatrix (while reading {what})")
+            raise ImatrixError(f"{self.path}: truncated or corrupt imatrix at byte {self.pos} (while reading {what})")
         chunk = self.data[self.pos : self.pos + n]
         self.pos += n
         return chunk
@@ -55,19 +57,25 @@ class _Cursor:
 def parse_dat(path: Path, data: bytes) -> DatFile:
     cursor = _Cursor(path, data)
     n_entries = cursor.int32("the entry count")
-    if n_entries < 1:
-        raise ImatrixError(f"{path}: not an imatrix file (no entries)")
+    if not 0 < n_entries <= len(data) // MIN_ENTRY_BYTES:
+        raise ImatrixError(f"{path}: truncated or corrupt imatrix ({n_entries} entries cannot fit in "
+                           f"{len(data)} bytes)")
     entries: dict[str, DatEntry] = {}
     for index in range(n_entries):
         name_len = cursor.int32(f"entry {index + 1}'s name length")
-        if not 0 < name_len <= 4096:
+        if not 0 < name_len <= MAX_NAME_BYTES:
             raise ImatrixError(f"{path}: not an imatrix file (bad name length {name_len})")
         name = cursor.take(name_len, f"entry {index + 1}'s name").decode("utf-8", errors="replace")
-        ncall = cursor.int32(f"'{name}' call count")
-        nval = cursor.int32(f"'{name}' value count")
+        if name in entries:
+            raise ImatrixError(f"{path}: entry {shown(name)} appears twice")
+        ncall = cursor.int32(f"{shown(name)}'s call count")
+        nval = cursor.int32(f"{shown(name)}'s value count")
         if nval < 1:
-            raise ImatrixError(f"{path}: corrupt entry '{name}' ({nval} values)")
-        values = np.frombuffer(cursor.take(4 * nval, f"'{name}' values"), dtype="<f4").copy()
+            raise ImatrixError(f"{path}: corrupt entry {shown(name)} ({nval} values)")
+        values = np.frombuffer(cursor.take(4 * nval, f"{shown(name)}'s values"), dtype="<f4").copy()
+        problem = statistics_problem(values, np.array([ncall]))
+        if problem is not None:
+            raise ImatrixError(f"{path}: entry {shown(name)} has {problem.replace('token counts', 'call counts')}")
         entries[name] = DatEntry(ncall, values)
     chunk_count, dataset = 0, None
     if not cursor.at_end():
@@ -89,7 +97,10 @@ def read_dat_imatrix(path: Path, chunk_size: int) -> ImportanceMatrix:
     )
     scale = np.float32(chunk_size)
     for name, entry in parsed.entries.items():
-        sums = (entry.values * scale).astype(np.float32)
+        with np.errstate(over="ignore"):
+            sums = (entry.values * scale).astype(np.float32)
+        if not np.isfinite(sums).all():
+            raise ImatrixError(f"{path}: entry {shown(name)} has values too large to be sums of squares")
         matrix.tensors[name] = TensorStats(sums.reshape(1, -1), [entry.ncall * chunk_size])
     return matrix
 
@@ -105,7 +116,7 @@ def dat_bytes(matrix: ImportanceMatrix) -> bytes:
         # ceiling division, as llama.cpp does, so a partial chunk never stores a zero
         ncall = (int(stats.counts.max()) + chunk_size - 1) // chunk_size
         if ncall > INT32_MAX:
-            raise ImatrixError(f"'{name}': {ncall} chunks do not fit the .dat format's 32 bits")
+            raise ImatrixError(f"{shown(name)}: {ncall} chunks do not fit the .dat format's 32 bits")
         counts = stats.counts.astype(np.float32)
         values = stats.sums.copy()
         empty = counts == 0

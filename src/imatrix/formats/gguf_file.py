@@ -7,10 +7,11 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from imatrix.errors import ImatrixError
+from imatrix.errors import ImatrixError, shown
 from imatrix.formats.atomic import atomic_path
-from imatrix.matrix import ImportanceMatrix, TensorStats
-from imatrix.models.gguf_writer import ModelWriter
+from imatrix.ggufio.reader import GGUFModelFile
+from imatrix.ggufio.writer import ModelWriter
+from imatrix.matrix import ImportanceMatrix, TensorStats, statistics_problem
 
 KEY_TYPE = "general.type"
 KEY_DATASETS = "imatrix.datasets"
@@ -18,81 +19,83 @@ KEY_CHUNK_COUNT = "imatrix.chunk_count"
 KEY_CHUNK_SIZE = "imatrix.chunk_size"
 SUMS_SUFFIX = ".in_sum2"
 COUNTS_SUFFIX = ".counts"
+VT = gguf.GGUFValueType
 
 
 U32_MAX = 2**32 - 1
-MAX_COUNT = 2**62  # counts become int64; F32 cannot hold more anyway
 
 
 def read_gguf_imatrix(path: Path) -> ImportanceMatrix:
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError, IndexError) as exc:
-        raise ImatrixError(f"{path}: not a readable GGUF imatrix ({exc})") from exc
-    _check_is_imatrix(reader, path)
-    if not reader.tensors:
+    source = GGUFModelFile(path)
+    _check_is_imatrix(source)
+    if not source.tensors:
         raise ImatrixError(f"{path}: the file holds no tensors")
     sums_for: dict[str, np.ndarray] = {}
     counts_for: dict[str, np.ndarray] = {}
-    for tensor in reader.tensors:
-        if tensor.tensor_type != gguf.GGMLQuantizationType.F32:
-            raise ImatrixError(f"{path}: tensor '{tensor.name}' must be F32")
-        data = np.array(tensor.data, dtype=np.float32)
+    for name, info in source.tensors.items():
+        if info.tensor_type != gguf.GGMLQuantizationType.F32:
+            raise ImatrixError(f"{path}: tensor {shown(name)} must be F32")
+        data = np.array(source.tensor_f32(name), dtype=np.float32)  # a copy: the file may be replaced later
         if not data.size:
-            raise ImatrixError(f"{path}: tensor '{tensor.name}' is empty")
-        if tensor.name.endswith(SUMS_SUFFIX):
-            # ggml's ne is [n_cols, n_mat]; numpy sees it reversed
-            sums_for[tensor.name[: -len(SUMS_SUFFIX)]] = data.reshape(-1, int(tensor.shape[0]))
-        elif tensor.name.endswith(COUNTS_SUFFIX):
-            counts_for[tensor.name[: -len(COUNTS_SUFFIX)]] = data.reshape(-1)
+            raise ImatrixError(f"{path}: tensor {shown(name)} is empty")
+        if name.endswith(SUMS_SUFFIX):
+            # ggml's ne is [n_cols, n_mat]
+            sums_for[name[: -len(SUMS_SUFFIX)]] = data.reshape(-1, int(info.ne[0]))
+        elif name.endswith(COUNTS_SUFFIX):
+            counts_for[name[: -len(COUNTS_SUFFIX)]] = data.reshape(-1)
     matrix = ImportanceMatrix(
-        chunk_size=_integer(reader, KEY_CHUNK_SIZE, path),
-        chunk_count=_integer(reader, KEY_CHUNK_COUNT, path),
-        datasets=_strings(reader, KEY_DATASETS),
+        chunk_size=_integer(source, KEY_CHUNK_SIZE),
+        chunk_count=_integer(source, KEY_CHUNK_COUNT),
+        datasets=_strings(source, KEY_DATASETS),
     )
     for name in sorted(set(sums_for) | set(counts_for)):
         if name not in sums_for or name not in counts_for:
-            raise ImatrixError(f"{path}: mismatched sums and counts for '{name}'")
+            raise ImatrixError(f"{path}: mismatched sums and counts for {shown(name)}")
         matrix.tensors[name] = _stats(path, name, sums_for[name], counts_for[name])
     return matrix
 
 
-def _check_is_imatrix(reader: gguf.GGUFReader, path: Path) -> None:
-    field = reader.get_field(KEY_TYPE)
-    kind = field.contents() if field is not None and field.types == [gguf.GGUFValueType.STRING] else None
-    if kind == "model" or (kind is None and reader.get_field("general.architecture") is not None):
-        raise ImatrixError(f"{path}: a model, not an imatrix")
+def _check_is_imatrix(source: GGUFModelFile) -> None:
+    field = source.fields.get(KEY_TYPE)
+    kind = source.metadata[KEY_TYPE] if field is not None and field.value_type == VT.STRING else None
+    if kind == "model" or (kind is None and "general.architecture" in source.fields):
+        raise ImatrixError(f"{source.path}: a model, not an imatrix")
     if kind not in (None, "imatrix"):
-        raise ImatrixError(f"{path}: not an imatrix (general.type is '{kind}')")
+        raise ImatrixError(f"{source.path}: not an imatrix (general.type is '{kind}')")
 
 
 def _stats(path: Path, name: str, sums: np.ndarray, raw_counts: np.ndarray) -> TensorStats:
-    if not np.isfinite(raw_counts).all() or (raw_counts < 0).any() or (raw_counts > MAX_COUNT).any():
-        raise ImatrixError(f"{path}: '{name}' has token counts that are negative, too large or not numbers")
-    if sums.size % raw_counts.size:
-        raise ImatrixError(f"{path}: '{name}' has {sums.size} values for {raw_counts.size} counts")
-    counts = np.rint(raw_counts).astype(np.int64)
-    return TensorStats(sums.reshape(counts.size, -1), counts)
+    """One tensor's statistics: `sums` as stored (`[n_mat, n_cols]` by its ne), one count per matrix, or one
+    count for all of them (a 3-D dense weight, or a file from before per-expert counts)."""
+    problem = statistics_problem(sums, raw_counts)
+    if problem is not None:
+        raise ImatrixError(f"{path}: tensor {shown(name)} has {problem}")
+    if raw_counts.size not in (1, sums.shape[0]):
+        raise ImatrixError(f"{path}: tensor {shown(name)} has {sums.shape[0]} matrices of sums but "
+                           f"{raw_counts.size} counts")
+    return TensorStats(sums.reshape(raw_counts.size, -1), raw_counts.astype(np.int64))
 
 
-def _integer(reader: gguf.GGUFReader, key: str, path: Path) -> int:
-    field = reader.get_field(key)
+_INTEGER_TYPES = (VT.UINT8, VT.INT8, VT.UINT16, VT.INT16, VT.UINT32, VT.INT32, VT.UINT64, VT.INT64)
+
+
+def _integer(source: GGUFModelFile, key: str) -> int:
+    field = source.fields.get(key)
     if field is None:
         return 0
-    value = field.contents()
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ImatrixError(f"{path}: {key} is not a count ({value!r})")
-    return value
+    value = source.metadata[key]
+    if field.value_type not in _INTEGER_TYPES or value < 0:
+        raise ImatrixError(f"{source.path}: {key} is not a count ({value!r})")
+    return int(value)
 
 
-def _strings(reader: gguf.GGUFReader, key: str) -> list[str]:
+def _strings(source: GGUFModelFile, key: str) -> list[str]:
     """A string array; anything else is ignored, as llama.cpp's loader does. Undecodable bytes (a path in
     another encoding) are replaced rather than refused."""
-    field = reader.get_field(key)
-    # gguf-py types an empty array [ARRAY] alone
-    if field is None or field.types[1:] != [gguf.GGUFValueType.STRING]:
+    field = source.fields.get(key)
+    if field is None or field.value_type != VT.ARRAY or field.item_type != VT.STRING:
         return []
-    return [bytes(field.parts[index]).decode("utf-8", errors="replace") for index in field.data]
+    return list(source.metadata[key])
 
 
 def write_gguf_imatrix(matrix: ImportanceMatrix, path: Path) -> None:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "imatrix_blocked_sdpa"
 BLOCK_QUERIES = 64
@@ -62,5 +63,7 @@ def use_blocked_attention(model: torch.nn.Module) -> bool:
     if getattr(config, "_attn_implementation", None) != "sdpa":
         return False
     AttentionInterface.register(NAME, blocked_causal_attention)
+    # without masks of its own, transformers builds none for it: sliding windows would be dropped
+    AttentionMaskInterface.register(NAME, sdpa_mask)
     model.set_attn_implementation(NAME)
     return True

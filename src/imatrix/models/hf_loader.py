@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import transformers
@@ -24,12 +26,25 @@ class HFTokenizer:
     add_bos: bool
 
     @classmethod
-    def of(cls, tokenizer: transformers.PreTrainedTokenizerBase) -> HFTokenizer:
-        return cls(tokenizer, tokenizer.bos_token_id, bool(getattr(tokenizer, "add_bos_token", False)))
+    def of(cls, tokenizer: transformers.PreTrainedTokenizerBase, directory: Path) -> HFTokenizer:
+        return cls(tokenizer, tokenizer.bos_token_id, adds_bos(tokenizer, directory))
 
     def encode(self, text: str, parse_special: bool = False) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=not parse_special)["input_ids"]
         return [self.bos_id, *ids] if self.add_bos and self.bos_id is not None else list(ids)
+
+
+def adds_bos(tokenizer: transformers.PreTrainedTokenizerBase, directory: Path) -> bool:
+    """Whether llama.cpp's converter would mark this tokenizer as adding BOS (gguf-py's `SpecialVocab`):
+    its post-processor puts BOS first, or else tokenizer_config.json says `add_bos_token`."""
+    bos = tokenizer.bos_token_id
+    if bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]:
+        return True
+    try:
+        configured = json.loads((directory / "tokenizer_config.json").read_text()).get("add_bos_token")
+    except (OSError, ValueError):
+        return False
+    return configured is True
 
 
 def load_hf_weights(opened: OpenedModel, device: str | torch.device, dtype: torch.dtype) -> LoadedModel:
@@ -39,12 +54,30 @@ def load_hf_weights(opened: OpenedModel, device: str | torch.device, dtype: torc
     if _is_secondary_rank():  # under torchrun only rank 0 reports progress
         transformers.utils.logging.disable_progress_bar()
     try:
-        model = opened.architecture.model_type().from_pretrained(opened.source, dtype=dtype).to(device)
+        model = opened.architecture.model_type().from_pretrained(
+            opened.source, config=opened.config, dtype=dtype, **dequantized(opened.config)).to(device)
     except (OSError, ValueError, SafetensorError) as exc:
         raise ImatrixError(f"{opened.source}: cannot load checkpoint ({exc})") from exc
     model.eval()
+    opened.architecture.fix_graph(model)
     use_collection_forwards(model)
     return loaded_from(opened, model)
+
+
+def dequantized(config: Any) -> dict[str, Any]:
+    """`from_pretrained` arguments that load a pre-quantized checkpoint (gpt-oss's MXFP4 experts, FP8)
+    dequantized, where transformers can: quantized kernels would replace the modules that are measured."""
+    settings = getattr(config, "quantization_config", None)
+    if settings is None:
+        return {}
+    from transformers.quantizers.auto import AutoQuantizationConfig
+
+    if isinstance(settings, dict):
+        settings = AutoQuantizationConfig.from_dict(settings)
+    if "dequantize" not in settings.get_loading_attributes():
+        return {}
+    settings.dequantize = True
+    return {"quantization_config": settings}
 
 
 def _is_secondary_rank() -> bool:

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from imatrix.errors import ImatrixError
+from imatrix.ggufio.reader import MappedPages
 from imatrix.models.architectures.base import Architecture
-from imatrix.models.gguf_reader import MappedPages
 from imatrix.models.names import GGUFNames
 from imatrix.models.open import OpenedModel, open_model
 from imatrix.models.storage import (

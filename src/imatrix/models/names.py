@@ -22,7 +22,7 @@ _BLOCK = re.compile(r"\.(\d+)\.")
 def gguf_name_map(model: torch.nn.Module, architecture: Architecture, n_blocks: int) -> GGUFNames:
     """Every parameter of `model` that llama.cpp stores, with its GGUF tensor names (3-D experts left out)."""
     tensor_map = gguf.get_tensor_name_map(architecture.gguf_arch, n_blocks)
-    experts = fused_expert_stacks(model, tensor_map)
+    experts = fused_expert_stacks(model, tensor_map, architecture.expert_join)
     names: GGUFNames = {}
     for param in model.state_dict():
         if param in experts:
@@ -35,7 +35,8 @@ def gguf_name_map(model: torch.nn.Module, architecture: Architecture, n_blocks: 
 
 def expert_stack_map(model: torch.nn.Module, architecture: Architecture, n_blocks: int) -> GGUFNames:
     """3-D expert parameter names -> the GGUF expert stacks they are made of (`gate_up_proj` -> gate, up)."""
-    return fused_expert_stacks(model, gguf.get_tensor_name_map(architecture.gguf_arch, n_blocks))
+    return fused_expert_stacks(model, gguf.get_tensor_name_map(architecture.gguf_arch, n_blocks),
+                               architecture.expert_join)
 
 
 def _gguf_names(param: str, architecture: Architecture, tensor_map: gguf.TensorNameMap) -> tuple[str, ...]:
@@ -43,8 +44,17 @@ def _gguf_names(param: str, architecture: Architecture, tensor_map: gguf.TensorN
     for fused in architecture.fused:
         if module.endswith(f".{fused.module}") and (block := _BLOCK.search(param)):
             return tuple(f"blk.{block.group(1)}.{kind}.{leaf}" for kind in fused.kinds)
+    for stack in architecture.stacked:
+        if stack.index(param) is not None:
+            return (stack.gguf_name,)
     for pattern, template in architecture.extra_names:
         if (match := re.fullmatch(pattern, param)) is not None:
             return (match.expand(template),)
-    name = tensor_map.get_name(param, try_suffixes=(".weight", ".bias"))  # keeps the suffix
+    name = tensor_map.get_name(_as_converter_names(param), try_suffixes=(".weight", ".bias"))  # keeps the suffix
     return (name,) if name is not None else ()
+
+
+def _as_converter_names(param: str) -> str:
+    """The renames `convert_hf_to_gguf.py` makes before its tensor map (`ModelBase.filter_tensors`): the routers'
+    selection bias buffer is looked up as a `.bias`."""
+    return re.sub(r"e_score_correction_bias$", "e_score_correction.bias", param)

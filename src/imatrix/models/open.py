@@ -13,12 +13,14 @@ from typing import Any
 
 import torch
 
+import imatrix.quant  # noqa: F401  (makes this project's own tensor types, Q3_K_HIFI, readable)
 from imatrix.errors import ImatrixError
+from imatrix.ggufio.reader import GGUFModelFile
 from imatrix.models.architectures import architecture_for_file, architecture_for_hf
 from imatrix.models.architectures.base import Architecture
-from imatrix.models.gguf_reader import GGUFModelFile
 from imatrix.models.names import GGUFNames, expert_stack_map, gguf_name_map
 from imatrix.models.patches import use_collection_forwards
+from imatrix.models.rope import apply_rope_freq_factors
 from imatrix.models.tokenizer import TextTokenizer, tokenizer_from_gguf
 from imatrix.models.weights import GGUFWeights, SafetensorsWeights, WeightSource
 
@@ -54,6 +56,7 @@ def open_model(path: str | Path, device: str | torch.device = "cpu") -> OpenedMo
     architecture = architecture_for_file(model_file)
     config = architecture.build_config(model_file)
     skeleton = empty_model(architecture, config, device)
+    apply_rope_freq_factors(skeleton, model_file)
     n_blocks = config.num_hidden_layers
     names = gguf_name_map(skeleton, architecture, n_blocks)
     stacks = expert_stack_map(skeleton, architecture, n_blocks)
@@ -66,23 +69,26 @@ def _open_hf(directory: Path, device: str | torch.device) -> OpenedModel:
 
     from imatrix.models.hf_loader import HFTokenizer
 
-    architecture = architecture_for_hf(read_hf_config(directory).get("model_type", "?"), directory)
+    hf_config = read_hf_config(directory)
+    architecture = architecture_for_hf(hf_config.get("model_type", "?"), directory, hf_config)
     weights = SafetensorsWeights(directory)
     try:
         config = architecture.config_type().from_pretrained(directory)
+        architecture.adapt_hf_config(config)
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as exc:
         raise ImatrixError(f"{directory}: cannot load checkpoint ({exc})") from exc
     skeleton = empty_model(architecture, config, device)
     names = gguf_name_map(skeleton, architecture, config.num_hidden_layers)
     stacks = expert_stack_map(skeleton, architecture, config.num_hidden_layers)
-    return OpenedModel(skeleton, architecture, names, HFTokenizer.of(tokenizer), weights, directory, stacks)
+    return OpenedModel(skeleton, architecture, names, HFTokenizer.of(tokenizer, directory), weights, directory, stacks)
 
 
 def empty_model(architecture: Architecture, config: Any, device: str | torch.device = "cpu") -> torch.nn.Module:
     """The transformers model on the meta device, with our forwards; rotary tables on `device`."""
     with torch.device("meta"):
         model = architecture.model_type()(config)
+    architecture.fix_graph(model)
     use_collection_forwards(model)
     rebuild_meta_buffers(model, device)
     return model.eval()
@@ -91,16 +97,32 @@ def empty_model(architecture: Architecture, config: Any, device: str | torch.dev
 def rebuild_meta_buffers(model: torch.nn.Module, device: str | torch.device) -> None:
     """Non-persistent buffers (rotary inv_freq, embedding scales) are not in any checkpoint: made on
     `device` and filled by the model's own `_init_weights`, as transformers' `from_pretrained` does."""
-    owners = {}
+    owners = set()
     for name, buffer in model.named_non_persistent_buffers():
         if buffer.is_meta:
             path, _, attribute = name.rpartition(".")
-            owner = model.get_submodule(path)
-            owner._buffers[attribute] = torch.empty_like(buffer, device=device)
-            owners[id(owner)] = owner
+            model.get_submodule(path)._buffers[attribute] = torch.empty_like(buffer, device=device)
+            owners.add(path)
+    # an enclosing module's `_init_weights` may fill them too (Falcon-H1's decoder fills its mixers' µP
+    # vectors): the owners and every module around them, outermost first
     with torch.no_grad():
-        for owner in owners.values():
-            model._init_weights(owner)
+        for path, module in model.named_modules():
+            if any(_encloses(path, owner) for owner in owners):
+                _sub_model(model, path)._init_weights(module)
+
+
+def _sub_model(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    """The innermost transformers model around the module at `path`: its `_init_weights` is the one
+    `from_pretrained` uses there (`smart_apply`; Gemma 3n's text model reads its own `hidden_size`)."""
+    from transformers import PreTrainedModel
+
+    parts = path.split(".") if path else []
+    enclosing = (model.get_submodule(".".join(parts[:depth])) for depth in range(len(parts) + 1))
+    return [module for module in enclosing if isinstance(module, PreTrainedModel)][-1]
+
+
+def _encloses(path: str, inner: str) -> bool:
+    return not path or inner == path or inner.startswith(f"{path}.")
 
 
 def read_hf_config(directory: Path) -> dict:

@@ -16,9 +16,8 @@ import numpy as np
 import torch
 
 from imatrix.errors import ImatrixError
+from imatrix.ggufio.reader import GGUFModelFile, TensorInfo
 from imatrix.models.architectures.base import Architecture, unpermute_rows
-from imatrix.models.experts import join_stacks
-from imatrix.models.gguf_reader import GGUFModelFile, TensorInfo
 from imatrix.models.names import GGUFNames
 from imatrix.models.storage import exact_16_bit_dtype
 
@@ -64,7 +63,11 @@ class GGUFWeights:
         """
         if param in self.expert_stacks:
             stacks = [self._converted(name, round_to_f16) for name in names]
-            return torch.from_numpy(np.array(join_stacks(stacks), dtype=np.float32, order="C")).to(dtype)
+            joined = self.architecture.expert_join.join(stacks)
+            return torch.from_numpy(np.array(joined, dtype=np.float32, order="C")).to(dtype)
+        if (index := self.architecture.stacked_slice(param)) is not None:
+            matrix = self._converted(names[0], round_to_f16)[index]
+            return torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float32)).to(dtype)
         if len(names) > 1:
             fused = next(f for f in self.architecture.fused if param.rpartition(".")[0].endswith(f".{f.module}"))
             parts = [self._converted(name, round_to_f16) for name in names]
@@ -124,6 +127,11 @@ class SafetensorsWeights:
         module, _, kind = param.rpartition(".")
         if kind in _FUSED_EXPERTS and f"{module}.0.down_proj.weight" in self.where:
             return self._fused_experts(module, _FUSED_EXPERTS[kind])
+        if f"{param}_blocks" in self.where:  # MXFP4 experts (gpt-oss), dequantized as transformers loads them
+            from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+            return convert_moe_packed_tensors(self._get(f"{param}_blocks"), self._get(f"{param}_scales"),
+                                              dtype=torch.float32)
         raise ImatrixError(f"{self.directory}: no tensor for '{param}' in its safetensors files")
 
     def _get(self, key: str) -> torch.Tensor:

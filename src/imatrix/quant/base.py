@@ -15,6 +15,7 @@ import gguf
 import numpy as np
 
 from imatrix.errors import ImatrixError
+from imatrix.ggufio.types import register_type
 
 QType = gguf.GGMLQuantizationType
 
@@ -32,6 +33,13 @@ class QuantType:
         cls.qtype = qtype
         cls.block_size, cls.type_size = gguf.GGML_QUANT_SIZES[qtype]
         QuantType.registry[qtype] = cls
+
+    @classmethod
+    def register_extra(cls, qtype: enum.IntEnum, block_size: int, type_size: int) -> None:
+        """Register a class for a type of this project's own, which ggml does not know, readable in GGUF files."""
+        cls.qtype, cls.block_size, cls.type_size = qtype, block_size, type_size  # type: ignore[assignment]
+        QuantType.registry[qtype] = cls  # type: ignore[index]
+        register_type(qtype, block_size, type_size, cls.dequantize)
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
@@ -56,32 +64,6 @@ class QuantType:
     def dequantize(cls, data: np.ndarray) -> np.ndarray:
         """Bytes `[..., k * type_size]` to float32 `[..., k * block_size]` (gguf-py's, for ggml types)."""
         return np.asarray(gguf.quants.dequantize(data, cls.qtype), dtype=np.float32)
-
-
-def tensor_type(type_id: int) -> enum.IntEnum:
-    """The type a GGUF tensor info names: one of ggml's, or one of this project's own (Q3_K_HIFI)."""
-    if type_id in QType._value2member_map_:
-        return QType(type_id)
-    for qtype in QuantType.registry:
-        if int(qtype) == type_id:
-            return qtype
-    raise ImatrixError(f"unknown tensor type {type_id}")
-
-
-def type_sizes(qtype: enum.IntEnum) -> tuple[int, int]:
-    """(values per block, bytes per block) of any tensor type, ggml's or this project's."""
-    if qtype in gguf.GGML_QUANT_SIZES:
-        return gguf.GGML_QUANT_SIZES[qtype]  # type: ignore[index]
-    kind = quant_type(qtype)  # type: ignore[arg-type]
-    return kind.block_size, kind.type_size
-
-
-def dequantize(data: np.ndarray, qtype: enum.IntEnum) -> np.ndarray:
-    """Stored bytes of any readable type to float32; project types decode with their own class."""
-    kind = QuantType.registry.get(qtype)  # type: ignore[call-overload]
-    if kind is not None:
-        return kind.dequantize(data)
-    return np.asarray(gguf.quants.dequantize(data, qtype), dtype=np.float32)
 
 
 def quant_type(qtype: QType) -> type[QuantType]:

@@ -47,10 +47,7 @@ HIFI_TYPE_ID = ExtraQuantType.Q3_K_HIFI
 class Q3KHifi(QuantType):
     """Q3_K with `n_outliers` fp16 outliers per super-block (layout in the module docstring)."""
 
-    qtype = HIFI_TYPE_ID  # type: ignore[assignment]
-    block_size = 256
     n_outliers = N_OUTLIERS
-    type_size = Q3K_SIZE + 3 * N_OUTLIERS
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
@@ -94,4 +91,4 @@ def dequantize_q3_k_hifi(data: np.ndarray) -> np.ndarray:
     return Q3KHifi.dequantize(data)
 
 
-QuantType.registry[HIFI_TYPE_ID] = Q3KHifi  # type: ignore[index]
+Q3KHifi.register_extra(HIFI_TYPE_ID, 256, Q3K_SIZE + 3 * N_OUTLIERS)

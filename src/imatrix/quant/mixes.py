@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import gguf
 
 from imatrix.errors import ImatrixError
-from imatrix.quant.base import QuantType, type_sizes
+from imatrix.ggufio.types import type_sizes
+from imatrix.quant.base import QuantType
 from imatrix.quant.hifi import HIFI_TYPE_ID
 
 QType = gguf.GGMLQuantizationType

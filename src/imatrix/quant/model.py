@@ -25,12 +25,13 @@ import gguf
 import numpy as np
 
 import imatrix.quant  # noqa: F401  (registers every kernel)
-from imatrix.errors import ImatrixError
+from imatrix.errors import ImatrixError, shown
 from imatrix.formats.atomic import atomic_path, check_not_an_input, check_output_path
+from imatrix.ggufio.reader import GGUFModelFile, TensorInfo
+from imatrix.ggufio.types import dequantize, type_sizes
+from imatrix.ggufio.writer import ModelWriter
 from imatrix.matrix import ImportanceMatrix
-from imatrix.models.gguf_reader import GGUFModelFile, TensorInfo
-from imatrix.models.gguf_writer import ModelWriter
-from imatrix.quant.base import dequantize, quant_type, quantize_rows, type_sizes
+from imatrix.quant.base import quant_type, quantize_rows
 from imatrix.quant.mixes import (
     UNQUANTIZED,
     Cat,
@@ -259,11 +260,19 @@ def _converter(model_file: GGUFModelFile, output_fd: int,
 # --- the imatrix ---
 
 
+# An imatrix row (one matrix's weights) whose largest value lies outside this range under- or overflows the
+# float32 sums of llama.cpp's weighted searches (`make_qx_quants` squares Σ w·x·l): the tensor comes out as zeros
+# (llama-quantize writes it so). The weighting only matters up to a common factor, so such a row is rescaled
+# to a largest value of 1: its ratios, what the imatrix says, are kept.
+USABLE_IMATRIX_MAX = (1e-20, 1e12)
+
+
 def imatrix_values(imatrix: ImportanceMatrix, include: Sequence[str], exclude: Sequence[str],
-                   source: str | None = None) -> dict[str, np.ndarray]:
+                   source: str | None = None, strict: bool = False) -> dict[str, np.ndarray]:
     """Per-tensor weights `[n_mat, n_cols]` = Σx²/count, filtered as llama-quantize's flags filter them.
 
-    A matrix that saw no tokens gets weights 1 (llama-quantize's load_imatrix), not 0.
+    A matrix that saw no tokens gets weights 1 (llama-quantize's load_imatrix), not 0. A row that would make
+    the quantizer write zeros (`usable_rows`) is mended with a warning, or refused with `strict`.
     """
     if include and exclude:
         raise ImatrixError("--include-weights and --exclude-weights cannot be used together")
@@ -276,10 +285,31 @@ def imatrix_values(imatrix: ImportanceMatrix, include: Sequence[str], exclude: S
         stats = imatrix[name]
         means = stats.mean_sq()
         means[stats.counts <= 0] = 1.0
-        if not np.isfinite(means).all():
-            raise ImatrixError(f"{source or 'the imatrix'}: entry {name} contains non-finite values")
-        values[name] = means
+        values[name] = usable_rows(means, f"{source or 'the imatrix'}: entry {shown(name)}", strict)
     return values
+
+
+def usable_rows(means: np.ndarray, what: str, strict: bool = False) -> np.ndarray:
+    """`means [n_mat, n_cols]` with each degenerate row mended: all zero (no information: weights 1, the
+    unweighted search), or with a largest value outside `USABLE_IMATRIX_MAX` (rescaled to a largest value
+    of 1). Non-finite or negative weights are refused: they cannot come from sums of squares."""
+    if not np.isfinite(means).all() or (means < 0).any():
+        raise ImatrixError(f"{what} contains non-finite or negative values")
+    largest = means.max(axis=1)
+    low, high = USABLE_IMATRIX_MAX
+    degenerate = (largest < low) | (largest > high)
+    if not degenerate.any():
+        return means
+    rows = ", ".join(str(row) for row in np.flatnonzero(degenerate)[:8])
+    problem = (f"{what}: {int(degenerate.sum())} of {len(means)} matrices (rows {rows}) have weights that would "
+               f"quantize the tensor to zeros (largest weight outside {low:g}..{high:g})")
+    if strict:
+        raise ImatrixError(problem)
+    warnings.warn(f"{problem}: zero rows use no weighting, the others are rescaled", stacklevel=3)
+    mended = means.astype(np.float64)
+    for row in np.flatnonzero(degenerate):
+        mended[row] = 1.0 if largest[row] == 0 else mended[row] / largest[row]
+    return mended.astype(np.float32)
 
 
 def _imatrix_for(
@@ -406,11 +436,13 @@ def quantize_model(
     n_threads: int | None = None,
     imatrix_file: str | None = None,
     log: Log | None = None,
+    strict_imatrix: bool = False,
 ) -> QuantizeReport:
     """Quantize a GGUF model to file type `ftype` (`Q4_K_M`, `IQ4_XS`, ...) as llama-quantize does.
 
     `imatrix_file` is only recorded in the output's `quantize.imatrix.file`; `log` receives
-    llama-quantize's progress lines (nothing is printed without it).
+    llama-quantize's progress lines (nothing is printed without it). Imatrix rows that would quantize a
+    tensor to zeros are mended with a warning (`usable_rows`), or refused with `strict_imatrix`.
     """
     started = time.perf_counter()
     emit: Log = log or (lambda _line: None)
@@ -420,7 +452,8 @@ def quantize_model(
     check_not_an_input(dst_path, input_model=src_path, imatrix=imatrix_file)
     check_output_path(dst_path)
     model_file = open_model(src_path)
-    values = _check_imatrix(src_path, model_file, imatrix, include_weights, exclude_weights, imatrix_file)
+    values = _check_imatrix(src_path, model_file, imatrix, include_weights, exclude_weights, imatrix_file,
+                            strict_imatrix)
     jobs, fallbacks = _plan(src_path, model_file, ft, overrides, values, leave_output_tensor, allow_requantize)
     report = QuantizeReport(src_path, dst_path, ft.name, int(ft.ftype), fallbacks=fallbacks)
     for note in fallbacks:
@@ -462,6 +495,7 @@ def _check_imatrix(
     include: Sequence[str],
     exclude: Sequence[str],
     imatrix_file: str | None,
+    strict: bool,
 ) -> dict[str, np.ndarray]:
     if imatrix is None:
         if include or exclude:
@@ -470,7 +504,7 @@ def _check_imatrix(
     names = set(model_file.tensors)
     if not names.intersection(imatrix.names()):
         raise ImatrixError(f"{path}: no tensor of this model is in the imatrix (an imatrix of another model?)")
-    return imatrix_values(imatrix, include, exclude, imatrix_file)
+    return imatrix_values(imatrix, include, exclude, imatrix_file, strict)
 
 
 def _write_one(output_fd: int, model_file: GGUFModelFile, job: _Job, offset: int, converted_bytes: int,

@@ -9,8 +9,8 @@ import importlib
 import pkgutil
 
 from imatrix.errors import ImatrixError
+from imatrix.ggufio.reader import GGUFModelFile
 from imatrix.models.architectures.base import Architecture
-from imatrix.models.gguf_reader import GGUFModelFile
 
 GUIDE = "docs/architectures.md"
 
@@ -41,10 +41,11 @@ def architecture_for_file(model_file: GGUFModelFile) -> Architecture:
                        f"{', '.join(supported_gguf_names())}; adding one: {GUIDE})")
 
 
-def architecture_for_hf(model_type: str, source: object) -> Architecture:
-    """The adapter for a Hugging Face checkpoint, by its config.json `model_type`."""
+def architecture_for_hf(model_type: str, source: object, hf_config: dict | None = None) -> Architecture:
+    """The adapter for a Hugging Face checkpoint, by its config.json `model_type` (and, for variants, the rest
+    of its config.json, `hf_config`)."""
     for arch in ALL:
-        if model_type in arch.hf_model_types:
+        if model_type in arch.hf_model_types and arch.applies_to_hf(hf_config or {}):
             return arch
     supported = sorted({kind for arch in ALL for kind in arch.hf_model_types})
     raise ImatrixError(f"{source}: model_type '{model_type}' is not supported (supported: {', '.join(supported)}; "

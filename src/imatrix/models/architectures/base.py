@@ -11,14 +11,18 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gguf
 import numpy as np
 import torch
 import transformers
 
-from imatrix.models.gguf_reader import GGUFModelFile
+from imatrix.ggufio.reader import GGUFModelFile
+from imatrix.models.experts import StackJoin
+
+if TYPE_CHECKING:
+    from imatrix.collect.observers import Observer
 
 Config = Any  # a transformers PretrainedConfig
 ConfigFromGGUF = Callable[[GGUFModelFile], dict[str, Any]]
@@ -54,7 +58,30 @@ class Fused:
         return self.assemble(tensors, config) if self.assemble else np.concatenate(tensors, axis=0)
 
 
-def always(model_file: GGUFModelFile) -> bool:
+@dataclass(frozen=True)
+class ColumnOrder:
+    """Matmul weights (GGUF names matching `pattern`, re.search) whose input columns the converter reordered:
+    `file_columns(config)[i]` is the checkpoint column the file's column i holds. Loading puts the columns
+    back in checkpoint order; collection reports the input's sums in the file's order, as llama.cpp sees it."""
+
+    pattern: str
+    file_columns: Callable[[Config], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Stacked:
+    """Checkpoint parameters (`pattern`, fullmatch; group 1 their index) that the converter stacks into one
+    GGUF tensor `gguf_name` along its outermost axis: parameter i is the file's matrix i."""
+
+    pattern: str  # e.g. r"model\.altup_projections\.(\d+)\.weight"
+    gguf_name: str  # e.g. "altup_proj.weight"
+
+    def index(self, param: str) -> int | None:
+        match = re.fullmatch(self.pattern, param)
+        return None if match is None else int(match.group(1))
+
+
+def always(source: object) -> bool:
     return True
 
 
@@ -67,14 +94,25 @@ class Architecture:
     hf_model_types: tuple[str, ...] = ()  # config.json `model_type`s this adapter also loads
     # a variant shares its GGUF name with another adapter (Mixtral is `llama` with experts): checked first
     applies_to: Callable[[GGUFModelFile], bool] = always
+    applies_to_hf: Callable[[dict[str, Any]], bool] = always  # the same, from a checkpoint's config.json
     is_variant: bool = False
     permute_qk: bool = False  # q/k rows permuted by the converter's `LlamaModel.permute`
     tensor_rules: tuple[TensorRule, ...] = ()
     fused: tuple[Fused, ...] = ()
+    column_orders: tuple[ColumnOrder, ...] = ()
+    stacked: tuple[Stacked, ...] = ()
     # checkpoint parameter name (regex, fullmatch) -> GGUF name template (`\1` groups), for what gguf-py's map lacks
     extra_names: tuple[tuple[str, str], ...] = ()
     logits: LogitsTransform | None = None  # what the causal-LM class does to lm_head's output (soft-capping…)
     decoder: str = "model"  # the causal-LM's attribute holding the decoder stack
+    expert_join: StackJoin = StackJoin()  # how the GGUF expert stacks make the 3-D expert parameters
+    # measure inputs llama.cpp multiplies that no module takes in transformers' forward (`collect.observers`)
+    observers: tuple[Observer, ...] = ()
+    # a checkpoint directory's config -> the entries to change so that it states what llama.cpp's graph runs
+    hf_overrides: Callable[[Config], dict[str, Any]] | None = None
+    # where llama.cpp's graph computes a module differently from the checkpoint's forward and no config setting
+    # makes them agree (PhiMoE runs as Phi-3): switches those modules of a built model to llama.cpp's computation
+    graph_fixes: Callable[[torch.nn.Module], None] | None = None
     extra_config: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -83,6 +121,16 @@ class Architecture:
 
     def build_config(self, model_file: GGUFModelFile) -> Config:
         return self.config_type()(**self.config_from_gguf(model_file), **self.extra_config)
+
+    def adapt_hf_config(self, config: Config) -> None:
+        """Make a checkpoint's own config run as llama.cpp runs the model converted from it (`hf_overrides`)."""
+        if self.hf_overrides is not None:
+            config.update(self.hf_overrides(config))
+
+    def fix_graph(self, model: torch.nn.Module) -> None:
+        """Make a built model compute what llama.cpp's graph computes (`graph_fixes`)."""
+        if self.graph_fixes is not None:
+            self.graph_fixes(model)
 
     def config_type(self) -> type:
         return getattr(transformers, self.config_class)
@@ -95,10 +143,21 @@ class Architecture:
         for rule in self.tensor_rules:
             if rule.matches(gguf_name):
                 values = rule.convert(values, config, gguf_name)
-        return values
+        columns = self.file_columns(config, gguf_name)
+        return values if columns is None else values[..., np.argsort(columns)]
 
     def has_value_rules(self, gguf_name: str) -> bool:
-        return any(rule.matches(gguf_name) for rule in self.tensor_rules)
+        return (any(rule.matches(gguf_name) for rule in self.tensor_rules)
+                or any(re.search(order.pattern, gguf_name) for order in self.column_orders))
+
+    def file_columns(self, config: Config, gguf_name: str) -> np.ndarray | None:
+        """Where the converter reordered `gguf_name`'s input columns: the checkpoint column behind each."""
+        order = next((order for order in self.column_orders if re.search(order.pattern, gguf_name)), None)
+        return None if order is None else order.file_columns(config)
+
+    def stacked_slice(self, param: str) -> int | None:
+        """Which matrix of a stacked GGUF tensor `param` is (None: it is not stacked)."""
+        return next((index for stack in self.stacked if (index := stack.index(param)) is not None), None)
 
     def permuted_heads(self, config: Config, gguf_name: str) -> int:
         """The number of heads whose rows llama.cpp's converter permuted in `gguf_name` (0: none)."""
@@ -118,7 +177,7 @@ def common_config(model_file: GGUFModelFile) -> dict[str, Any]:
         "vocab_size": len(model_file.require("tokenizer.ggml.tokens")),
         "hidden_size": hidden,
         "intermediate_size": _per_layer_max(model_file.arch_value("feed_forward_length", 0) or 0),
-        "num_hidden_layers": int(model_file.require_arch("block_count")),
+        "num_hidden_layers": n_trunk_layers(model_file),
         "num_attention_heads": n_head,
         "num_key_value_heads": _per_layer_max(model_file.arch_value("attention.head_count_kv", n_head)),
         "head_dim": int(head_dim),
@@ -127,8 +186,15 @@ def common_config(model_file: GGUFModelFile) -> dict[str, Any]:
         "tie_word_embeddings": "output.weight" not in model_file.tensors,
         "bos_token_id": model_file.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": model_file.get("tokenizer.ggml.eos_token_id"),
+        # only an index for the embedding's gradient; some configs' defaults lie outside a small vocabulary
+        "pad_token_id": model_file.get("tokenizer.ggml.padding_token_id"),
         **rope_config(model_file),
     }
+
+
+def n_trunk_layers(model_file: GGUFModelFile) -> int:
+    """The blocks the model runs: llama.cpp's `n_layer()` leaves out the NextN/MTP blocks stored after them."""
+    return int(model_file.require_arch("block_count")) - int(model_file.arch_value("nextn_predict_layers", 0) or 0)
 
 
 def rope_config(model_file: GGUFModelFile) -> dict[str, Any]:
@@ -143,6 +209,24 @@ def rope_config(model_file: GGUFModelFile) -> dict[str, Any]:
     if kind == "yarn" and original:
         scaling["original_max_position_embeddings"] = int(original)
     return {"rope_theta": theta, "rope_scaling": scaling}
+
+
+def partial_rotary(model_file: GGUFModelFile, head_dim: int) -> dict[str, float]:
+    """`partial_rotary_factor`, from the rotated width of a head the file states (`rope.dimension_count`)."""
+    rotated = model_file.arch_value("rope.dimension_count") or head_dim
+    return {"partial_rotary_factor": int(rotated) / head_dim}
+
+
+def rope_parameters(model_file: GGUFModelFile) -> dict[str, Any]:
+    """The file's rope as transformers' `rope_parameters`, as llama.cpp applies it: its YaRN takes the file's
+    betas and always rounds the correction range to whole dimensions (`ggml_rope_yarn_corr_dims`), which
+    transformers calls `truncate`. (For configs that take no `rope_theta`/`rope_scaling`.)"""
+    legacy = rope_config(model_file)
+    parameters = {"rope_type": "default", "rope_theta": legacy["rope_theta"], **legacy.get("rope_scaling", {})}
+    if parameters["rope_type"] == "yarn":
+        parameters.update(truncate=True, beta_fast=float(model_file.arch_value("rope.scaling.yarn_beta_fast", 32.0)),
+                          beta_slow=float(model_file.arch_value("rope.scaling.yarn_beta_slow", 1.0)))
+    return parameters
 
 
 def routed_experts(model_file: GGUFModelFile, **names: str) -> dict[str, Any]:

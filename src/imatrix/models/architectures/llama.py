@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from imatrix.models.architectures.base import Architecture, common_config
-from imatrix.models.gguf_reader import GGUFModelFile
+from imatrix.ggufio.reader import GGUFModelFile
 
 
 def has_experts(model_file: GGUFModelFile) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from imatrix.models.architectures.base import Architecture, common_config, routed_experts
-from imatrix.models.gguf_reader import GGUFModelFile
+from imatrix.ggufio.reader import GGUFModelFile
 
 
 def qwen3moe_config(model_file: GGUFModelFile) -> dict[str, Any]:
