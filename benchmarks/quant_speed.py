@@ -112,7 +112,8 @@ def same_tensors(ours: Path, theirs: Path) -> str:
 
 def main() -> None:
     theirs = parse_quality(QUALITY_MD)
-    supported = [name for name in dict.fromkeys(t for t, _ in theirs) if name in FILE_TYPES]
+    supported = [name for name in dict.fromkeys(t for t, _ in theirs)
+                 if name in FILE_TYPES and FILE_TYPES[name].kernels_ready]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--types", default=",".join(supported))
     parser.add_argument("--threads", type=int, default=2)

@@ -167,3 +167,139 @@ def check_reconstruction(
     if qw is not None:
         constant &= (np.broadcast_to(qw, x.shape).reshape(-1, block_size) > 0).all(axis=1)
     assert (err[constant] <= 2.0**-9 * amax[constant] + abs_tol).all()
+
+
+# ----------------------------------------------------------------------------- synthetic models for the options
+
+# Models llama.cpp's loader accepts (llama architecture, every hyperparameter it reads), small enough to
+# build in a test: `tests/quant_options/generate.py` runs llama-quantize on them, the tests run ours.
+DENSE = {"n_layer": 8, "d": 256, "ff": 256, "n_head": 4, "n_head_kv": 1, "vocab": 128, "tied": False}
+MOE = {"n_layer": 2, "d": 64, "ff": 32, "n_head": 4, "n_head_kv": 2, "vocab": 64, "tied": True, "n_expert": 4,
+       "file_type": None}
+
+
+def write_synthetic_llama(
+    path: Path, n_layer: int, d: int, ff: int, n_head: int, n_head_kv: int, vocab: int, tied: bool,
+    n_expert: int = 0, file_type: int | None = 1, seed: int = 0,
+) -> Path:
+    """A random llama GGUF (F16 matrices ~N(0, 0.05), F32 norms), tensors in a fixed order that is not
+    llama.cpp's loader order (so that --keep-split's file order shows). `n_expert` > 0: MoE ffn tensors."""
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_name("synthetic")
+    writer.add_context_length(256)
+    writer.add_embedding_length(d)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head_kv)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(d // n_head)
+    writer.add_vocab_size(vocab)
+    if n_expert:
+        writer.add_expert_count(n_expert)
+        writer.add_expert_used_count(2)
+    if file_type is not None:
+        writer.add_file_type(file_type)
+
+    def matrix(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.05).astype(np.float16)
+
+    head_dim = d // n_head
+    tensors = {"token_embd.weight": matrix(vocab, d), "output_norm.weight": np.ones(d, np.float32)}
+    if not tied:
+        tensors["output.weight"] = matrix(vocab, d)
+    for i in range(n_layer):
+        block = f"blk.{i}."
+        tensors[block + "attn_norm.weight"] = np.ones(d, np.float32)
+        tensors[block + "attn_q.weight"] = matrix(d, d)
+        tensors[block + "attn_k.weight"] = matrix(head_dim * n_head_kv, d)
+        tensors[block + "attn_v.weight"] = matrix(head_dim * n_head_kv, d)
+        tensors[block + "attn_output.weight"] = matrix(d, d)
+        tensors[block + "ffn_norm.weight"] = np.ones(d, np.float32)
+        if n_expert:
+            tensors[block + "ffn_gate_inp.weight"] = (rng.standard_normal((n_expert, d)) * 0.05).astype(np.float32)
+            tensors[block + "ffn_gate_exps.weight"] = matrix(n_expert, ff, d)
+            tensors[block + "ffn_up_exps.weight"] = matrix(n_expert, ff, d)
+            tensors[block + "ffn_down_exps.weight"] = matrix(n_expert, d, ff)
+        else:
+            tensors[block + "ffn_gate.weight"] = matrix(ff, d)
+            tensors[block + "ffn_up.weight"] = matrix(ff, d)
+            tensors[block + "ffn_down.weight"] = matrix(d, ff)
+    for name, array in tensors.items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def write_synthetic_imatrix(model: Path, path: Path, seed: int = 1, metadata: bool = True,
+                            zero_count_expert: int | None = None) -> Path:
+    """An imatrix for every `blk.*` matrix of `model` (per-expert rows and counts for 3-D tensors), as
+    llama-imatrix would write one; `zero_count_expert`: that expert saw no token in every MoE tensor.
+    Without `metadata` the file lacks imatrix.datasets/chunk_count/chunk_size (llama-quantize refuses it)."""
+    from imatrix.ggufio.reader import GGUFModelFile
+    from imatrix.matrix import TensorStats
+
+    rng = np.random.default_rng(seed)
+    source = GGUFModelFile(model)
+    stats = {}
+    for name, info in source.tensors.items():
+        if not name.startswith("blk.") or len(info.ne) < 2 or "gate_inp" in name:
+            continue
+        n_mat = int(info.ne[2]) if len(info.ne) > 2 else 1
+        counts = np.full(n_mat, 4096, dtype=np.int64)
+        sums = rng.uniform(0.05, 3.0, (n_mat, int(info.ne[0]))).astype(np.float32) * counts[:, None]
+        if zero_count_expert is not None and n_mat > 1:
+            counts[zero_count_expert] = 0
+            sums[zero_count_expert] = 0.0
+        stats[name] = TensorStats(sums, counts)
+    matrix = ImportanceMatrix(stats, chunk_size=512, chunk_count=8, datasets=["synthetic.txt"])
+    if metadata:
+        matrix.save(path)
+        return path
+    writer = gguf.GGUFWriter(path, "")
+    writer.kv_data[0].clear()
+    writer.add_string("general.type", "imatrix")
+    for name in matrix.names():
+        entry = matrix[name]
+        sums = entry.sums if entry.n_mat > 1 else entry.sums.reshape(-1)
+        writer.add_tensor(name + ".in_sum2", np.ascontiguousarray(sums, dtype=np.float32))
+        counts = entry.counts.astype(np.float32)
+        writer.add_tensor(name + ".counts", counts.reshape(entry.n_mat, 1) if entry.n_mat > 1 else counts)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def split_gguf(source: Path, prefix: str, n_parts: int) -> list[Path]:
+    """`source` cut into `n_parts` files as gguf-split cuts a model (tensors in file order, in contiguous
+    runs): the first file holds the metadata, every file `split.no`, `split.count`, `split.tensors.count`."""
+    from imatrix.ggufio.reader import GGUFModelFile, split_path
+
+    model = GGUFModelFile(source)
+    names = list(model.tensors)
+    per_part = -(-len(names) // n_parts)
+    paths = []
+    for index in range(n_parts):
+        path = split_path(prefix, index, n_parts)
+        writer = gguf.GGUFWriter(path, "")
+        writer.kv_data[0].clear()
+        if index == 0:
+            for key, stored in model.fields.items():
+                writer.add_key_value(key, stored.value, stored.value_type, sub_type=stored.item_type)
+        writer.add_uint16("split.no", index)
+        writer.add_uint16("split.count", n_parts)
+        writer.add_int32("split.tensors.count", len(names))
+        for name in names[index * per_part : (index + 1) * per_part]:
+            writer.add_tensor(name, np.asarray(model.raw(name)), raw_dtype=model.tensors[name].tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        paths.append(path)
+    return paths

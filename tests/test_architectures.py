@@ -5,6 +5,10 @@ that conversion (`generate.py` makes them). Collected from the GGUF file and fro
 file must have llama.cpp's tensor names, shapes and counts, the same statistics (cosine ≥ 0.9999 and median
 relative L2 ≤ 1e-3 per tensor, as the F16 goldens of SmolLM2, and no tensor off by more than 1e-2) and a final
 perplexity within 0.5%.
+
+A quantized GGUF (`qwen3-q4_k_m`, no checkpoint beside it) is held to a median of 5e-3 instead: llama.cpp's CPU
+matmuls round activations to Q8_K before each K-quant dot product, so its later layers see inputs that differ
+from the float ones by that much (its own repacked and plain kernels differ by 1.1e-3 on this model).
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ def similarity(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, float]:
     return float(cosine), float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def assert_matches_llama_cpp(ours: ImportanceMatrix, theirs: ImportanceMatrix, count_tolerance: float) -> None:
+def assert_matches_llama_cpp(ours: ImportanceMatrix, theirs: ImportanceMatrix, count_tolerance: float = 0.0,
+                             median_rel_l2: float = 1e-3) -> None:
     assert ours.names() == theirs.names()
     cosines, rel_l2, exact_counts = {}, {}, set()
     for name in theirs:
@@ -61,15 +66,15 @@ def assert_matches_llama_cpp(ours: ImportanceMatrix, theirs: ImportanceMatrix, c
             exact_counts.add(name)
     worst = min(cosines, key=cosines.get)
     assert cosines[worst] >= 0.9999, (worst, cosines[worst])
-    assert np.median(list(rel_l2.values())) <= 1e-3
+    assert np.median(list(rel_l2.values())) <= median_rel_l2
     # a wrong scale (a multiplier applied on the other side of a matmul) keeps the cosine at 1; experts that
     # a near-tie sent other tokens are off by more
     farthest = max(exact_counts, key=rel_l2.get)
     assert rel_l2[farthest] <= 1e-2, (farthest, rel_l2[farthest])
 
 
-@pytest.mark.parametrize("source", ["model.gguf", "hf"])
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(("name", "source"), [(name, source) for name in NAMES for source in ("model.gguf", "hf")
+                                              if (HERE / name / source).exists()])
 def test_collects_what_llama_imatrix_collects(name: str, source: str, calibration_text: Path, tmp_path: Path) -> None:
     info = spec(name)
     options = imatrix_options(info.get("imatrix_args", ["-c", "128", "--chunks", "4"]))
@@ -78,5 +83,5 @@ def test_collects_what_llama_imatrix_collects(name: str, source: str, calibratio
                      CollectOptions(**options, progress=False, verbosity=0, output_file=tmp_path / "imatrix.gguf"),
                      stdout=printed.append)
     theirs = ImportanceMatrix.load(HERE / name / "imatrix.gguf")
-    assert_matches_llama_cpp(result.matrix, theirs, info.get("count_tolerance", 0.0))
+    assert_matches_llama_cpp(result.matrix, theirs, info.get("count_tolerance", 0.0), info.get("median_rel_l2", 1e-3))
     assert result.ppl.final()[0] == pytest.approx(golden_final_ppl(name), rel=5e-3)

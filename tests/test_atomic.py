@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from imatrix import ImatrixError
-from imatrix.formats.atomic import atomic_path, check_output_path
+from imatrix.errors import ImatrixWarning
+from imatrix.formats.atomic import atomic_path, check_output_path, claimed_output
 
 
 def write(path: Path, data: bytes) -> None:
@@ -84,3 +85,34 @@ def test_an_unwritable_directory_is_found_before_any_work(tmp_path: Path, monkey
     monkeypatch.setattr(tempfile, "mkstemp", read_only)  # root may write anywhere: simulate the file system
     with pytest.raises(ImatrixError, match="out.gguf: cannot write: Read-only file system"):
         check_output_path(tmp_path / "out.gguf")
+
+
+def names(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir())
+
+
+def test_temporaries_a_killed_writer_left_are_removed(tmp_path: Path) -> None:
+    out = tmp_path / "out.gguf"
+    for name in (".out.gguf.k5t5k2lc.tmp", ".out.gguf.mine.tmp", ".other.gguf.k5t5k2lc.tmp"):
+        (tmp_path / name).write_bytes(b"half")
+    with pytest.warns(ImatrixWarning, match=r"out\.gguf: removed 1 temporary file\(s\) left by an interrupted run "
+                                            r"\(\.out\.gguf\.k5t5k2lc\.tmp\)"):
+        write(out, b"new")
+    # only this output's, and only names the writer makes: another output's and a user's file stay
+    assert names(tmp_path) == [".other.gguf.k5t5k2lc.tmp", ".out.gguf.mine.tmp", "out.gguf"]
+
+
+def test_claims_nest_within_a_process_and_leave_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "out.bin"
+    with claimed_output(out):
+        assert (tmp_path / ".out.bin.lock").read_text() == f"{os.getpid()}\n"
+        write(out, b"a")
+        check_output_path(out)
+        assert names(tmp_path) == [".out.bin.lock", "out.bin"]
+    assert names(tmp_path) == ["out.bin"]
+
+
+def test_a_lock_file_left_by_a_killed_writer_is_no_obstacle(tmp_path: Path) -> None:
+    (tmp_path / ".out.bin.lock").write_text("12345\n")  # its lock died with the process
+    write(tmp_path / "out.bin", b"new")
+    assert names(tmp_path) == ["out.bin"]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from imatrix.models import attention
@@ -85,3 +86,19 @@ def test_loaded_models_use_it_and_keep_their_outputs(tmp_path: Path, monkeypatch
     # The same sums, cut at other places: another CPU's sgemm kernels round the blocks' shorter key ranges
     # differently (2.8e-5 seen in CI); one key too many or too few moves these logits by ~6e-2.
     torch.testing.assert_close(blocked, whole, rtol=1e-4, atol=2e-4)
+
+
+def test_sliding_window_models_keep_their_masks() -> None:
+    """transformers builds masks only for attention functions it has mask functions for: without one,
+    a sliding window would silently become plain causal attention."""
+    config = transformers.Gemma3TextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=8, sliding_window=8,
+                                           layer_types=["sliding_attention", "sliding_attention"])
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(config).eval()
+    ids = torch.randint(0, config.vocab_size, (1, 2 * BLOCK_QUERIES), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        windowed = model(input_ids=ids).logits
+        assert attention.use_blocked_attention(model)
+        ours = model(input_ids=ids).logits
+    torch.testing.assert_close(ours, windowed, rtol=1e-5, atol=1e-5)

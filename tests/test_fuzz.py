@@ -173,3 +173,17 @@ def test_quantize_source(tmp_path: Path, data: st.DataObject) -> None:
         return out
 
     loads_or_fails_cleanly(quantize, path, lambda out: GGUFModelFile(out))
+
+
+def test_a_gguf_without_tensors_parses(tmp_path: Path) -> None:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(tmp_path / "vocab.gguf"), "llama")
+    writer.add_string("general.name", "vocabulary only")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert GGUFModelFile(tmp_path / "vocab.gguf").tensors == {}
+    with pytest.raises(ImatrixError, match="vocab.gguf: a model, not an imatrix"):
+        ImportanceMatrix.load(tmp_path / "vocab.gguf")

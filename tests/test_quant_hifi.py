@@ -11,7 +11,7 @@ from hypothesis import given, settings
 
 import imatrix.quant  # noqa: F401  (registers the types)
 from imatrix.quant.base import quant_type, quantize_rows
-from imatrix.quant.hifi import HIFI_TYPE_ID, N_OUTLIERS, Q3K_SIZE, Q3KHifi, dequantize_q3_k_hifi
+from imatrix.quant.hifi import HIFI_TYPE_ID, N_OUTLIERS, Q3_K_HIFI, Q3_K_SIZE, dequantize_q3_k_hifi
 from quant_golden import block_cases, imatrix_rows, random_imatrix, random_rows, source_tensors
 
 Q3_K = gguf.GGMLQuantizationType.Q3_K
@@ -19,9 +19,9 @@ FFN_DOWN = [f"blk.{i}.ffn_down.weight" for i in (0, 5, 29)]
 
 
 def test_registered_outside_ggml_range() -> None:
-    assert quant_type(HIFI_TYPE_ID) is Q3KHifi
+    assert quant_type(HIFI_TYPE_ID) is Q3_K_HIFI
     assert int(HIFI_TYPE_ID) not in {int(t) for t in gguf.GGMLQuantizationType}
-    assert (Q3KHifi.block_size, Q3KHifi.type_size) == (256, 110 + 3 * N_OUTLIERS)
+    assert (Q3_K_HIFI.block_size, Q3_K_HIFI.type_size) == (256, 110 + 3 * N_OUTLIERS)
 
 
 def test_layout() -> None:
@@ -30,16 +30,16 @@ def test_layout() -> None:
     x = rng.standard_normal((3, 512)).astype(np.float32)
     spots = [5, 77, 255, 256, 300, 511]
     x[:, spots] = np.float32(12.5)
-    out = quantize_rows(x, HIFI_TYPE_ID).reshape(-1, Q3KHifi.type_size)
-    idx = out[:, Q3K_SIZE : Q3K_SIZE + N_OUTLIERS].astype(np.intp)
+    out = quantize_rows(x, HIFI_TYPE_ID).reshape(-1, Q3_K_HIFI.type_size)
+    idx = out[:, Q3_K_SIZE : Q3_K_SIZE + N_OUTLIERS].astype(np.intp)
     assert (np.diff(idx, axis=1) > 0).all()
     blocks = x.reshape(-1, 256)
-    values = np.ascontiguousarray(out[:, Q3K_SIZE + N_OUTLIERS :]).view(np.float16)
+    values = np.ascontiguousarray(out[:, Q3_K_SIZE + N_OUTLIERS :]).view(np.float16)
     np.testing.assert_array_equal(values, np.take_along_axis(blocks, idx, axis=1).astype(np.float16))
     assert set(idx[0].tolist()) >= {5, 77, 255} and set(idx[1].tolist()) >= {0, 44, 255}
     zeroed = blocks.copy()
     np.put_along_axis(zeroed, idx, 0.0, axis=1)
-    np.testing.assert_array_equal(out[:, :Q3K_SIZE], quantize_rows(zeroed, Q3_K).reshape(-1, Q3K_SIZE))
+    np.testing.assert_array_equal(out[:, :Q3_K_SIZE], quantize_rows(zeroed, Q3_K).reshape(-1, Q3_K_SIZE))
 
 
 def test_imatrix_picks_important_outliers() -> None:
@@ -48,9 +48,9 @@ def test_imatrix_picks_important_outliers() -> None:
     x[0, 10] = 50.0
     qw = np.ones(256, np.float32)
     qw[10] = 0.0
-    idx = quantize_rows(x, HIFI_TYPE_ID, qw)[0, Q3K_SIZE : Q3K_SIZE + N_OUTLIERS]
+    idx = quantize_rows(x, HIFI_TYPE_ID, qw)[0, Q3_K_SIZE : Q3_K_SIZE + N_OUTLIERS]
     assert 10 not in idx.tolist()
-    assert 10 in quantize_rows(x, HIFI_TYPE_ID)[0, Q3K_SIZE : Q3K_SIZE + N_OUTLIERS].tolist()
+    assert 10 in quantize_rows(x, HIFI_TYPE_ID)[0, Q3_K_SIZE : Q3_K_SIZE + N_OUTLIERS].tolist()
 
 
 def weighted_error(x: np.ndarray, recon: np.ndarray, w: np.ndarray) -> float:
@@ -81,11 +81,11 @@ def test_round_trip_invariants(
     x = random_rows(seed, n_rows, n_cols, kind, log_scale)
     qw = random_imatrix(seed, n_cols) if with_imatrix else None
     out = quantize_rows(x, HIFI_TYPE_ID, qw)
-    assert out.dtype == np.uint8 and out.shape == (n_rows, n_blocks * Q3KHifi.type_size)
+    assert out.dtype == np.uint8 and out.shape == (n_rows, n_blocks * Q3_K_HIFI.type_size)
     recon = dequantize_q3_k_hifi(out)
     assert recon.shape == x.shape and np.isfinite(recon).all()
     blocks, rblocks = x.reshape(-1, 256), recon.reshape(-1, 256)
     assert (rblocks[(blocks == 0).all(axis=1)] == 0).all()
-    idx = out.reshape(-1, Q3KHifi.type_size)[:, Q3K_SIZE : Q3K_SIZE + N_OUTLIERS].astype(np.intp)
+    idx = out.reshape(-1, Q3_K_HIFI.type_size)[:, Q3_K_SIZE : Q3_K_SIZE + N_OUTLIERS].astype(np.intp)
     kept = np.take_along_axis(blocks, idx, axis=1)
     np.testing.assert_array_equal(np.take_along_axis(rblocks, idx, axis=1), kept.astype(np.float16))

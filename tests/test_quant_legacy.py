@@ -104,8 +104,7 @@ def c_loop_extremes(block: np.ndarray) -> tuple[float, float, float, float]:
 
 
 def test_block_extremes_match_the_c_loops_on_ties_and_zeros() -> None:
-    from imatrix.quant.kquants_search import signed_absmax
-    from imatrix.quant.legacy import block_min_max, signed_extreme
+    from imatrix.quant.blocks import min_max_blocks, signed_absmax_blocks, signed_absmax_groups
 
     rng = np.random.default_rng(7)
     blocks = rng.integers(-2, 3, (4000, 32)).astype(np.float32)  # +a and -a in most blocks
@@ -113,9 +112,9 @@ def test_block_extremes_match_the_c_loops_on_ties_and_zeros() -> None:
     blocks[1, 5] = -0.0
     blocks[2, 0] = -0.0
     blocks[3] = -0.0
-    amax, signed = signed_extreme(blocks)
-    columns_amax, columns_signed = signed_absmax(np.ascontiguousarray(blocks.T))
-    vmin, vmax = block_min_max(blocks)
+    amax, signed = signed_absmax_blocks(blocks)
+    columns_amax, columns_signed = signed_absmax_groups(np.ascontiguousarray(blocks.T))
+    vmin, vmax = min_max_blocks(blocks)
     for index, block in enumerate(blocks):
         want_amax, want_signed, want_min, want_max = c_loop_extremes(block)
         assert amax[index] == columns_amax[index] == want_amax

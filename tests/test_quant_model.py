@@ -199,7 +199,7 @@ def test_pure_choices_match_every_golden_file(golden: Path) -> None:
 QUALITY_MIB = {  # golden/quant/quality.md: llama-quantize's default mixes, file size in MiB
     ("Q4_0", False): 87.5, ("Q4_0", True): 87.6, ("Q4_K_M", False): 100.6, ("Q4_K_M", True): 100.6,
     ("Q3_K_S", False): 84.1, ("Q3_K_S", True): 84.1, ("Q2_K", False): 84.1, ("Q2_K", True): 84.1,
-    ("IQ4_XS", False): 87.1, ("IQ4_XS", True): 86.7,
+    ("IQ4_XS", False): 87.1, ("IQ4_XS", True): 86.7, ("IQ3_XXS", False): 84.5, ("IQ3_XXS", True): 82.9,
 }
 
 
@@ -425,7 +425,8 @@ def test_cli_output_named_from_the_type(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["quantize", str(src), "Q5_K", "1"]) == 0 and main(["quantize", str(src), "12", "1"]) == 0
     assert main(["quantize", str(src), str(tmp_path / "named.gguf"), "Q8_0", "1"]) == 0
     assert (tmp_path / "named.gguf").is_file()
-    fails_cleanly(capsys, ["quantize", str(src), "IQ2_XS"], "unknown quantization type 'IQ2_XS'")
+    fails_cleanly(capsys, ["quantize", str(src), "IQ2_XS"], "requires an imatrix", "blk.0.attn_q.weight", "iq2_xs")
+    fails_cleanly(capsys, ["quantize", str(src), str(tmp_path / "x.gguf"), "Q9_Z"], "unknown quantization type")
     fails_cleanly(capsys, ["quantize", str(src), str(tmp_path / "x.gguf")], "missing file type")
     assert sorted(path.name for path in tmp_path.iterdir()) == [
         "ggml-model-Q3_K.gguf", "ggml-model-Q4_K_M.gguf", "ggml-model-Q5_K.gguf", "named.gguf", "tiny.gguf"]
@@ -454,7 +455,7 @@ def test_one_shard_of_a_split_model(tmp_path: Path, capsys: pytest.CaptureFixtur
     writer.write_tensors_to_file()
     writer.close()
     fails_cleanly(capsys, ["quantize", str(shard), str(tmp_path / "out.gguf"), "Q4_0"], str(shard),
-                  "part 1 of a model split in 2 files")
+                  "moe-00002-of-00002.gguf: part 2 of the split model")
 
 
 def test_cli_prints_llama_quantize_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -462,7 +463,7 @@ def test_cli_prints_llama_quantize_lines(tmp_path: Path, capsys: pytest.CaptureF
     write_tiny_model(src)
     assert main(["quantize", "--pure", str(src), str(tmp_path / "o.gguf"), "q4_0", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert any(re.match(r"\[\s+\d+/\s+\d+\]\s+blk\.0\.attn_q\.weight - \[\s+256,\s+256,", ln) for ln in lines)
+    assert any(re.match(r"\[\s+\d+/\s+\d+\] blk\.0\.attn_q\.weight\s+- \[\s+256,\s+256,", ln) for ln in lines)
     assert any("converting to q4_0" in ln for ln in lines)
     assert any("quant size" in ln and "BPW" in ln for ln in lines)
 

@@ -10,6 +10,7 @@ import pytest
 from imatrix import ImatrixError, ImportanceMatrix
 from imatrix.cli.main import main
 from imatrix.collect.runner import CollectOptions, CollectResult, collect
+from imatrix.errors import ImatrixWarning
 from imatrix.models.loader import LoadedModel, load_model
 
 N_CTX = 32
@@ -123,6 +124,78 @@ def test_resume_refuses_another_text(model: LoadedModel, text: Path, tmp_path: P
     out = tmp_path / "first.gguf"
     run(model, text, out, max_chunks=4)
     before = out.read_bytes()
-    with pytest.raises(ImatrixError, match="collected on 'calibration.txt', not 'other.txt'"):
-        run(model, text, out, resume=True, dataset_name="other.txt")
+    edited = tmp_path / "calibration.txt"  # the same name, another content
+    edited.write_bytes(text.read_bytes().replace(b" the ", b" a ", 1))
+    with pytest.raises(ImatrixError, match=r"first\.gguf: cannot resume: it was collected with another text "
+                                           r"\(SHA-256 [0-9a-f]{12}…, not [0-9a-f]{12}…\)"):
+        run(model, edited, out, resume=True)
     assert out.read_bytes() == before
+
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    from tiny_models import write_tiny_llama_gguf
+
+    return load_model(write_tiny_llama_gguf(tmp_path_factory.mktemp("other") / "tiny.gguf", seed=1,
+                                            dtype=np.float16))
+
+
+@pytest.mark.parametrize(("first", "then", "message"), [
+    ({"from_chunk": 1}, {}, "--chunk 1, not 0"),
+    ({}, {"from_chunk": 1}, "--chunk 0, not 1"),
+    ({}, {"parse_special": True}, "no --parse-special, this run with it"),
+    ({"process_output": True}, {}, "--process-output, this run without it"),
+    ({}, {"model": "other"}, "another model"),
+])
+def test_resume_refuses_another_run(model: LoadedModel, other_model: LoadedModel, text: Path, tmp_path: Path,
+                                    first: dict, then: dict, message: str) -> None:
+    """The issue's repro: --resume with another --chunk mixed two runs (cosine 0.894 against either)."""
+    out = tmp_path / "first.gguf"
+    run(model, text, out, max_chunks=2, **first)
+    before = out.read_bytes()
+    resumed_model = other_model if then.pop("model", None) else model
+    with pytest.raises(ImatrixError, match=rf"first\.gguf: cannot resume: it was collected with {message}$"):
+        run(resumed_model, text, out, max_chunks=4, resume=True, **then)
+    assert out.read_bytes() == before
+
+
+def test_resume_accepts_the_same_text_under_another_path(model: LoadedModel, text: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(text.parent)
+    reference, out = tmp_path / "reference.gguf", tmp_path / "out.gguf"
+    run(model, text, reference, max_chunks=6, dataset_name=None)
+    run(model, Path(text.name), out, max_chunks=3, dataset_name=None)  # relative
+    copy = tmp_path / "copy.txt"
+    copy.write_bytes(text.read_bytes())
+    result = run(model, copy, out, max_chunks=6, dataset_name=None, resume=True)
+    assert result.n_chunks == 3
+    saved = ImportanceMatrix.load(out)
+    assert saved.datasets == [text.name]  # the run's first name is kept
+    saved.datasets = [str(text)]
+    saved.save(out)
+    assert_same_file(out, reference)
+
+
+def test_resume_of_a_dat_checks_the_text_name_with_a_warning(model: LoadedModel, text: Path,
+                                                             tmp_path: Path) -> None:
+    out = tmp_path / "first.dat"
+    run(model, text, out, max_chunks=2, output_format="dat")
+    with pytest.raises(ImatrixError, match="collected on 'calibration.txt', not 'other.txt'"), \
+            pytest.warns(ImatrixWarning, match=r"first\.dat: holds no record of the run that wrote it"):
+        run(model, text, out, max_chunks=4, resume=True, output_format="dat", dataset_name="other.txt")
+    with pytest.warns(ImatrixWarning, match="can check only the text's name"):
+        result = run(model, text, out, max_chunks=4, resume=True, output_format="dat")
+    assert result.n_chunks == 2
+
+
+def test_the_run_record_does_not_disturb_llama_cpp(model: LoadedModel, text: Path, tmp_path: Path) -> None:
+    """imatrix.resume.* keys are our own; llama-imatrix and llama-quantize skip them (checked by hand with
+    llama.cpp's binaries), and gguf-py reads them as plain metadata."""
+    import gguf
+
+    out = tmp_path / "out.gguf"
+    run(model, text, out, max_chunks=2, from_chunk=1)
+    fields = gguf.GGUFReader(out).fields
+    assert fields["imatrix.resume.from_chunk"].contents() == 1
+    assert len(fields["imatrix.resume.text_sha256"].contents()) == 64
+    assert ImportanceMatrix.load_many([out]).run_keys == {}  # merged files hold no single run

@@ -15,8 +15,9 @@ import torch
 import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-from imatrix.models.tokenizer import GPT2_REGEX
 
+# GPT-2's pre-tokenizer regex: llama.cpp's "gpt-2" splitting, so the HF side tokenizes as the GGUF side
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 MERGES = ["Ġ t", "h e", "Ġ a", "i n", "Ġt he", "e r", "o n", "Ġ s"]
 BOS = "<s>"
 
@@ -113,7 +114,7 @@ def write_metadata(writer: gguf.GGUFWriter, config: transformers.LlamaConfig) ->
     writer.add_rope_freq_base(10000.0)
     vocab = tiny_vocab()
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
     writer.add_token_list(vocab)
     writer.add_token_types([gguf.TokenType.NORMAL] * (len(vocab) - 1) + [gguf.TokenType.CONTROL])
     writer.add_token_merges(MERGES)

@@ -5,6 +5,10 @@ class ImatrixError(Exception):
     """Bad input or an impossible request; the CLI prints it as one line and exits 1."""
 
 
+class ImatrixWarning(UserWarning):
+    """Something the user should know that does not stop the command; the CLI prints it as one line."""
+
+
 SHOWN_NAME_CHARS = 80
 
 

@@ -60,6 +60,8 @@ class ImportanceMatrix:
     chunk_size: int = 0
     chunk_count: int = 0
     datasets: list[str] = field(default_factory=list)
+    # the run that collected it, as GGUF metadata keys (imatrix.resume.*) that --resume checks
+    run_keys: dict[str, str | int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.tensors)
@@ -117,6 +119,7 @@ class ImportanceMatrix:
             self.chunk_size,
             self.chunk_count,
             list(self.datasets),
+            dict(self.run_keys),
         )
 
     @classmethod

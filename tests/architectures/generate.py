@@ -20,6 +20,8 @@ spec.json keys (all but model_class/config_class optional):
   tokenizer                   "bpe" (SmolLM2's byte-level BPE cut to 1024 tokens, pre-tokenizer "smollm")
                               or "spm" (a SentencePiece BPE trained on the calibration text)
   tokenizer_class             the transformers tokenizer class for "spm" (default LlamaTokenizer)
+  pre                         the pre-tokenizer the converter states for a "bpe" vocabulary (default "smollm");
+                              "qwen2" where AutoTokenizer imposes its model type's class (Qwen2Tokenizer, Qwen's regex)
   spm_model                   whether an "spm" checkpoint ships its tokenizer.model besides tokenizer.json (default
                               true; Gemma 4's converter reads tokenizer.json alone)
   vocab_size                  the tokenizer's vocabulary size (default 1024), smaller where per-token tables
@@ -37,6 +39,11 @@ spec.json keys (all but model_class/config_class optional):
                               (HunYuan's tiktoken ranks); the tensors and hyperparameters are converted as usual
   mxfp4_experts               store the experts' 3-D weights as MXFP4 blocks and scales (gpt-oss checkpoints)
   convert_args, imatrix_args  extra arguments of the converter and of llama-imatrix
+  quantize                    a llama-quantize type (`Q4_K_M`): model.gguf is the conversion quantized to it by
+                              `llama-quantize`, and the folder keeps no checkpoint (the goldens are the quantized
+                              model's)
+Read by tests/test_architectures.py only: count_tolerance (experts' token counts may differ by that share where
+near-tied router scores pick another expert in llama.cpp) and median_rel_l2 (the median bound, 1e-3 by default).
 The models are tiny on purpose: every byte is committed, and CI runs each one twice.
 """
 
@@ -248,15 +255,23 @@ def run(command: list[str]) -> subprocess.CompletedProcess:
     return result
 
 
+def quantize(gguf_path: Path, quant_type: str, bin_dir: Path) -> None:
+    quantized = gguf_path.with_suffix(".quantized.gguf")
+    run([str(bin_dir / "llama-quantize"), str(gguf_path), str(quantized), quant_type])
+    quantized.replace(gguf_path)
+
+
 def generate(folder: Path, llama_cpp: Path, bin_dir: Path) -> None:
     spec = json.loads((folder / "spec.json").read_text())
-    hf_dir = folder / "hf"
-    shutil.rmtree(hf_dir, ignore_errors=True)
-    hf_dir.mkdir()
+    shutil.rmtree(folder / "hf", ignore_errors=True)
     with tempfile.TemporaryDirectory() as work:
+        hf_dir = Path(work) / "hf" if spec.get("quantize") else folder / "hf"
+        hf_dir.mkdir()
         tokenizer = write_tokenizer(spec, hf_dir, Path(work))
-    write_checkpoint(spec, hf_dir, tokenizer)
-    convert(spec, hf_dir, folder / "model.gguf", llama_cpp)
+        write_checkpoint(spec, hf_dir, tokenizer)
+        convert(spec, hf_dir, folder / "model.gguf", llama_cpp)
+    if spec.get("quantize"):
+        quantize(folder / "model.gguf", spec["quantize"], bin_dir)
     run_imatrix(spec, folder, bin_dir)
     print(f"{folder.name}: {sum(f.stat().st_size for f in folder.rglob('*') if f.is_file()) / 1e6:.2f} MB")
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import signal
 import sys
+import threading
+import warnings
+from collections.abc import Iterator
 
-from imatrix.errors import ImatrixError
+from imatrix.errors import ImatrixError, ImatrixWarning
 
 # subcommand -> module under imatrix.cli exposing `main(argv: list[str]) -> int`
 SUBCOMMANDS = {
@@ -16,16 +21,21 @@ SUBCOMMANDS = {
 }
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread: what Ctrl-C undoes (temporary files, locks, workers) is undone."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     module_name = SUBCOMMANDS.get(args[0]) if args else None
     try:
-        if module_name is not None:
-            module = importlib.import_module(f"imatrix.cli.{module_name}")
-            return module.main(args[1:])
-        from imatrix.cli import collect
+        with _terminated_on_sigterm(), _warnings_as_lines():
+            if module_name is not None:
+                module = importlib.import_module(f"imatrix.cli.{module_name}")
+                return module.main(args[1:])
+            from imatrix.cli import collect
 
-        return collect.main(args)
+            return collect.main(args)
     except ImatrixError as exc:
         print(f"imatrix: error: {exc}", file=sys.stderr)
         return 1
@@ -35,6 +45,41 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("imatrix: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("imatrix: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+
+
+@contextlib.contextmanager
+def _terminated_on_sigterm() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """Our own warnings (`ImatrixWarning`) printed as one `imatrix: warning:` line each."""
+    with warnings.catch_warnings():
+        shown_before = warnings.showwarning
+
+        def show(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
+            if issubclass(category, ImatrixWarning):
+                print(f"imatrix: warning: {message}", file=sys.stderr)
+            else:
+                shown_before(message, category, *args, **kwargs)
+
+        warnings.showwarning = show  # type: ignore[assignment]
+        yield
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""`imatrix quantize`: llama-quantize's arguments; the work is `imatrix.quant.model.quantize_model`."""
+"""`imatrix quantize`: llama-quantize's arguments, parsed into `QuantizeOptions`; the work is
+`imatrix.quant.model.quantize_model`."""
 
 from __future__ import annotations
 
@@ -6,10 +7,34 @@ import argparse
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from imatrix.cli.common import ArgumentParser, capped_threads
 from imatrix.errors import ImatrixError
+
+
+class _TensorTypeFile(argparse.Action):
+    """--tensor-type-file: its entries join --tensor-type's at this place on the command line."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        from imatrix.quant.options import read_tensor_type_file
+
+        namespace.tensor_type = [*(namespace.tensor_type or []), *read_tensor_type_file(values)]
+
+
+def _checked(parse_name: str) -> Any:
+    """An argparse `type` calling `imatrix.quant.options.<parse_name>` (imported when used)."""
+
+    def parse(text: str) -> Any:
+        from imatrix.quant import options
+
+        return getattr(options, parse_name)(text)
+
+    parse.__name__ = parse_name
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,22 +52,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not use the imatrix for tensors whose name contains T (repeatable)")
     p.add_argument("--output-tensor-type", metavar="TYPE", help="type for output.weight")
     p.add_argument("--token-embedding-type", metavar="TYPE", help="type for token_embd.weight")
+    p.add_argument("--tensor-type", action="append", default=[], metavar="NAME=TYPE",
+                   help="quantize tensors whose name matches the regular expression NAME (lower-cased) to TYPE, "
+                        "ahead of the mix, even with --pure; the first match wins (repeatable)")
+    p.add_argument("--tensor-type-file", action=_TensorTypeFile, metavar="FILE", dest="tensor_type",
+                   help="NAME=TYPE entries separated by spaces or newlines, as if given by --tensor-type here")
+    p.add_argument("--prune-layers", type=_checked("parse_prune_layers"), default=(), metavar="L0,L1,...",
+                   help="drop these layers and renumber the rest")
+    p.add_argument("--keep-split", action="store_true",
+                   help="write one output file per part of the input, named <output>-0000i-of-0000n.gguf")
+    p.add_argument("--override-kv", action="append", default=[], metavar="KEY=TYPE:VALUE",
+                   help="set metadata KEY in the output (TYPE: int, float, bool or str; repeatable)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="show each tensor's type and size, the total, and whether an imatrix is needed; write nothing")
+    p.add_argument("--max-buffer-size", type=_checked("parse_max_buffer_size"), default=8192, metavar="MiB",
+                   help="rows of one tensor held in memory at a time, in MiB (default: 8192)")
     p.add_argument("--allow-requantize", action="store_true", help="allow input tensors that are already quantized")
     p.add_argument("--pure", action="store_true", help="no mixture: every tensor gets the file type's type")
     p.add_argument("--leave-output-tensor", action="store_true", help="leave output.weight as it is")
-    p.add_argument("input", help="input model (F32/F16/BF16 GGUF)")
+    p.add_argument("input", help="input model (F32/F16/BF16 GGUF; the first part of a split model)")
     p.add_argument("rest", nargs="+", metavar="[output] type [nthreads]",
                    help="output GGUF (default, as llama-quantize names it: ggml-model-<TYPE>.gguf beside the "
-                        "input); file type: Q4_K_M, Q4_0, IQ4_XS, ... or its llama.cpp number (Q3_K_HIFI is our "
+                        "input); file type: Q4_K_M, IQ4_XS, COPY, ... or its llama.cpp number (Q3_K_HIFI is our "
                         "own outlier type, which only imatrix, not llama.cpp, loads); parallel workers (default: "
                         "all cores)")
     return p
 
 
-def positionals(input_path: str, rest: list[str]) -> tuple[Path, str, int | None]:
+def positionals(input_path: str, rest: list[str], keep_split: bool = False,
+                dry_run: bool = False) -> tuple[Path | None, str, int | None]:
     """(output, type, nthreads) from llama-quantize's `<input> [<output>] <type> [<nthreads>]`: a type in
-    second place means the output is `ggml-model-<TYPE>.gguf` in the input's folder (`main` in
-    llama.cpp's tools/quantize/quantize.cpp)."""
+    second place means the output is `ggml-model-<TYPE>.gguf` in the input's folder (without `.gguf` under
+    --keep-split, none for a dry run), as `main` in llama.cpp's tools/quantize/quantize.cpp names it."""
     from imatrix.quant.mixes import llama_cpp_type_name, looks_like_file_type
 
     if looks_like_file_type(rest[0]):
@@ -57,8 +98,9 @@ def positionals(input_path: str, rest: list[str]) -> tuple[Path, str, int | None
         n_threads = int(extra[0]) if extra else None
     except ValueError:
         raise ImatrixError(f"quantize: nthreads must be a number (got '{extra[0]}')") from None
-    if output is None:
-        output = Path(input_path).parent / f"ggml-model-{llama_cpp_type_name(type_text)}.gguf"
+    if output is None and not dry_run:
+        suffix = "" if keep_split else ".gguf"
+        output = Path(input_path).parent / f"ggml-model-{llama_cpp_type_name(type_text)}{suffix}"
     return output, type_text, n_threads
 
 
@@ -66,38 +108,47 @@ def _show_warning(message: Warning | str, *_args: object, **_kwargs: object) -> 
     print(f"imatrix: warning: {message}", file=sys.stderr)
 
 
+def _options(args: argparse.Namespace, n_threads: int | None) -> Any:
+    from imatrix.quant.mixes import parse_tensor_type
+    from imatrix.quant.options import QuantizeOptions, parse_override_kv, tensor_type_patterns
+
+    tensor_type: Sequence[str] = args.tensor_type or ()
+    tensor_type_patterns(tensor_type)  # refused here, before the model is opened
+    for text in args.override_kv:
+        parse_override_kv(text)
+    return QuantizeOptions(
+        imatrix=args.imatrix, include_weights=args.include_weights, exclude_weights=args.exclude_weights,
+        output_tensor_type=parse_tensor_type(args.output_tensor_type) if args.output_tensor_type else None,
+        token_embedding_type=parse_tensor_type(args.token_embedding_type) if args.token_embedding_type else None,
+        tensor_type=tuple(tensor_type), prune_layers=args.prune_layers, keep_split=args.keep_split,
+        override_kv=tuple(args.override_kv), dry_run=args.dry_run, max_buffer_size=args.max_buffer_size,
+        allow_requantize=args.allow_requantize, pure=args.pure, leave_output_tensor=args.leave_output_tensor,
+        strict_imatrix=args.strict_imatrix, n_threads=n_threads,
+    )
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.include_weights and args.exclude_weights:
         raise ImatrixError("quantize: --include-weights and --exclude-weights cannot be used together")
-    from imatrix.matrix import ImportanceMatrix
-    from imatrix.quant.mixes import parse_file_type, parse_tensor_type
+    from imatrix.quant.mixes import llama_cpp_type_name, parse_file_type
     from imatrix.quant.model import quantize_model
 
-    output, type_text, n_threads = positionals(args.input, args.rest)
+    output, type_text, n_threads = positionals(args.input, args.rest, args.keep_split, args.dry_run)
     if n_threads:
         n_threads = capped_threads(n_threads, "worker processes")
     ft = parse_file_type(type_text)
-    out_type = parse_tensor_type(args.output_tensor_type) if args.output_tensor_type else None
-    embd_type = parse_tensor_type(args.token_embedding_type) if args.token_embedding_type else None
+    options = _options(args, n_threads)
     started = time.perf_counter()
-    imatrix = None
-    if args.imatrix:
-        imatrix = ImportanceMatrix.load(args.imatrix)
-        print(f"load_imatrix: loaded {len(imatrix)} importance matrix entries from {args.imatrix} "
-              f"computed on {imatrix.chunk_count} chunks")
     threads = f" using {n_threads} threads" if n_threads and n_threads > 0 else ""
-    print(f"quantize: quantizing '{args.input}' to '{output}' as {ft.name}{threads}", file=sys.stderr)
+    named = llama_cpp_type_name(type_text)
+    if args.dry_run:
+        print(f"quantize: calculating quantization size for '{args.input}' as {named}{threads}", file=sys.stderr)
+    else:
+        print(f"quantize: quantizing '{args.input}' to '{output}' as {named}{threads}", file=sys.stderr)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = _show_warning  # type: ignore[assignment]
-        quantize_model(
-            Path(args.input), output, ft.name, imatrix,
-            include_weights=args.include_weights, exclude_weights=args.exclude_weights,
-            output_tensor_type=out_type, token_embedding_type=embd_type,
-            allow_requantize=args.allow_requantize, pure=args.pure,
-            leave_output_tensor=args.leave_output_tensor, n_threads=n_threads,
-            imatrix_file=args.imatrix, log=print, strict_imatrix=args.strict_imatrix,
-        )
+        quantize_model(Path(args.input), output, ft.name, options=options, log=print)
     print(f"\nquantize: total time = {(time.perf_counter() - started) * 1000:8.2f} ms")
     return 0

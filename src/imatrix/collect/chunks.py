@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import codecs
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from imatrix.errors import ImatrixError
+from imatrix.errors import ImatrixError, ImatrixWarning
 from imatrix.models.tokenizer import TextTokenizer
 
 
 def read_calibration_text(path: str | Path) -> str:
+    """The text as llama.cpp reads a `-f` file: bytes that are not UTF-8 become U+FFFD, with a warning."""
     source = Path(path)
     try:
         raw = source.read_bytes()
@@ -18,9 +21,30 @@ def read_calibration_text(path: str | Path) -> str:
         raise ImatrixError(f"{source}: no such calibration text file") from None
     except OSError as exc:
         raise ImatrixError(f"{source}: cannot read: {exc.strerror}") from exc
-    text = raw.decode("utf-8", errors="replace")
+    text = decode_like_llama_cpp(raw, source)
     # llama.cpp's `-f` handler drops one trailing newline
     return text[:-1] if text.endswith("\n") else text
+
+
+def decode_like_llama_cpp(raw: bytes, source: object) -> str:
+    """UTF-8 with one U+FFFD per byte that does not decode, as llama.cpp's `unicode_cpts_from_utf8`
+    replaces them (Python's "replace" gives one per maximal invalid sequence: other tokens)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as first:
+        text = raw.decode("utf-8", errors=_PER_BYTE)
+        n_bad = text.count("\ufffd") - raw.count("\ufffd".encode())
+        warnings.warn(f"{source}: {n_bad} byte(s) are not UTF-8 (the first at byte {first.start}); each is read "
+                      "as U+FFFD, as llama.cpp reads them", ImatrixWarning, stacklevel=3)
+        return text
+
+
+def _replace_one_byte(error: UnicodeError) -> tuple[str, int]:
+    return "\ufffd", error.start + 1
+
+
+_PER_BYTE = "imatrix-replace-per-byte"
+codecs.register_error(_PER_BYTE, _replace_one_byte)
 
 
 def make_chunks(tokens: list[int] | np.ndarray, n_ctx: int, from_chunk: int = 0, max_chunks: int = -1,

@@ -27,9 +27,10 @@ from imatrix.collect.hooks import ActivationCollector, dense_width
 from imatrix.collect.in_flight import ChunksInFlight, default_chunks_in_flight
 from imatrix.collect.moe import ExpertTarget, expert_count_lines
 from imatrix.collect.perplexity import PerplexityMeter, projected_partials
+from imatrix.collect.resume import RunRecord, check_resumable, model_fingerprint, text_sha256
 from imatrix.collect.targets import collection_targets
 from imatrix.errors import ImatrixError
-from imatrix.formats.atomic import check_output_path
+from imatrix.formats.atomic import check_output_path, claimed_output
 from imatrix.matrix import ImportanceMatrix
 from imatrix.models.loader import LoadedModel, load_model
 from imatrix.models.open import open_model
@@ -93,6 +94,14 @@ def collect(model: str | Path | LoadedModel | Executor, text_file: str | Path, o
     counts are skipped. Under torch.distributed every rank calls this; rank 0 prints and saves.
     """
     options = options or CollectOptions()
+    # one run writes the output: a second one is refused, from the start to the last save
+    with claimed_output(options.output_file if group.is_main else None):
+        return _collect(model, text_file, options, base, device, stdout, group)
+
+
+def _collect(model: str | Path | LoadedModel | Executor, text_file: str | Path, options: CollectOptions,
+             base: ImportanceMatrix | None, device: str | torch.device, stdout: Callable[[str], None] | None,
+             group: Group) -> CollectResult:
     if options.n_ctx <= 0 or options.n_batch <= 0:
         raise ImatrixError(f"chunk size {options.n_ctx} and batch size {options.n_batch} must be > 0")
     if options.max_chunks == 0:
@@ -105,15 +114,18 @@ def collect(model: str | Path | LoadedModel | Executor, text_file: str | Path, o
         check_output_path(options.output_file)
     text = read_calibration_text(text_file)
     dataset = options.dataset_name if options.dataset_name is not None else str(text_file)
+    record = RunRecord(text_sha256(text), _model_fingerprint(model), options.from_chunk, options.parse_special,
+                       options.process_output)
     base = base.copy() if base is not None else ImportanceMatrix()
     base.chunk_size = options.n_ctx
     skip = 0
-    resumed = _resume_from(options, dataset) if options.resume else None
+    resumed = _resume_from(options, record, dataset, text_file) if options.resume else None
     if resumed is not None:
         skip = _chunks_done(resumed, base, options)
         base = resumed
     else:
         base.datasets = [*base.datasets, dataset]
+    base.run_keys = record.metadata()
     executor = open_executor(model, torch.device(device), options)
     targets = collection_targets(executor.loaded, options.process_output)
     _check_fits_model(base, targets, f"{options.output_file}" if resumed is not None else "the --in-file data",
@@ -199,7 +211,16 @@ def _tokenize(loaded: LoadedModel, text: str, options: CollectOptions, source: o
     return chunks
 
 
-def _resume_from(options: CollectOptions, dataset: str) -> ImportanceMatrix | None:
+def _model_fingerprint(model: str | Path | LoadedModel | Executor) -> str:
+    """`collect.resume.model_fingerprint` of the model's files; "" for a model not loaded from a path."""
+    loaded = model if isinstance(model, LoadedModel) else getattr(model, "loaded", None)
+    path = Path(loaded.source) if loaded is not None else Path(model)
+    return model_fingerprint(path) if path.exists() else ""
+
+
+def _resume_from(options: CollectOptions, record: RunRecord, dataset: str,
+                 text_path: str | Path) -> ImportanceMatrix | None:
+    """The output to continue, checked against this run (`collect.resume`); None if there is none yet."""
     output = options.output_file
     if output is None or not Path(output).is_file():
         log(f"compute_imatrix: --resume: no {output} yet, starting from the beginning", options.verbosity)
@@ -208,8 +229,7 @@ def _resume_from(options: CollectOptions, dataset: str) -> ImportanceMatrix | No
     if saved.chunk_size and saved.chunk_size != options.n_ctx:
         raise ImatrixError(f"{output}: cannot resume: it was collected with chunks of {saved.chunk_size} "
                            f"tokens, not {options.n_ctx}")
-    if saved.datasets and saved.datasets[-1] != dataset:
-        raise ImatrixError(f"{output}: cannot resume: it was collected on '{saved.datasets[-1]}', not '{dataset}'")
+    check_resumable(saved, record, Path(output), dataset, text_path)
     saved.chunk_size = options.n_ctx
     saved.update_chunk_count()
     return saved

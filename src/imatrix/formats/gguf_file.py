@@ -17,6 +17,7 @@ KEY_TYPE = "general.type"
 KEY_DATASETS = "imatrix.datasets"
 KEY_CHUNK_COUNT = "imatrix.chunk_count"
 KEY_CHUNK_SIZE = "imatrix.chunk_size"
+KEY_RUN_PREFIX = "imatrix.resume."  # our own: the run that wrote the file (collect.resume); llama.cpp ignores them
 SUMS_SUFFIX = ".in_sum2"
 COUNTS_SUFFIX = ".counts"
 VT = gguf.GGUFValueType
@@ -47,6 +48,7 @@ def read_gguf_imatrix(path: Path) -> ImportanceMatrix:
         chunk_size=_integer(source, KEY_CHUNK_SIZE),
         chunk_count=_integer(source, KEY_CHUNK_COUNT),
         datasets=_strings(source, KEY_DATASETS),
+        run_keys=_run_keys(source),
     )
     for name in sorted(set(sums_for) | set(counts_for)):
         if name not in sums_for or name not in counts_for:
@@ -98,6 +100,12 @@ def _strings(source: GGUFModelFile, key: str) -> list[str]:
     return list(source.metadata[key])
 
 
+def _run_keys(source: GGUFModelFile) -> dict[str, str | int]:
+    """The imatrix.resume.* keys that hold a string or a whole number (collect.resume checks what they say)."""
+    return {key: source.metadata[key] for key, field in source.fields.items()
+            if key.startswith(KEY_RUN_PREFIX) and field.value_type in (VT.STRING, *_INTEGER_TYPES)}
+
+
 def write_gguf_imatrix(matrix: ImportanceMatrix, path: Path) -> None:
     if matrix.chunk_count > U32_MAX:
         raise ImatrixError(f"{path}: a chunk count of {matrix.chunk_count} does not fit the file's 32 bits")
@@ -109,6 +117,11 @@ def write_gguf_imatrix(matrix: ImportanceMatrix, path: Path) -> None:
     writer.add_key_value(KEY_DATASETS, list(matrix.datasets), gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING)
     writer.add_uint32(KEY_CHUNK_COUNT, int(matrix.chunk_count))
     writer.add_uint32(KEY_CHUNK_SIZE, int(matrix.chunk_size))
+    for key, value in sorted(matrix.run_keys.items()):
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        else:
+            writer.add_uint64(key, int(value))
     for name in matrix.names():
         stats = matrix.tensors[name]
         sums = stats.sums if stats.n_mat > 1 else stats.sums.reshape(-1)

@@ -224,10 +224,11 @@ def _alignment(fields: dict[str, MetadataField], cursor: _Cursor) -> int:
 
 def _check_data_layout(tensors: dict[str, TensorInfo], file_size: int, alignment: int, path: Path) -> None:
     """Every tensor's data inside the file, none sharing bytes with another, and each followed by the next
-    within the alignment's padding, as every GGUF writer lays them out: a tensor whose dimensions were
-    changed would otherwise read a different share of the data, or leave some unread."""
+    (the last one by the file's end) within the alignment's padding, as every GGUF writer lays them out: a
+    tensor whose dimensions were changed would otherwise read a different share of the data, or leave some
+    unread."""
     ordered = sorted(tensors.values(), key=lambda info: info.offset)
-    for info, following in zip(ordered, [*ordered[1:], None], strict=True):
+    for info, following in zip(ordered, [*ordered[1:], None], strict=False):
         end = info.offset + info.n_bytes
         if end > file_size:
             raise ImatrixError(f"{path}: truncated file (tensor {shown(info.name)} runs past the end: bytes "
@@ -235,6 +236,7 @@ def _check_data_layout(tensors: dict[str, TensorInfo], file_size: int, alignment
         next_start = file_size if following is None else following.offset
         if next_start < end:
             raise ImatrixError(f"{path}: tensors {shown(info.name)} and {shown(following.name)} overlap")
-        if following is not None and next_start - end >= alignment:
-            raise ImatrixError(f"{path}: tensor {shown(info.name)} ends {next_start - end} bytes before the next "
-                               "one starts: its dimensions do not match its data")
+        if next_start - end >= alignment:  # the last tensor too: writers pad it, and nothing follows
+            before = "the next one starts" if following is not None else "the end of the file"
+            raise ImatrixError(f"{path}: tensor {shown(info.name)} ends {next_start - end} bytes before {before}: "
+                               "its dimensions do not match its data")

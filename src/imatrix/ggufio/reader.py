@@ -20,7 +20,8 @@ from imatrix.ggufio.header import MetadataField, TensorInfo, decoded, parse_head
 from imatrix.ggufio.types import dequantize
 
 GGUF_MAGIC = b"GGUF"
-__all__ = ["GGUF_MAGIC", "GGUFModelFile", "MappedPages", "MetadataField", "TensorInfo", "is_gguf", "shown"]
+__all__ = ["GGUF_MAGIC", "GGUFModelFile", "GGUFModelParts", "MappedPages", "MetadataField", "TensorInfo", "is_gguf",
+           "shown", "split_path"]
 
 
 class MappedPages:
@@ -50,7 +51,8 @@ class MappedPages:
 class GGUFModelFile:
     fields: dict[str, MetadataField]  # every metadata key with its stored type and raw string bytes, in file order
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, allow_split: bool = False) -> None:
+        """`allow_split`: open one part of a split model as it is (`GGUFModelParts` reads all of them)."""
         self.path = Path(path)
         _check_gguf(self.path)
         # copy-on-write, so that weights can be used in place as (writable) tensors; nothing writes to it
@@ -60,7 +62,8 @@ class GGUFModelFile:
         self.fields, self.tensors = header.fields, header.tensors
         self.metadata = {key: decoded(field.value) for key, field in self.fields.items()}
         n_split = self.metadata.get("split.count") or 1
-        if isinstance(n_split, int) and n_split > 1:  # one shard alone would pass for a model with tensors missing
+        # one shard alone would pass for a model with tensors missing
+        if isinstance(n_split, int) and n_split > 1 and not allow_split:
             shard = int(self.metadata.get("split.no") or 0) + 1
             raise ImatrixError(f"{self.path}: part {shard} of a model split in {n_split} files: merge them into "
                                "one first (llama-gguf-split --merge)")
@@ -109,6 +112,75 @@ class GGUFModelFile:
             return dequantize(self.raw(name), info.tensor_type).reshape(info.shape)
         except (ValueError, TypeError) as exc:
             raise ImatrixError(f"{self.path}: tensor {shown(name)}: cannot dequantize ({exc})") from exc
+
+
+def split_path(prefix: str, index: int, count: int) -> Path:
+    """The file of part `index` (from 0) of `count`, as gguf-split and llama.cpp name it (`llama_split_path`)."""
+    return Path(f"{prefix}-{index + 1:05d}-of-{count:05d}.gguf")
+
+
+class GGUFModelParts:
+    """A model in one GGUF file, or split by gguf-split into `<prefix>-00001-of-0000n.gguf` ... files,
+    read as one from the first: metadata from the first file, tensors from all of them, checked as
+    llama.cpp's model loader checks them. `part_of[name]` is the index of the file holding a tensor."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        first = GGUFModelFile(self.path, allow_split=True)
+        self.fields, self.metadata = first.fields, first.metadata
+        self.parts = [first, *self._other_parts(first)]
+        self.tensors: dict[str, TensorInfo] = {}
+        self.part_of: dict[str, int] = {}
+        for index, part in enumerate(self.parts):
+            for name, info in part.tensors.items():
+                if name in self.tensors:
+                    raise ImatrixError(f"{part.path}: invalid model: tensor {shown(name)} is duplicated")
+                self.tensors[name], self.part_of[name] = info, index
+        expected = self.metadata.get("split.tensors.count")
+        if len(self.parts) > 1 and expected != len(self.tensors):
+            raise ImatrixError(f"{self.path}: corrupted model: {expected} tensors expected but {len(self.tensors)} "
+                               f"found in its {len(self.parts)} parts")
+
+    def _other_parts(self, first: GGUFModelFile) -> list[GGUFModelFile]:
+        count = first.metadata.get("split.count") or 1
+        if not isinstance(count, int) or isinstance(count, bool):
+            raise ImatrixError(f"{self.path}: split.count is not a number ({count!r})")
+        if count <= 1:
+            return []
+        index = first.metadata.get("split.no")
+        if index != 0:
+            raise ImatrixError(f"{self.path}: part {'?' if index is None else int(index) + 1} of a model split in "
+                               f"{count} files: open the first part")
+        suffix = split_path("", 0, count).name
+        if not self.path.name.endswith(suffix) or self.path.name == suffix:
+            raise ImatrixError(f"{self.path}: invalid split file name (the first of {count} parts ends in {suffix})")
+        prefix = str(self.path)[: -len(suffix)]
+        parts = []
+        for index in range(1, count):
+            path = split_path(prefix, index, count)
+            if not path.is_file():
+                raise ImatrixError(f"{path}: part {index + 1} of the split model {self.path} is missing")
+            part = GGUFModelFile(path, allow_split=True)
+            if part.metadata.get("split.no") != index:
+                raise ImatrixError(f"{path}: invalid split file: split.no is {part.metadata.get('split.no')}, "
+                                   f"expected {index}")
+            parts.append(part)
+        return parts
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(key, default)
+
+    def require(self, key: str) -> Any:
+        if key not in self.metadata:
+            raise ImatrixError(f"{self.path}: metadata key '{key}' is missing")
+        return self.metadata[key]
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's bytes in its file's mmap (see `GGUFModelFile.raw`)."""
+        return self.parts[self.part_of[name]].raw(name)
+
+    def release_pages(self, name: str, byte_range: tuple[int, int] | None = None) -> None:
+        self.parts[self.part_of[name]].release_pages(name, byte_range)
 
 
 def is_gguf(path: str | Path) -> bool:

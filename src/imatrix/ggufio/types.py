@@ -27,7 +27,8 @@ _EXTRA: dict[int, ExtraType] = {}
 
 
 def register_type(qtype: enum.IntEnum, block_size: int, type_size: int, dequantize: Dequantize) -> None:
-    """Make a type that ggml does not know readable (its id must lie outside ggml's)."""
+    """Make a type readable that gguf-py cannot dequantize: one ggml does not know (an id outside ggml's),
+    or a ggml type gguf-py lists without a dequantizer."""
     _EXTRA[int(qtype)] = ExtraType(qtype, block_size, type_size, dequantize)
 
 
@@ -58,4 +59,6 @@ def dequantize(data: np.ndarray, qtype: enum.IntEnum) -> np.ndarray:
     try:
         return np.asarray(gguf.quants.dequantize(data, qtype), dtype=np.float32)
     except NotImplementedError:
+        if extra is not None:
+            return extra.dequantize(data)
         raise ImatrixError(f"tensor type {qtype.name} cannot be dequantized") from None

@@ -26,7 +26,7 @@ from imatrix.models.storage import (
     widen_narrow_modules,
 )
 from imatrix.models.tokenizer import TextTokenizer
-from imatrix.models.weights import GGUFWeights, mapped_in_place
+from imatrix.models.weights import GGUFWeights, mapped_in_place, shaped_as
 
 
 @dataclass
@@ -133,17 +133,10 @@ def _assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], sour
         raise ImatrixError(f"{source}: tensors missing for {', '.join(missing[:5])}"
                            + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
     shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
-    # GGUF drops unit dimensions (Qwen2-MoE's ffn_gate_inp_shexp is [n_embd], the Linear's weight [1, n_embd])
-    state = {name: _reshaped(tensor, shapes[name], name, source).to(device=device) for name, tensor in state.items()}
+    state = {name: shaped_as(tensor, shapes[name], name, source).to(device=device) for name, tensor in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     widen_narrow_modules(model, dtype, release_pages)
     model.eval()
 
-
-def _reshaped(tensor: torch.Tensor, shape: torch.Size, name: str, source: Path) -> torch.Tensor:
-    if tensor.numel() != shape.numel():
-        raise ImatrixError(f"{source}: tensor for '{name}' has shape {tuple(tensor.shape)}, the model expects "
-                           f"{tuple(shape)}")
-    return tensor.reshape(shape)

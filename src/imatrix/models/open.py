@@ -79,6 +79,7 @@ def _open_hf(directory: Path, device: str | torch.device) -> OpenedModel:
     except (OSError, ValueError) as exc:
         raise ImatrixError(f"{directory}: cannot load checkpoint ({exc})") from exc
     skeleton = empty_model(architecture, config, device)
+    weights.model = skeleton  # its parameters are made from the checkpoint as transformers makes them
     names = gguf_name_map(skeleton, architecture, config.num_hidden_layers)
     stacks = expert_stack_map(skeleton, architecture, config.num_hidden_layers)
     return OpenedModel(skeleton, architecture, names, HFTokenizer.of(tokenizer, directory), weights, directory, stacks)

@@ -1,49 +1,31 @@
-"""Tokenizers built straight from GGUF vocab metadata, matching llama.cpp's tokenization.
+"""Tokenizers built straight from GGUF vocab metadata, tokenizing exactly as llama.cpp does.
 
-Byte-level BPE (`gpt2`) vocabularies are built here from the stored vocab and merges with the
-pre-tokenizer llama.cpp uses for `tokenizer.ggml.pre` (well under a second for 49k tokens);
-SentencePiece ones (`llama`, `gemma4`) by transformers' GGUF tokenizer builders.
+`tokenizer.ggml.model` says which:
+  gpt2     byte-level BPE, cut into words first by the pre-tokenizer `tokenizer.ggml.pre` names
+  gemma4   BPE on raw UTF-8 with spaces as '▁' (Gemma 4)
+  llama    SentencePiece, merged by token score
+Special tokens are cut out of the text before (`tokenization/special.py`); BOS and EOS are added as
+the file (or llama.cpp's default for its kind of vocabulary) says. SmolLM2's 49k vocabulary builds
+in a fraction of a second.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Protocol
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer
 
 from imatrix.errors import ImatrixError
-from imatrix.ggufio.reader import GGUFModelFile
+from imatrix.models.tokenization.bpe import BytePairEncoder
+from imatrix.models.tokenization.pretokenizers import pre_tokenizer
+from imatrix.models.tokenization.sentencepiece import SentencePieceEncoder
+from imatrix.models.tokenization.special import SpecialToken, partition, special_tokens
 
-# llama.cpp's `llama_vocab::impl::load` regexes, keyed by `tokenizer.ggml.pre`
-GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-LLAMA3_REGEX = (
-    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-QWEN2_REGEX = (
-    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-QWEN35_REGEX = (
-    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
-    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-DIGITS_THEN_GPT2 = ("digits", GPT2_REGEX)
-PRE_TOKENIZERS: dict[str, tuple[str | None, str]] = {
-    "gpt-2": (None, GPT2_REGEX),
-    "gpt2": (None, GPT2_REGEX),
-    "smollm": DIGITS_THEN_GPT2,
-    "starcoder": DIGITS_THEN_GPT2,
-    "refact": DIGITS_THEN_GPT2,
-    "codeshell": DIGITS_THEN_GPT2,
-    "llama3": (None, LLAMA3_REGEX),
-    "llama-bpe": (None, LLAMA3_REGEX),
-    "qwen2": (None, QWEN2_REGEX),
-    "qwen35": (None, QWEN35_REGEX),
-}
-TOKEN_TYPE_CONTROL = 3
-TOKEN_TYPE_USER_DEFINED = 4
+# llama.cpp's default BOS and EOS ids per `tokenizer.ggml.model` (the file's own ids win)
+DEFAULT_BOS_EOS = {"gpt2": (11, 11), "gemma4": (None, None), "llama": (1, 2)}
 
 
 class TextTokenizer(Protocol):
@@ -53,99 +35,115 @@ class TextTokenizer(Protocol):
     def encode(self, text: str, parse_special: bool = False) -> list[int]: ...
 
 
+class VocabularyFile(Protocol):
+    """What is read of a GGUF file: a `GGUFModelFile`, or (in tests) metadata of its own."""
+
+    path: Path
+    architecture: str
+
+    def get(self, key: str, default: Any = None) -> Any: ...
+
+    def require(self, key: str) -> Any: ...
+
+
+class FragmentEncoder(Protocol):
+    def encode(self, text: str, after_special: bool) -> list[int]: ...
+
+
 @dataclass
 class GGUFTokenizer:
-    tokenizer: Tokenizer
+    encoder: FragmentEncoder
+    specials: list[SpecialToken]
     bos_id: int | None
     add_bos: bool
+    eos_id: int | None = None
+    add_eos: bool = False
+    fields: dict[str, Any] = field(default_factory=dict, repr=False)  # for `tokenizer`
 
     def encode(self, text: str, parse_special: bool = False) -> list[int]:
         """Like llama.cpp's `common_tokenize(text, add_special=true, parse_special)`."""
-        self.tokenizer.encode_special_tokens = not parse_special
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        if self.add_bos and self.bos_id is not None:
-            ids = [self.bos_id, *ids]
+        ids = [self.bos_id] if self.add_bos and self.bos_id is not None else []
+        after_special = True
+        for piece in partition(text, self.specials, parse_special):
+            if isinstance(piece, int):
+                ids.append(piece)
+            else:
+                ids.extend(self.encoder.encode(piece, after_special))
+            after_special = isinstance(piece, int)
+        if self.add_eos and self.eos_id is not None:
+            ids.append(self.eos_id)
         return ids
 
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        """The same vocabulary as transformers builds it from a GGUF file: for decoding, and for saving
+        in Hugging Face form. (`encode` does not use it: its splitting is not always llama.cpp's.)"""
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
 
-def tokenizer_from_gguf(model_file: GGUFModelFile) -> GGUFTokenizer:
+        fields = {key: value for key, value in self.fields.items() if key != "architecture" and value is not None}
+        try:
+            tokenizer, _ = convert_gguf_tokenizer(self.fields["architecture"], fields)
+        except Exception as exc:  # noqa: BLE001 - the builders raise what `tokenizers` raises
+            raise ImatrixError(f"transformers cannot build this vocabulary: {exc}") from exc
+        return tokenizer
+
+
+def tokenizer_from_gguf(model_file: VocabularyFile) -> GGUFTokenizer:
     kind = model_file.get("tokenizer.ggml.model")
-    if kind == "gpt2":
-        tokenizer = _byte_level_bpe(model_file)
-    elif kind in SENTENCEPIECE_KINDS:
-        tokenizer = _sentencepiece(model_file, kind)
+    if kind not in DEFAULT_BOS_EOS:
+        raise ImatrixError(f"{model_file.path}: tokenizer '{kind}' is not supported "
+                           f"(supported: {', '.join(DEFAULT_BOS_EOS)})")
+    # llama.cpp names an empty token after its id
+    tokens = [text or f"[EMPTY_{index}]" for index, text in enumerate(model_file.require("tokenizer.ggml.tokens"))]
+    vocab = {text: index for index, text in enumerate(tokens)}
+    if len(vocab) < len(tokens):
+        twice = next(text for index, text in enumerate(tokens) if vocab[text] != index)
+        raise ImatrixError(f"{model_file.path}: token {twice!r} is in the vocabulary twice (llama.cpp refuses that)")
+    if kind == "llama":
+        encoder, add_bos, forces_bos = _sentencepiece(model_file, vocab, len(tokens)), True, False
     else:
-        raise ImatrixError(f"{model_file.path}: tokenizer '{kind}' is not supported (supported: gpt2, "
-                           f"{', '.join(SENTENCEPIECE_KINDS)})")
-    bos_id = model_file.get("tokenizer.ggml.bos_token_id")
-    add_bos = bool(model_file.get("tokenizer.ggml.add_bos_token", kind in SENTENCEPIECE_KINDS))
-    return GGUFTokenizer(tokenizer, None if bos_id is None else int(bos_id), add_bos)
+        encoder = _byte_pair(model_file, kind, vocab, len(tokens))
+        add_bos, forces_bos = encoder.pre.add_bos, encoder.pre.forces_bos
+    default_bos, default_eos = DEFAULT_BOS_EOS[kind]
+    if kind == "gpt2" and not encoder.pre.has_bos:
+        default_bos = None
+    token_types = model_file.get("tokenizer.ggml.token_type")
+    return GGUFTokenizer(
+        encoder,
+        special_tokens(tokens, vocab, token_types, model_file.get),
+        bos_id=_special_id(model_file.get("tokenizer.ggml.bos_token_id"), default_bos, len(tokens)),
+        add_bos=bool(model_file.get("tokenizer.ggml.add_bos_token", add_bos)) or forces_bos,
+        eos_id=_special_id(model_file.get("tokenizer.ggml.eos_token_id"), default_eos, len(tokens)),
+        add_eos=bool(model_file.get("tokenizer.ggml.add_eos_token", False)),
+        fields={"architecture": model_file.architecture, "tokenizer_type": kind, "tokens": tokens,
+                "pre_tokenizer_type": model_file.get("tokenizer.ggml.pre"), "token_type": token_types,
+                "scores": model_file.get("tokenizer.ggml.scores"), "merges": model_file.get("tokenizer.ggml.merges")})
 
 
-def _byte_level_bpe(model_file: GGUFModelFile) -> Tokenizer:
-    pre = model_file.get("tokenizer.ggml.pre", "default")
-    if pre not in PRE_TOKENIZERS:
-        raise ImatrixError(f"{model_file.path}: pre-tokenizer '{pre}' is not supported "
-                           f"(supported: {', '.join(sorted(PRE_TOKENIZERS))})")
-    tokens: list[str] = list(model_file.require("tokenizer.ggml.tokens"))
-    merges = [tuple(merge.split(" ", 1)) for merge in model_file.require("tokenizer.ggml.merges")]
+def _byte_pair(model_file: VocabularyFile, kind: str, vocab: dict[str, int], n_tokens: int) -> BytePairEncoder:
+    # a `gemma4` vocabulary always gets Gemma 4's pre-tokenizer; an empty name is llama.cpp's "default"
+    name = "gemma4" if kind == "gemma4" else model_file.get("tokenizer.ggml.pre") or "default"
+    pre = pre_tokenizer(name)
+    if pre is None:
+        raise ImatrixError(f"{model_file.path}: pre-tokenizer '{name}' is not one llama.cpp knows")
+    merges = model_file.get("tokenizer.ggml.merges")
+    if merges is None and name != "kimi-k2":  # Kimi K2's vocabulary needs none
+        raise ImatrixError(f"{model_file.path}: metadata key 'tokenizer.ggml.merges' is missing")
     try:
-        bpe = models.BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=merges, fuse_unk=False)
-    except Exception as exc:  # noqa: BLE001 - `tokenizers` raises plain Exceptions for a bad vocab
+        return BytePairEncoder(vocab, n_tokens, merges or [], pre)
+    except Exception as exc:  # noqa: BLE001 - `tokenizers` raises plain Exceptions for a bad vocabulary
         raise ImatrixError(f"{model_file.path}: cannot build its tokenizer: {exc}") from exc
-    tokenizer = Tokenizer(bpe)
-    tokenizer.pre_tokenizer = _pre_tokenizer(*PRE_TOKENIZERS[pre])
-    tokenizer.decoder = decoders.ByteLevel()
-    _add_special_tokens(tokenizer, tokens, list(model_file.get("tokenizer.ggml.token_type", [])))
-    return tokenizer
 
 
-# `tokenizer.ggml.model` values of SentencePiece-style vocabularies (scores, no byte-level alphabet)
-SENTENCEPIECE_KINDS = ("llama", "gemma4")
+def _sentencepiece(model_file: VocabularyFile, vocab: dict[str, int], n_tokens: int) -> SentencePieceEncoder:
+    scores = model_file.get("tokenizer.ggml.scores") or [0.0] * n_tokens
+    if len(scores) < n_tokens:
+        raise ImatrixError(f"{model_file.path}: {len(scores)} token scores for {n_tokens} tokens")
+    return SentencePieceEncoder(vocab, scores, bool(model_file.get("tokenizer.ggml.add_space_prefix", True)))
 
 
-def _sentencepiece(model_file: GGUFModelFile, kind: str) -> Tokenizer:
-    """transformers' builder for the file's vocabulary (its Gemma and Phi-3 variants included)."""
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
-
-    fields = {"tokenizer_type": kind, "pre_tokenizer_type": model_file.get("tokenizer.ggml.pre"),
-              "tokens": list(model_file.require("tokenizer.ggml.tokens")),
-              "scores": list(model_file.get("tokenizer.ggml.scores") or []),
-              "token_type": list(model_file.get("tokenizer.ggml.token_type") or [])}
-    if model_file.get("tokenizer.ggml.merges"):
-        fields["merges"] = list(model_file.get("tokenizer.ggml.merges"))
-    try:
-        tokenizer, _ = convert_gguf_tokenizer(model_file.architecture, fields)
-    except Exception as exc:  # noqa: BLE001 - the builders raise what `tokenizers` raises
-        raise ImatrixError(f"{model_file.path}: cannot build its tokenizer: {exc}") from exc
-    if kind == "llama" and not model_file.get("tokenizer.ggml.add_space_prefix", True):
-        _no_space_prefix(tokenizer)
-    return tokenizer
-
-
-def _no_space_prefix(tokenizer: Tokenizer) -> None:
-    """llama.cpp prepends '▁' to SentencePiece text only with `tokenizer.ggml.add_space_prefix` (default on)."""
-    pre = tokenizer.pre_tokenizer
-    if isinstance(pre, pre_tokenizers.Metaspace):
-        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement=pre.replacement, prepend_scheme="never",
-                                                           split=pre.split)
-
-
-def _pre_tokenizer(first: str | None, regex: str) -> pre_tokenizers.PreTokenizer:
-    steps: list[pre_tokenizers.PreTokenizer] = []
-    if first == "digits":
-        steps.append(pre_tokenizers.Digits(individual_digits=True))
-    steps.append(pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False))
-    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
-    return pre_tokenizers.Sequence(steps)
-
-
-def _add_special_tokens(tokenizer: Tokenizer, tokens: list[str], token_types: list[int]) -> None:
-    # llama.cpp matches user-defined tokens always, control tokens only with parse_special
-    added = [
-        AddedToken(tokens[i], special=kind == TOKEN_TYPE_CONTROL, normalized=False)
-        for i, kind in enumerate(token_types)
-        if kind in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED)
-    ]
-    if added:
-        tokenizer.add_tokens(added)
+def _special_id(stored: Any, default: int | None, n_tokens: int) -> int | None:
+    """The file's id if it is one of the vocabulary's, else llama.cpp's default (if that is)."""
+    if stored is not None and 0 <= int(stored) < n_tokens:
+        return int(stored)
+    return default if default is not None and default < n_tokens else None

@@ -2,12 +2,14 @@
 
 `GGUFWeights` undoes what llama.cpp's converter did (the adapter's rules, q/k row order, fused and
 expert tensors) on tensors dequantized from the mmapped file; 16-bit tensors can be handed out as
-views of the file itself. `SafetensorsWeights` reads a Hugging Face checkpoint's shards.
+views of the file itself. `SafetensorsWeights` reads a Hugging Face checkpoint's shards and makes
+each parameter from them as transformers' `from_pretrained` does (its checkpoint conversions).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,6 +28,15 @@ class WeightSource(Protocol):
     def tensor(self, param: str) -> torch.Tensor:
         """One checkpoint tensor by parameter name (`model.layers.0.mlp.up_proj.weight`), float32 on the host."""
         ...
+
+
+def shaped_as(tensor: torch.Tensor, shape: torch.Size, param: str, source: object) -> torch.Tensor:
+    """A weight source's tensor for `param` in the shape the model's parameter has: GGUF drops unit dimensions
+    (Qwen2-MoE's ffn_gate_inp_shexp is [n_embd], the Linear's weight [1, n_embd]; Mamba's A_log, D)."""
+    if tensor.numel() != shape.numel():
+        raise ImatrixError(f"{source}: tensor for '{param}' has shape {tuple(tensor.shape)}, the model expects "
+                           f"{tuple(shape)}")
+    return tensor.reshape(shape)
 
 
 @dataclass
@@ -105,28 +116,49 @@ def mapped_in_place(info: TensorInfo, dtype: torch.dtype, in_place: bool) -> boo
     return in_place and exact_16_bit_dtype(info.tensor_type) == dtype and info.offset % 2 == 0  # GGUF aligns to 32
 
 
-# 3-D expert parameter -> the per-expert checkpoint matrices it concatenates (gate rows, then up rows)
-_FUSED_EXPERTS = {"gate_up_proj": ("gate_proj", "up_proj"), "up_proj": ("up_proj",), "down_proj": ("down_proj",)}
+_TEXT_DECODER = "model.language_model."
+
+
+@dataclass
+class _Conversion:
+    """Checkpoint tensors that one of transformers' `WeightConverter`s turns into parameters (stacked experts,
+    a router renamed and a fused projection split, …), as `from_pretrained` groups them."""
+
+    converter: Any  # transformers.core_model_loading.WeightConverter, the template (copied for each use)
+    first: str  # the first parameter it makes: the group's name in `from_pretrained`
+    sources: list[tuple[str, str]] = field(default_factory=list)  # (checkpoint key, the source pattern it matched)
 
 
 class SafetensorsWeights:
-    """Tensors of a Hugging Face checkpoint directory, read one at a time from its shards."""
+    """Tensors of a Hugging Face checkpoint directory, read one at a time from its shards.
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
+    Given the model they are for (`model`, a skeleton is enough), a parameter is made from the checkpoint
+    as `from_pretrained` makes it: through transformers' conversion mapping for that model (renamed keys,
+    per-expert matrices stacked, fused tensors split).
+    """
+
+    def __init__(self, directory: Path, model: torch.nn.Module | None = None) -> None:
+        self.directory, self.model = directory, model
+        self._conversions: dict[str, _Conversion | str] | None = None  # parameter -> how it is made
+        self._converted: dict[str, torch.Tensor] = {}  # made with another one asked for, not asked for yet
         self.handles = {path: _open_safetensors(path) for path in sorted(directory.glob("*.safetensors"))}
         if not self.handles:
             raise ImatrixError(f"{directory}: no *.safetensors weights found")
         self.where = {key: path for path, handle in self.handles.items() for key in handle.keys()}  # noqa: SIM118
+        # multimodal checkpoints keep the text decoder under `model.language_model.`, which transformers'
+        # `PrefixChange` conversion loads into the text-only *ForCausalLM as `model.`
+        self.stored_as = {f"model.{key.removeprefix(_TEXT_DECODER)}": key for key in self.where
+                          if key.startswith(_TEXT_DECODER)}
+        self.where.update({alias: self.where[key] for alias, key in self.stored_as.items()})
 
     def tensor(self, param: str) -> torch.Tensor:
+        made_as = self._conversion_of(param)
+        if isinstance(made_as, str):
+            return self._stored(made_as)
+        if made_as is not None:
+            return self._convert(param, made_as)
         if param in self.where:
             return self._get(param)
-        if param == "lm_head.weight" and "model.embed_tokens.weight" in self.where:
-            return self._get("model.embed_tokens.weight")  # tied output projection
-        module, _, kind = param.rpartition(".")
-        if kind in _FUSED_EXPERTS and f"{module}.0.down_proj.weight" in self.where:
-            return self._fused_experts(module, _FUSED_EXPERTS[kind])
         if f"{param}_blocks" in self.where:  # MXFP4 experts (gpt-oss), dequantized as transformers loads them
             from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
@@ -134,19 +166,75 @@ class SafetensorsWeights:
                                               dtype=torch.float32)
         raise ImatrixError(f"{self.directory}: no tensor for '{param}' in its safetensors files")
 
-    def _get(self, key: str) -> torch.Tensor:
-        return self.handles[self.where[key]].get_tensor(key)
+    def _conversion_of(self, param: str) -> _Conversion | str | None:
+        """How transformers makes `param` from this checkpoint: a checkpoint key (stored as is or renamed), a
+        conversion, or None (no model given, or not from any key)."""
+        if self.model is None:
+            return None
+        if self._conversions is None:
+            self._conversions = _conversions(self.model, [key for handle in self.handles.values()
+                                                          for key in handle.keys()])  # noqa: SIM118
+        made_as = self._conversions.get(param)
+        tied = getattr(self.model, "_tied_weights_keys", None)
+        if made_as is None and isinstance(tied, dict) and param in tied:
+            made_as = self._conversions.get(tied[param])  # an output projection tied to the embeddings
+        return made_as
 
-    def _fused_experts(self, module: str, parts: tuple[str, ...]) -> torch.Tensor:
-        """transformers' 3-D expert parameter from a checkpoint that stores each expert apart."""
-        n_expert = sum(1 for key in self.where if key.startswith(f"{module}.") and key.endswith(".down_proj.weight"))
-        stacks = [torch.stack([self._get(f"{module}.{expert}.{part}.weight") for expert in range(n_expert)])
-                  for part in parts]
-        return torch.cat(stacks, dim=1)
+    def _convert(self, param: str, conversion: _Conversion) -> torch.Tensor:
+        if param in self._converted:
+            return self._converted.pop(param)
+        converter = copy.deepcopy(conversion.converter)
+        for key, pattern in conversion.sources:
+            converter.add_tensor(conversion.first, key, pattern, lambda key=key: self._stored(key))
+        made = {name: made[0] if isinstance(made, list) else made for name, made in
+                converter.convert(conversion.first, model=self.model, config=self.model.config).items()}
+        if param not in made:
+            raise ImatrixError(f"{self.directory}: transformers' conversion of {conversion.first} did not make "
+                               f"'{param}'")
+        self._converted.update((name, tensor) for name, tensor in made.items() if name != param)
+        return made[param]
+
+    def _stored(self, key: str) -> torch.Tensor:
+        """A checkpoint tensor by its key as stored, float32."""
+        return self.handles[self.where[key]].get_tensor(key).float()
+
+    def _get(self, key: str) -> torch.Tensor:
+        return self.handles[self.where[key]].get_tensor(self.stored_as.get(key, key))
 
     def n_values(self) -> int:
         return sum(int(np.prod(handle.get_slice(key).get_shape()))
                    for handle in self.handles.values() for key in handle.keys())  # noqa: SIM118
+
+
+def _conversions(model: torch.nn.Module, keys: list[str]) -> dict[str, _Conversion | str]:
+    """Parameter of `model` -> the checkpoint key it is loaded from, or the conversion that makes it, as
+    transformers' `from_pretrained` renames and groups checkpoint keys (`convert_and_load_state_dict_in_model`)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, dot_natural_key, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    converters = [transform for transform in transforms if isinstance(transform, WeightConverter)]
+    renamings = [transform for transform in transforms if not isinstance(transform, WeightConverter)]
+    by_pattern = {pattern: converter for converter in converters for pattern in converter.source_patterns}
+    params = model.state_dict()
+    made_as: dict[str, _Conversion | str] = {}
+    for key in sorted(keys, key=dot_natural_key):  # the order experts are stacked in
+        renamed, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, params)
+        if renamed not in params and key in params:
+            renamed, pattern = key, None
+        if renamed not in params:
+            continue  # not loaded (multi-token prediction blocks, unused buffers)
+        if pattern is None:
+            made_as[renamed] = key
+            continue
+        converter = by_pattern[pattern]
+        conversion = made_as.get(renamed)
+        if not isinstance(conversion, _Conversion):
+            conversion = _Conversion(converter, renamed)
+            for target in converter.target_patterns:
+                made_as[renamed.replace(converter.target_patterns[0], target)] = conversion
+        conversion.sources.append((key, pattern))
+    return made_as
 
 
 def _open_safetensors(path: Path):  # noqa: ANN202 - safetensors' handle type is not importable

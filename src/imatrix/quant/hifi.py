@@ -28,10 +28,10 @@ import gguf
 import numpy as np
 
 from imatrix.quant.base import QuantType
-from imatrix.quant.kquants import Q3K
+from imatrix.quant.kquants import Q3_K
 
 N_OUTLIERS = 8
-Q3K_SIZE = 110
+Q3_K_SIZE = 110
 FP16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -44,7 +44,7 @@ class ExtraQuantType(enum.IntEnum):
 HIFI_TYPE_ID = ExtraQuantType.Q3_K_HIFI
 
 
-class Q3KHifi(QuantType):
+class Q3_K_HIFI(QuantType):
     """Q3_K with `n_outliers` fp16 outliers per super-block (layout in the module docstring)."""
 
     n_outliers = N_OUTLIERS
@@ -62,7 +62,7 @@ class Q3KHifi(QuantType):
             np.put_along_axis(rest_weights, idx, np.float32(0), axis=1)
         values = np.clip(np.take_along_axis(blocks, idx, axis=1), -FP16_MAX, FP16_MAX).astype(np.float16)
         return np.concatenate(
-            [Q3K.quantize_blocks(rest, rest_weights), idx.astype(np.uint8), values.view(np.uint8)], axis=1
+            [Q3_K.quantize_blocks(rest, rest_weights), idx.astype(np.uint8), values.view(np.uint8)], axis=1
         )
 
     @classmethod
@@ -72,10 +72,10 @@ class Q3KHifi(QuantType):
         lead = data.shape[:-1]
         raw = data.reshape(-1, cls.type_size)
         n = cls.n_outliers
-        out = gguf.quants.dequantize(np.ascontiguousarray(raw[:, :Q3K_SIZE]), gguf.GGMLQuantizationType.Q3_K)
+        out = gguf.quants.dequantize(np.ascontiguousarray(raw[:, :Q3_K_SIZE]), gguf.GGMLQuantizationType.Q3_K)
         out = np.array(out, dtype=np.float32).reshape(-1, cls.block_size)
-        idx = raw[:, Q3K_SIZE : Q3K_SIZE + n].astype(np.intp)
-        values = np.ascontiguousarray(raw[:, Q3K_SIZE + n :]).view(np.float16).astype(np.float32)
+        idx = raw[:, Q3_K_SIZE : Q3_K_SIZE + n].astype(np.intp)
+        values = np.ascontiguousarray(raw[:, Q3_K_SIZE + n :]).view(np.float16).astype(np.float32)
         np.put_along_axis(out, idx, values, axis=1)
         return out.reshape(*lead, -1)
 
@@ -88,7 +88,7 @@ def outlier_positions(importance: np.ndarray, n: int) -> np.ndarray:
 
 def dequantize_q3_k_hifi(data: np.ndarray) -> np.ndarray:
     """Q3_K_HIFI bytes `[..., k * type_size]` to float32 `[..., k * 256]`."""
-    return Q3KHifi.dequantize(data)
+    return Q3_K_HIFI.dequantize(data)
 
 
-Q3KHifi.register_extra(HIFI_TYPE_ID, 256, Q3K_SIZE + 3 * N_OUTLIERS)
+Q3_K_HIFI.register_extra(HIFI_TYPE_ID, 256, Q3_K_SIZE + 3 * N_OUTLIERS)

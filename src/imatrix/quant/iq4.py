@@ -13,16 +13,16 @@ import gguf
 import numpy as np
 
 from imatrix.quant.base import QuantType
-from imatrix.quant.legacy import (
+from imatrix.quant.blocks import (
     F32,
     GROUP_MAX_EPS,
-    chunked,
+    divide_where,
     fp16_bytes,
+    in_steps,
     pack_nibbles,
-    safe_divide,
-    safe_reciprocal,
-    seq_sum,
-    signed_extreme,
+    reciprocal_where_nonzero,
+    signed_absmax_blocks,
+    sum_blocks,
 )
 
 KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
@@ -55,17 +55,18 @@ def value_weights(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     """
     if qw is None:
         return x * x
-    sigma2 = seq_sum(x * x) * F32(2.0 / x.shape[-1])
+    sigma2 = sum_blocks(x * x) * F32(2.0 / x.shape[-1])
     return qw * np.sqrt(sigma2[:, None] + x * x)
 
 
 def block_scales(blocks: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Best weighted scale of each 32-value block (0 for an all-zero block)."""
-    return chunked(_block_scales, blocks, weights)[0]
+    # the search holds every candidate scale's levels at once: 2 * NTRY + 2 copies of the blocks
+    return in_steps(_block_scales, blocks, weights, copies=2 * NTRY + 2)[0]
 
 
 def _block_scales(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray]:
-    amax, vmax = signed_extreme(x)
+    amax, vmax = signed_absmax_blocks(x)
     zero = amax < GROUP_MAX_EPS
     vmax = np.where(zero, F32(1), vmax)
     # candidate 0: d = -max/values[0]; then inverse scales (itry + values[0]) / max
@@ -74,13 +75,13 @@ def _block_scales(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray]:
     inv = np.concatenate([first[:, None], tries[None, :] / vmax[:, None]], axis=1)
     q = _LEVELS[best_index(inv[:, :, None] * x[:, None, :])]
     wq = w[:, None, :] * q
-    sumqx = seq_sum(wq * x[:, None, :])
-    sumq2 = seq_sum(wq * q)
-    d = safe_divide(sumqx[:, 0], sumq2[:, 0], sumq2[:, 0] > 0)
+    sumqx = sum_blocks(wq * x[:, None, :])
+    sumq2 = sum_blocks(wq * q)
+    d = divide_where(sumqx[:, 0], sumq2[:, 0], sumq2[:, 0] > 0)
     best = d * sumqx[:, 0]
     for k in range(1, inv.shape[1]):
         better = (sumq2[:, k] > 0) & (sumqx[:, k] * sumqx[:, k] > best * sumq2[:, k])
-        d = np.where(better, safe_divide(sumqx[:, k], sumq2[:, k], better), d)
+        d = np.where(better, divide_where(sumqx[:, k], sumq2[:, k], better), d)
         best = np.where(better, d * sumqx[:, k], best)
     return (np.where(zero, F32(0), d).astype(F32),)
 
@@ -91,7 +92,7 @@ class IQ4_NL(QuantType, qtype=gguf.GGMLQuantizationType.IQ4_NL):
         x = np.asarray(blocks, dtype=F32)
         qw = None if weights is None else np.asarray(weights, dtype=F32)
         d = block_scales(x, value_weights(x, qw))
-        levels = best_index(x * safe_reciprocal(d)[:, None])
+        levels = best_index(x * reciprocal_where_nonzero(d)[:, None])
         return np.concatenate([fp16_bytes(d), pack_nibbles(levels)], axis=1)
 
 
@@ -105,16 +106,16 @@ class IQ4_XS(QuantType, qtype=gguf.GGMLQuantizationType.IQ4_XS):
         scales = block_scales(sub, value_weights(x, qw).reshape(-1, 32)).reshape(n, 8)
         d, codes = cls._super_scale(scales)
         block_d = (d[:, None] * codes.astype(F32)).reshape(-1)
-        levels = best_index(sub * safe_reciprocal(block_d)[:, None])
+        levels = best_index(sub * reciprocal_where_nonzero(block_d)[:, None])
         parts = [fp16_bytes(d), cls._pack_scales(codes + 32), pack_nibbles(levels).reshape(n, -1)]
         return np.concatenate(parts, axis=1)
 
     @staticmethod
     def _super_scale(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Super-block scale `-max_scale/32` and the 6-bit signed code of each block scale in [-32, 31]."""
-        _, max_scale = signed_extreme(scales)
+        _, max_scale = signed_absmax_blocks(scales)
         d = -max_scale / F32(32)
-        codes = np.clip(np.rint(safe_reciprocal(d)[:, None] * scales), -32, 31).astype(np.int8)
+        codes = np.clip(np.rint(reciprocal_where_nonzero(d)[:, None] * scales), -32, 31).astype(np.int8)
         return d, codes
 
     @staticmethod

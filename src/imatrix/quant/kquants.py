@@ -4,8 +4,9 @@ Without an imatrix llama.cpp runs each type's `quantize_row_qX_K_ref`; with one,
 `quantize_row_qX_K_impl`, whose per-value weights are `imatrix * sqrt(sigma2 + x^2)` with `sigma2`
 the super-block's mean x^2 (times 2 for Q3_K..Q5_K), except Q6_K, which uses the bare imatrix.
 Everything here is per super-block, so the default row-to-block tiling of `QuantType.quantize` is
-enough. The searches live in `kquants_search`; this module builds weights, picks the super-block
-scales, requantizes with the fp16-rounded scales, and packs ggml's block layouts.
+enough. The searches live in `searches.py` and take the groups layout of `blocks.py` (`to_groups`:
+sub-blocks as columns); this module builds weights, picks the super-block scales, requantizes with
+the fp16-rounded scales, and packs ggml's block layouts.
 """
 
 from __future__ import annotations
@@ -14,46 +15,32 @@ import gguf
 import numpy as np
 
 from imatrix.quant.base import QuantType
-from imatrix.quant.kquants_search import (
+from imatrix.quant.blocks import (
     F32,
     GROUP_MAX_EPS,
-    make_q3_quants,
-    make_qkx_quants,
-    make_qp_quants,
-    make_qx_quants,
+    fp16_scale,
+    from_groups,
+    max_positive_blocks,
     nearest,
-    seq_sum,
-    signed_absmax,
+    pack_bits,
+    signed_absmax_groups,
+    steps,
+    sum_groups,
+    to_groups,
+    to_uint8,
 )
+from imatrix.quant.searches import make_q3_quants, make_qkx_quants, make_qp_quants, make_qx_quants
 
 QK_K = 256
 Q = gguf.GGMLQuantizationType
-# Super-blocks per vectorized step: bounds the temporaries of the scale searches.
-CHUNK = 1024
 
 
 # ----------------------------------------------------------------------------- layout helpers
 
 
-def to_groups(blocks: np.ndarray, size: int) -> np.ndarray:
-    """`[n, 256]` super-blocks to value-major sub-blocks `[size, n * 256 // size]`."""
-    return np.ascontiguousarray(blocks.reshape(-1, size).T)
-
-
-def from_groups(values: np.ndarray, n_blocks: int) -> np.ndarray:
-    """Inverse of `to_groups` (also for per-sub-block vectors `[n * k]` -> `[n, k]`)."""
-    return values.T.reshape(n_blocks, -1) if values.ndim == 2 else values.reshape(n_blocks, -1)
-
-
-def fp16(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float32 -> (ggml half bytes `[n, 2]`, the half value back as float32). Round to nearest even."""
-    half = np.asarray(values, dtype=F32).astype(np.float16)
-    return np.ascontiguousarray(half).view(np.uint8).reshape(-1, 2), half.astype(F32)
-
-
 def block_sigma2(blocks: np.ndarray, factor: float) -> np.ndarray:
     """`factor * sum(x^2) / 256` per super-block, summed in order as the `_impl` kernels do."""
-    return F32(factor) * seq_sum(np.ascontiguousarray((blocks * blocks).T)) / F32(QK_K)
+    return F32(factor) * sum_groups(to_groups(blocks * blocks, QK_K)) / F32(QK_K)
 
 
 def imatrix_weights(blocks: np.ndarray, qw: np.ndarray, factor: float) -> np.ndarray:
@@ -109,16 +96,6 @@ def pack_scales_q3(ls: np.ndarray) -> np.ndarray:
     return out
 
 
-def max_positive(values: np.ndarray) -> np.ndarray:
-    """Per row `max(0, values...)`, the `if (v > best) best = v` loops seeded with 0."""
-    return np.maximum(values.max(axis=1), F32(0)).astype(F32)
-
-
-def to_uint8(levels: np.ndarray) -> np.ndarray:
-    """C's int -> uint8_t conversion (modulo 256)."""
-    return (levels.astype(np.int64) & 0xFF).astype(np.uint8)
-
-
 # ----------------------------------------------------------------------------- types
 
 
@@ -129,13 +106,11 @@ class _KQuant(QuantType):
     def quantize_blocks(cls, blocks: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
         blocks = np.asarray(blocks, dtype=F32)
         out = np.empty((blocks.shape[0], cls.type_size), dtype=np.uint8)
-        for start in range(0, blocks.shape[0], CHUNK):
-            part = blocks[start : start + CHUNK]
+        for part in steps(blocks.shape[0], QK_K):
             if weights is None:
-                out[start : start + CHUNK] = cls.ref_blocks(part)
+                out[part] = cls.ref_blocks(blocks[part])
             else:
-                qw = np.asarray(weights[start : start + CHUNK], dtype=F32)
-                out[start : start + CHUNK] = cls.impl_blocks(part, qw)
+                out[part] = cls.impl_blocks(blocks[part], np.asarray(weights[part], dtype=F32))
         return out
 
     @classmethod
@@ -147,7 +122,7 @@ class _KQuant(QuantType):
         raise NotImplementedError
 
 
-class Q2K(_KQuant, qtype=Q.Q2_K):
+class Q2_K(_KQuant, qtype=Q.Q2_K):
     """16 sub-blocks of 16, 2-bit levels, 4-bit scales and mins. Block: scales[16] qs[64] d dmin."""
 
     @classmethod
@@ -156,7 +131,7 @@ class Q2K(_KQuant, qtype=Q.Q2_K):
         x = to_groups(blocks, 16)
         scales, mins, levels = make_qkx_quants(x, np.abs(x), 3, -0.5, 0.1, 15, use_mad=True)
         scales, mins = from_groups(scales, n), from_groups(mins, n)
-        max_scale, max_min = max_positive(scales), max_positive(mins)
+        max_scale, max_min = max_positive_blocks(scales), max_positive_blocks(mins)
         # quantize_row_q2_K_ref: scales and mins relative to their own maxima over 15
         has_scale, has_min = (max_scale > 0)[:, None], (max_min > 0)[:, None]
         inv_scale = np.where(has_scale, F32(15) / np.where(has_scale, max_scale[:, None], F32(1)), F32(0))
@@ -164,8 +139,8 @@ class Q2K(_KQuant, qtype=Q.Q2_K):
         ls = np.where(has_scale, nearest(inv_scale * scales), F32(0))
         lm = np.where(has_min, nearest(inv_min * mins), F32(0))
         packed = to_uint8(ls) | (to_uint8(lm) << 4)
-        d_bytes, d = fp16(np.where(max_scale > 0, max_scale / F32(15), F32(0)))
-        m_bytes, dmin = fp16(np.where(max_min > 0, max_min / F32(15), F32(0)))
+        d_bytes, d = fp16_scale(np.where(max_scale > 0, max_scale / F32(15), F32(0)))
+        m_bytes, dmin = fp16_scale(np.where(max_min > 0, max_min / F32(15), F32(0)))
         return cls.finish(blocks, x, levels, packed, d, dmin, d_bytes, m_bytes)
 
     @classmethod
@@ -174,12 +149,12 @@ class Q2K(_KQuant, qtype=Q.Q2_K):
         w = to_groups(imatrix_weights(blocks, qw, 1.0), 16)
         x = to_groups(blocks, 16)
         scales, mins, levels = make_qkx_quants(x, w, 3, -0.9, 0.05, 36, use_mad=False)
-        sw = from_groups(seq_sum(w), n).T
+        sw = from_groups(sum_groups(w), n).T
         d_block, ls = make_qp_quants(np.ascontiguousarray(from_groups(scales, n).T), 15, sw)
         m_block, lm = make_qp_quants(np.ascontiguousarray(from_groups(mins, n).T), 15, sw)
         packed = to_uint8(ls.T) | (to_uint8(lm.T) << 4)
-        d_bytes, d = fp16(d_block)
-        m_bytes, dmin = fp16(m_block)
+        d_bytes, d = fp16_scale(d_block)
+        m_bytes, dmin = fp16_scale(m_block)
         return cls.finish(blocks, x, levels, packed, d, dmin, d_bytes, m_bytes)
 
     @staticmethod
@@ -199,7 +174,7 @@ class Q2K(_KQuant, qtype=Q.Q2_K):
         return np.concatenate([packed, pack_2bit(final), d_bytes, m_bytes], axis=1)
 
 
-class Q3K(_KQuant, qtype=Q.Q3_K):
+class Q3_K(_KQuant, qtype=Q.Q3_K):
     """16 sub-blocks of 16, 3-bit symmetric levels, 6-bit scales. Block: hmask[32] qs[64] scales[12] d."""
 
     @classmethod
@@ -208,7 +183,7 @@ class Q3K(_KQuant, qtype=Q.Q3_K):
         x = to_groups(blocks, 16)
         scales, levels = make_q3_quants(x, 4)
         scales = from_groups(scales, n)
-        _, max_scale = signed_absmax(np.ascontiguousarray(scales.T))
+        _, max_scale = signed_absmax_groups(np.ascontiguousarray(scales.T))
         has = (max_scale != 0)[:, None]
         # quantize_row_q3_K_ref: scales relative to the signed largest one, over -32
         iscale = np.where(has, F32(-32) / np.where(has, max_scale[:, None], F32(1)), F32(0))
@@ -222,22 +197,22 @@ class Q3K(_KQuant, qtype=Q.Q3_K):
         w = to_groups(imatrix_weights(blocks, qw, 2.0), 16)
         x = to_groups(blocks, 16)
         scales, levels = make_qx_quants(x, 4, w)
-        sw = np.ascontiguousarray(from_groups(seq_sum(w), n).T)
+        sw = np.ascontiguousarray(from_groups(sum_groups(w), n).T)
         d_block, ls = make_qx_quants(np.ascontiguousarray(from_groups(scales, n).T), 32, sw)
         return cls.finish(blocks, x, levels, ls.T, d_block)
 
     @staticmethod
     def finish(blocks: np.ndarray, x: np.ndarray, levels: np.ndarray, ls: np.ndarray, d_val: np.ndarray) -> np.ndarray:
         """Requantize with the stored scales `d * (ls - 32)` and pack; `levels` are the search's, 0..7."""
-        d_bytes, d = fp16(d_val)
+        d_bytes, d = fp16_scale(d_val)
         sub_d = (d[:, None] * (ls.astype(F32) - F32(32))).reshape(-1)
         final = requantize(x, levels - F32(4), sub_d, None, -4, 3) + F32(4)
         final = from_groups(final, blocks.shape[0]).astype(np.uint8)
-        hmask = np.packbits((final > 3).reshape(-1, 8, 32), axis=1, bitorder="little")[:, 0]
+        hmask = pack_bits((final > 3).reshape(-1, 8, 32))
         return np.concatenate([hmask, pack_2bit(final & 3), pack_scales_q3(ls), d_bytes], axis=1)
 
 
-class _Q45K(_KQuant):
+class _Q4_5_K(_KQuant):
     """Q4_K / Q5_K: 8 sub-blocks of 32, affine levels, 6-bit scales and mins packed k4-style."""
 
     nmax: int
@@ -247,10 +222,10 @@ class _Q45K(_KQuant):
     def ref_blocks(cls, blocks: np.ndarray) -> np.ndarray:
         n = blocks.shape[0]
         x = to_groups(blocks, 32)
-        av_x = np.sqrt(seq_sum(x * x) / F32(32))
+        av_x = np.sqrt(sum_groups(x * x) / F32(32))
         scales, mins, levels = make_qkx_quants(x, av_x + np.abs(x), cls.nmax, *cls.ref_search, use_mad=False)
         scales, mins = from_groups(scales, n), from_groups(mins, n)
-        max_scale, max_min = max_positive(scales), max_positive(mins)
+        max_scale, max_min = max_positive_blocks(scales), max_positive_blocks(mins)
         inv_scale = np.where(max_scale > 0, F32(63) / np.where(max_scale > 0, max_scale, F32(1)), F32(0))
         inv_min = np.where(max_min > 0, F32(63) / np.where(max_min > 0, max_min, F32(1)), F32(0))
         ls = np.minimum(to_uint8(nearest(inv_scale[:, None] * scales)), 63)
@@ -263,7 +238,7 @@ class _Q45K(_KQuant):
         w = to_groups(imatrix_weights(blocks, qw, 2.0), 32)
         x = to_groups(blocks, 32)
         scales, mins, levels = make_qkx_quants(x, w, cls.nmax, -0.9, 0.05, 36, use_mad=False)
-        sw = np.ascontiguousarray(from_groups(seq_sum(w), n).T)
+        sw = np.ascontiguousarray(from_groups(sum_groups(w), n).T)
         d_block, ls = make_qp_quants(np.ascontiguousarray(from_groups(scales, n).T), 63, sw)
         m_block, lm = make_qp_quants(np.ascontiguousarray(from_groups(mins, n).T), 63, sw)
         return cls.finish(blocks, x, levels, to_uint8(ls.T), to_uint8(lm.T), d_block, m_block)
@@ -279,35 +254,34 @@ class _Q45K(_KQuant):
         d_val: np.ndarray,
         m_val: np.ndarray,
     ) -> np.ndarray:
-        d_bytes, d = fp16(d_val)
-        m_bytes, dmin = fp16(m_val)
+        d_bytes, d = fp16_scale(d_val)
+        m_bytes, dmin = fp16_scale(m_val)
         scales = pack_scales_k4(ls, lm)
         sub_d = (d[:, None] * (ls & 63).astype(F32)).reshape(-1)
         sub_m = (dmin[:, None] * (lm & 63).astype(F32)).reshape(-1)
         final = from_groups(requantize(x, levels, sub_d, sub_m, 0, cls.nmax), blocks.shape[0])
         parts = [d_bytes, m_bytes, scales]
         if cls.nmax == 31:
-            high = (final > 15).reshape(-1, 8, 32)
-            parts.append(np.packbits(high, axis=1, bitorder="little")[:, 0])
+            parts.append(pack_bits((final > 15).reshape(-1, 8, 32)))
         parts.append(pack_4bit(final))
         return np.concatenate(parts, axis=1)
 
 
-class Q4K(_Q45K, qtype=Q.Q4_K):
+class Q4_K(_Q4_5_K, qtype=Q.Q4_K):
     """Block: d dmin scales[12] qs[128]."""
 
     nmax = 15
     ref_search = (-1.0, 0.1, 20)
 
 
-class Q5K(_Q45K, qtype=Q.Q5_K):
+class Q5_K(_Q4_5_K, qtype=Q.Q5_K):
     """Block: d dmin scales[12] qh[32] qs[128]; qh bit k of byte l is bit 4 of value 32k+l."""
 
     nmax = 31
     ref_search = (-0.5, 0.1, 15)
 
 
-class Q6K(_KQuant, qtype=Q.Q6_K):
+class Q6_K(_KQuant, qtype=Q.Q6_K):
     """16 sub-blocks of 16, 6-bit symmetric levels, int8 scales. Block: ql[128] qh[64] scales[16] d."""
 
     @classmethod
@@ -324,10 +298,10 @@ class Q6K(_KQuant, qtype=Q.Q6_K):
     @staticmethod
     def finish(blocks: np.ndarray, x: np.ndarray, scales: np.ndarray, levels: np.ndarray) -> np.ndarray:
         n = blocks.shape[0]
-        amax, max_scale = signed_absmax(np.ascontiguousarray(from_groups(scales, n).T))
+        amax, max_scale = signed_absmax_groups(np.ascontiguousarray(from_groups(scales, n).T))
         empty = amax < GROUP_MAX_EPS
         iscale = F32(-128) / np.where(empty, F32(1), max_scale)
-        d_bytes, d = fp16(np.where(empty, F32(0), F32(1) / iscale))
+        d_bytes, d = fp16_scale(np.where(empty, F32(0), F32(1) / iscale))
         sc = np.minimum(nearest(iscale[:, None] * from_groups(scales, n)), F32(127))
         sc = np.where(empty[:, None], F32(0), sc)
         sub_d = (d[:, None] * sc).reshape(-1)

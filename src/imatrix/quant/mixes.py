@@ -1,10 +1,15 @@
 """Which type each tensor gets: llama-quantize's per-tensor choices for a file type ("mix").
 
-Mirrors llama.cpp's `llama_tensor_get_type` (src/llama-quant.cpp) for the file types this project
-quantizes, written as tables: the default type of each file type, the categories of tensors, the
-per-category upgrades by layer, and the fallback when a row is not a whole number of blocks.
-Tensors must be visited in `llama_order` (llama.cpp's loader order) because the attn_v and ffn_down
-choices depend on running counters, exactly as in llama.cpp.
+Mirrors llama.cpp's `llama_tensor_get_type` (src/llama-quant.cpp) for every file type llama-quantize
+lists, written as tables: the default type of each file type, the categories of tensors, the
+per-category upgrades by layer, the `--tensor-type` patterns that replace them, the fallback when a
+row is not a whole number of blocks, and which results need an imatrix. Tensors must be visited in
+`llama_order` (llama.cpp's loader order; file order under --keep-split) because the attn_v and
+ffn_down/gate/up choices depend on running counters, exactly as in llama.cpp.
+
+A file type is listed whether or not this project has its kernels yet (`FileType.kernels_ready`):
+its mix, sizes (--dry-run) and imatrix rules hold either way; quantizing to a type without a kernel
+is refused when the job is planned, before anything is written.
 """
 
 from __future__ import annotations
@@ -18,18 +23,19 @@ import gguf
 
 from imatrix.errors import ImatrixError
 from imatrix.ggufio.types import type_sizes
-from imatrix.quant.base import QuantType
+from imatrix.quant.base import NewGGMLType, QuantType, ggml_type
 from imatrix.quant.hifi import HIFI_TYPE_ID
 
 QType = gguf.GGMLQuantizationType
 T = QType  # short alias for the tables below
+Q2_0 = ggml_type("Q2_0")
 
 
 @dataclass(frozen=True)
 class FileType:
     name: str
     ftype: int  # llama.cpp's LLAMA_FTYPE number, written as general.file_type
-    default: QType
+    default: enum.IntEnum
     # a file type of our own follows the per-tensor rules of the llama.cpp mix named here,
     # then stores each type of `substitutes` as the type it maps to
     rules: str = ""
@@ -39,72 +45,107 @@ class FileType:
     def rules_name(self) -> str:
         return self.rules or self.name
 
+    @property
+    def kernels_ready(self) -> bool:
+        """Whether this project has the kernel of the file type's default type (its mix may still pick others)."""
+        stored = dict(self.substitutes).get(self.default, self.default)
+        return stored in UNQUANTIZED or stored in QuantType.registry
 
-_FT = gguf.LlamaFileType
+
+# llama-quantize's list (tools/quantize/quantize.cpp QUANT_OPTIONS), in its order, with each file type's
+# default tensor type (llama_ftype_get_default_type); COPY keeps every tensor as it is
 FILE_TYPES: dict[str, FileType] = {
     ft.name: ft
     for ft in (
-        FileType("F32", _FT.ALL_F32, T.F32),
-        FileType("F16", _FT.MOSTLY_F16, T.F16),
-        FileType("BF16", _FT.MOSTLY_BF16, T.BF16),
-        FileType("Q4_0", _FT.MOSTLY_Q4_0, T.Q4_0),
-        FileType("Q4_1", _FT.MOSTLY_Q4_1, T.Q4_1),
-        FileType("Q5_0", _FT.MOSTLY_Q5_0, T.Q5_0),
-        FileType("Q5_1", _FT.MOSTLY_Q5_1, T.Q5_1),
-        FileType("Q8_0", _FT.MOSTLY_Q8_0, T.Q8_0),
-        FileType("Q2_K", _FT.MOSTLY_Q2_K, T.Q2_K),
-        FileType("Q3_K_S", _FT.MOSTLY_Q3_K_S, T.Q3_K),
-        FileType("Q3_K_M", _FT.MOSTLY_Q3_K_M, T.Q3_K),
-        FileType("Q3_K_L", _FT.MOSTLY_Q3_K_L, T.Q3_K),
-        FileType("Q4_K_S", _FT.MOSTLY_Q4_K_S, T.Q4_K),
-        FileType("Q4_K_M", _FT.MOSTLY_Q4_K_M, T.Q4_K),
-        FileType("Q5_K_S", _FT.MOSTLY_Q5_K_S, T.Q5_K),
-        FileType("Q5_K_M", _FT.MOSTLY_Q5_K_M, T.Q5_K),
-        FileType("Q6_K", _FT.MOSTLY_Q6_K, T.Q6_K),
-        FileType("IQ4_NL", _FT.MOSTLY_IQ4_NL, T.IQ4_NL),
-        FileType("IQ4_XS", _FT.MOSTLY_IQ4_XS, T.IQ4_XS),
+        FileType("Q1_0", 40, T.Q1_0),
+        FileType("Q2_0", 41, Q2_0),
+        FileType("Q4_0", 2, T.Q4_0),
+        FileType("Q4_1", 3, T.Q4_1),
+        FileType("MXFP4_MOE", 38, T.MXFP4),
+        FileType("Q5_0", 8, T.Q5_0),
+        FileType("Q5_1", 9, T.Q5_1),
+        FileType("IQ2_XXS", 19, T.IQ2_XXS),
+        FileType("IQ2_XS", 20, T.IQ2_XS),
+        FileType("IQ2_S", 28, T.IQ2_XS),
+        FileType("IQ2_M", 29, T.IQ2_S),
+        FileType("IQ1_S", 24, T.IQ1_S),
+        FileType("IQ1_M", 31, T.IQ1_M),
+        FileType("TQ1_0", 36, T.TQ1_0),
+        FileType("TQ2_0", 37, T.TQ2_0),
+        FileType("Q2_K", 10, T.Q2_K),
+        FileType("Q2_K_S", 21, T.Q2_K),
+        FileType("IQ3_XXS", 23, T.IQ3_XXS),
+        FileType("IQ3_S", 26, T.IQ3_S),
+        FileType("IQ3_M", 27, T.IQ3_S),
+        FileType("IQ3_XS", 22, T.IQ3_S),
+        FileType("Q3_K_S", 11, T.Q3_K),
+        FileType("Q3_K_M", 12, T.Q3_K),
+        FileType("Q3_K_L", 13, T.Q3_K),
+        FileType("IQ4_NL", 25, T.IQ4_NL),
+        FileType("IQ4_XS", 30, T.IQ4_XS),
+        FileType("Q4_K_S", 14, T.Q4_K),
+        FileType("Q4_K_M", 15, T.Q4_K),
+        FileType("Q5_K_S", 16, T.Q5_K),
+        FileType("Q5_K_M", 17, T.Q5_K),
+        FileType("Q6_K", 18, T.Q6_K),
+        FileType("Q8_0", 7, T.Q8_0),
+        FileType("F16", 1, T.F16),
+        FileType("BF16", 32, T.BF16),
+        FileType("F32", 0, T.F32),
+        FileType("COPY", 0, T.F32),  # general.file_type: the input's (its key, or the guess llama.cpp makes)
         # Q3_K_S's choices with every Q3_K tensor stored as Q3_K_HIFI (general.file_type = the type id)
         FileType("Q3_K_HIFI", int(HIFI_TYPE_ID), T.Q3_K, rules="Q3_K_S", substitutes=((T.Q3_K, HIFI_TYPE_ID),)),
     )
 }
 ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 UNQUANTIZED = frozenset({T.F32, T.F16, T.BF16})
+LLAMA_LIST_ORDER = ["Q1_0", "Q2_0", "Q4_0", "Q4_1", "MXFP4_MOE", "Q5_0", "Q5_1", "IQ2_XXS", "IQ2_XS", "IQ2_S",
+                    "IQ2_M", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0", "Q2_K", "Q2_K_S", "IQ3_XXS", "IQ3_S", "IQ3_M",
+                    "Q3_K", "IQ3_XS", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_NL", "IQ4_XS", "Q4_K", "Q4_K_S",
+                    "Q4_K_M", "Q5_K", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0", "F16", "BF16", "F32", "COPY"]
+
+
+def _by_llama_name(name: str) -> FileType:
+    return FILE_TYPES[ALIASES.get(name, name)]
 
 
 def parse_file_type(text: str) -> FileType:
-    """A file type by name (any case, llama-quantize's aliases) or by its LLAMA_FTYPE number."""
-    key = ALIASES.get(text.upper(), text.upper())
-    if key in FILE_TYPES:
-        return FILE_TYPES[key]
-    by_number = {str(int(ft.ftype)): ft for ft in FILE_TYPES.values()}
-    if text.strip() in by_number:
-        return by_number[text.strip()]
+    """A file type by name (any case, llama-quantize's aliases) or by its LLAMA_FTYPE number; a number
+    means the first entry of llama-quantize's list with it (`try_parse_ftype`: 12 is Q3_K, 0 is F32)."""
+    key = text.upper()
+    if key in FILE_TYPES or key in ALIASES:
+        return _by_llama_name(key)
+    for name in [*LLAMA_LIST_ORDER, *FILE_TYPES]:
+        if str(_by_llama_name(name).ftype) == text.strip():
+            return _by_llama_name(name)
     names = ", ".join([*FILE_TYPES, *ALIASES])
     raise ImatrixError(f"unknown quantization type '{text}' (choose from {names})")
 
 
 def looks_like_file_type(text: str) -> bool:
-    """Whether llama-quantize reads `text` as a file type (`try_parse_ftype`), one this project
-    quantizes or not: it then takes `<input> <type>` to mean the output's name is made up."""
-    llama_names = {ft.name.removeprefix("MOSTLY_").removeprefix("ALL_") for ft in gguf.LlamaFileType}
-    numbers = {str(int(ft)) for ft in gguf.LlamaFileType}
-    upper = text.upper()
-    return upper in FILE_TYPES or upper in ALIASES or upper in llama_names or upper == "COPY" or text in numbers
+    """Whether llama-quantize reads `text` as a file type (`try_parse_ftype`): it then takes `<input> <type>`
+    to mean the output's name is made up."""
+    try:
+        parse_file_type(text)
+    except ImatrixError:
+        return False
+    return True
 
 
 def llama_cpp_type_name(text: str) -> str:
     """The name llama-quantize gives the file type `text`: the first entry of its list that matches,
     where the aliases (Q4_K for Q4_K_M, ...) come before the names they stand for."""
+    upper = text.upper()
+    if upper in FILE_TYPES or upper in ALIASES:
+        return upper
     ft = parse_file_type(text)
-    if text.upper() in ALIASES:
-        return text.upper()
-    alias_of = {name: alias for alias, name in ALIASES.items()}
-    return alias_of.get(ft.name, ft.name) if text.strip().isdigit() else ft.name
+    return next((name for name in LLAMA_LIST_ORDER if _by_llama_name(name) == ft), ft.name)
 
 
 def parse_tensor_type(text: str) -> enum.IntEnum:
     """A tensor type by its ggml name in any case (`q8_0`, `Q6_K`), or a registered project type."""
-    known: dict[str, enum.IntEnum] = {q.name: q for q in QType}
+    known: dict[str, enum.IntEnum] = {q.name: q for q in NewGGMLType}
+    known.update({q.name: q for q in QType})
     known.update({q.name: q for q in QuantType.registry})  # type: ignore[misc]
     try:
         return known[text.upper()]
@@ -166,6 +207,13 @@ NEVER_QUANTIZED = (
     "mm.a.code_embd",
 )
 NEVER_QUANTIZED_NAMES = frozenset({"position_embd.weight", "token_types.weight"})
+NEVER_QUANTIZED_BY_ARCH = {
+    "glm5-next": (
+        "hc_", "indexer.attn_q_b", "indexer.attn_k", "indexer.proj", "indexer_compressor_gate",
+        "indexer_compressor_ape", "ssm_f_a.weight", "ssm_f_b.weight", "ssm_g_a.weight", "ssm_g_b.weight",
+        "ssm_beta.weight", "attn_kv_a_mqa.weight", "attn_k_b.weight", "attn_v_b.weight",
+    ),
+}
 
 
 def n_dims(shape: Sequence[int]) -> int:
@@ -176,7 +224,7 @@ def n_dims(shape: Sequence[int]) -> int:
     return len(dims)
 
 
-def allows_quantization(name: str, shape: Sequence[int], leave_output_tensor: bool = False) -> bool:
+def allows_quantization(name: str, shape: Sequence[int], leave_output_tensor: bool = False, arch: str = "") -> bool:
     """Only 2-D and 3-D `*weight` tensors, minus norms, routers, position embeddings and tiny tables."""
     if n_dims(shape) < 2 or not name.endswith("weight"):
         return False
@@ -184,7 +232,8 @@ def allows_quantization(name: str, shape: Sequence[int], leave_output_tensor: bo
         return False
     if name in NEVER_QUANTIZED_NAMES:
         return False
-    return not any(part in name for part in NEVER_QUANTIZED)
+    never = (*NEVER_QUANTIZED, *NEVER_QUANTIZED_BY_ARCH.get(arch, ()))
+    return not any(part in name for part in never)
 
 
 # --- tensor categories (llama.cpp: tensor_get_category; first match wins) ---
@@ -234,6 +283,7 @@ _BLOCK = re.compile(r"blk\.(\d+)\.")
 
 
 def block_index(name: str) -> int:
+    """The layer a name starts with (`sscanf(name, "blk.%d.")`), -1 for none."""
     match = _BLOCK.match(name)
     return int(match.group(1)) if match else -1
 
@@ -306,18 +356,31 @@ class MixState:
     has_imatrix: bool = False
     i_attention_wv: int = 0
     i_ffn_down: int = 0
+    i_ffn_gate: int = 0
+    i_ffn_up: int = 0
     n_fallback: int = 0
     fallback_notes: list[str] = field(default_factory=list)
+    override_notes: list[str] = field(default_factory=list)  # --tensor-type's "applying manual override" lines
 
 
-Rule = Callable[[MixState, int, int], "QType | None"]
+Rule = Callable[[MixState, int, int], "enum.IntEnum | None"]
+
+
+def _gqa4(upgrade: QType) -> Rule:
+    return lambda s, i, n: upgrade if s.model.n_gqa >= 4 else None
+
 
 ATTN_V_RULES: dict[str, Rule] = {
     "Q2_K": lambda s, i, n: T.Q4_K if s.model.n_gqa >= 4 else T.Q3_K,
+    "Q2_K_S": _gqa4(T.Q4_K),
+    "IQ3_XXS": lambda s, i, n: T.Q4_K if s.model.n_gqa >= 4 else T.IQ3_S if not s.has_imatrix else T.IQ3_XXS,
+    "IQ3_XS": _gqa4(T.Q4_K),
+    "IQ3_S": _gqa4(T.Q4_K),
+    "IQ3_M": lambda s, i, n: T.Q4_K,
     "Q3_K_M": lambda s, i, n: T.Q5_K if i < 2 else T.Q4_K,
     "Q3_K_L": lambda s, i, n: T.Q5_K,
-    "IQ4_NL": lambda s, i, n: T.Q5_K if s.model.n_gqa >= 4 else None,
-    "IQ4_XS": lambda s, i, n: T.Q5_K if s.model.n_gqa >= 4 else None,
+    "IQ4_NL": _gqa4(T.Q5_K),
+    "IQ4_XS": _gqa4(T.Q5_K),
     "Q4_K_M": lambda s, i, n: T.Q6_K if use_more_bits(i, n) else None,
     "Q5_K_M": lambda s, i, n: T.Q6_K if use_more_bits(i, n) else None,
     "Q4_K_S": lambda s, i, n: T.Q5_K if i < 4 else None,
@@ -341,9 +404,16 @@ def _iq4_ffn_down(s: MixState, i: int, n: int) -> QType | None:
     return T.Q5_K if i < n // 8 and not s.has_imatrix else None
 
 
+def _iq3_m_ffn_down(s: MixState, i: int, n: int) -> QType | None:
+    return T.Q4_K if i < n // 8 or (s.model.n_expert == 8 and use_more_bits(i, n)) else None
+
+
 FFN_DOWN_RULES: dict[str, Rule] = {
     "Q2_K": lambda s, i, n: T.Q3_K,
+    "Q2_K_S": lambda s, i, n: T.Q4_K if i < n // 8 else None,
+    "IQ3_XXS": lambda s, i, n: None if s.has_imatrix else T.Q4_K if i < n // 8 else T.Q3_K,
     "Q3_K_M": _q3_k_m_ffn_down,
+    "IQ3_M": _iq3_m_ffn_down,
     "Q3_K_L": lambda s, i, n: T.Q4_K if s.model.falcon else T.Q5_K,
     "Q4_K_M": _q4_k_m_ffn_down,
     "IQ4_NL": _iq4_ffn_down,
@@ -355,13 +425,35 @@ FFN_DOWN_RULES: dict[str, Rule] = {
     "Q5_0": lambda s, i, n: T.Q5_1 if s.has_imatrix and i < n // 8 else None,
 }
 
-ATTN_OUTPUT_RULES = {"Q2_K": T.Q3_K, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K}
+
+def _iq3_xs_middle(s: MixState, i: int, n: int) -> QType | None:
+    return T.IQ3_XXS if n // 8 <= i < 7 * n // 8 else None
+
+
+FFN_GATE_UP_RULES: dict[str, Rule] = {"IQ3_XS": _iq3_xs_middle}
+ATTN_Q_RULES = {"IQ3_XS": T.IQ3_XXS, "IQ3_XXS": T.IQ2_S}  # attn_k too, unless the model has 8 experts
+ATTN_OUTPUT_RULES = {"Q2_K": T.Q3_K, "IQ3_XXS": T.IQ3_S, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K, "IQ3_M": T.Q4_K}
 ATTN_OUTPUT_FALCON_RULES = {"Q3_K_L": T.Q4_K}
-ATTN_OUTPUT_8_EXPERTS = frozenset({"Q2_K", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M", "IQ4_XS"})
+ATTN_OUTPUT_8_EXPERTS = frozenset({"Q2_K", "IQ3_XS", "IQ3_XXS", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M",
+                                   "IQ3_S", "IQ3_M", "IQ4_XS"})
 
 
-def _attn_v(s: MixState, ft: FileType, new: QType, name: str) -> QType:
-    rule = ATTN_V_RULES.get(ft.rules_name)
+def _layer(s: MixState, counter: str, name: str) -> tuple[int, int]:
+    """(layer, n_layer) of an ffn tensor, counting the category's tensors as they come (llama.cpp's
+    `layer_info`); then the next one. MoE expert tensors are not in layer order, so theirs is in the name."""
+    i_layer, n_layer = getattr(s, counter), s.model.n_layer
+    setattr(s, counter, i_layer + 1)
+    if s.model.n_expert > 1:
+        i_layer = block_index(name)
+        if i_layer < 0:
+            raise ImatrixError(f"failed to determine the layer of tensor {name}")
+        if i_layer >= n_layer:
+            raise ImatrixError(f"bad layer {i_layer} for tensor {name}: must be in [0, {n_layer})")
+    return i_layer, n_layer
+
+
+def _attn_v(s: MixState, rules: str, new: enum.IntEnum, name: str) -> enum.IntEnum:
+    rule = ATTN_V_RULES.get(rules)
     chosen = rule(s, s.i_attention_wv, s.model.n_attention_wv) if rule else None
     if chosen is not None:
         new = chosen
@@ -373,39 +465,78 @@ def _attn_v(s: MixState, ft: FileType, new: QType, name: str) -> QType:
     return new
 
 
-def _ffn_down(s: MixState, ft: FileType, new: QType, name: str) -> QType:
-    i_layer, n_layer = s.i_ffn_down, s.model.n_layer
-    if s.model.n_expert > 1:
-        # llama_tensor_get_type_impl: expert tensors are not in layer order, so the layer comes from the name
-        i_layer = block_index(name)
-        if not 0 <= i_layer < n_layer:
-            raise ImatrixError(f"{name}: cannot tell its layer (must be in [0, {n_layer}))")
-    rule = FFN_DOWN_RULES.get(ft.rules_name)
-    chosen = rule(s, i_layer, n_layer) if rule else None
-    s.i_ffn_down += 1
-    return new if chosen is None else chosen
+def _ffn(counter: str, rules_by_ftype: dict[str, Rule]) -> Callable[..., enum.IntEnum]:
+    def rule(s: MixState, rules: str, new: enum.IntEnum, name: str) -> enum.IntEnum:
+        i_layer, n_layer = _layer(s, counter, name)
+        chosen = rules_by_ftype[rules](s, i_layer, n_layer) if rules in rules_by_ftype else None
+        return new if chosen is None else chosen
+
+    return rule
 
 
-def _attn_output(s: MixState, ft: FileType, new: QType, name: str) -> QType:
+def _attn_output(s: MixState, rules: str, new: enum.IntEnum, name: str) -> enum.IntEnum:
     if s.model.falcon:
-        return ATTN_OUTPUT_FALCON_RULES.get(ft.rules_name, new)
+        return ATTN_OUTPUT_FALCON_RULES.get(rules, new)
     if s.model.n_expert == 8:
-        return T.Q5_K if ft.rules_name in ATTN_OUTPUT_8_EXPERTS else new
-    return ATTN_OUTPUT_RULES.get(ft.rules_name, new)
+        return T.Q5_K if rules in ATTN_OUTPUT_8_EXPERTS else new
+    return ATTN_OUTPUT_RULES.get(rules, new)
 
 
-def _attn_k(s: MixState, ft: FileType, new: QType, name: str) -> QType:
-    return T.Q8_0 if s.model.n_expert == 8 else new
+def _attn_k(s: MixState, rules: str, new: enum.IntEnum, name: str) -> enum.IntEnum:
+    return T.Q8_0 if s.model.n_expert == 8 else ATTN_Q_RULES.get(rules, new)
+
+
+def _attn_q(s: MixState, rules: str, new: enum.IntEnum, name: str) -> enum.IntEnum:
+    return ATTN_Q_RULES.get(rules, new)
 
 
 # ATTN_QKV and ATTN_KV_B go through the attn_v rule: llama_tensor_get_type_impl tests attn_v-likeness
 # first, so its separate attn_qkv branch is never reached.
 CATEGORY_RULES = {
     **{cat: _attn_v for cat in ATTN_V_LIKE},
-    Cat.FFN_DOWN: _ffn_down,
+    Cat.FFN_DOWN: _ffn("i_ffn_down", FFN_DOWN_RULES),
+    Cat.FFN_GATE: _ffn("i_ffn_gate", FFN_GATE_UP_RULES),
+    Cat.FFN_UP: _ffn("i_ffn_up", FFN_GATE_UP_RULES),
     Cat.ATTN_OUTPUT: _attn_output,
     Cat.ATTN_K: _attn_k,
+    Cat.ATTN_Q: _attn_q,
 }
+
+# The 1-2 bit i-quant mixes have a branch of their own in llama_tensor_get_type_impl.
+LOW_BIT_IQ = frozenset({"IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M"})
+IQ2_S_OR_M = frozenset({"IQ2_S", "IQ2_M"})
+IQ1 = frozenset({"IQ1_S", "IQ1_M"})
+
+
+def _low_bit_iq(s: MixState, rules: str, cat: Cat, new: enum.IntEnum) -> enum.IntEnum:
+    fewer_bits = T.IQ3_S if rules in IQ2_S_OR_M else T.Q2_K
+    if cat in ATTN_V_LIKE:
+        s.i_attention_wv += 1
+        return T.Q4_K if s.model.n_gqa >= 4 or s.model.n_expert >= 4 else fewer_bits
+    if cat == Cat.ATTN_K and s.model.n_expert == 8:
+        return T.Q4_K
+    if cat == Cat.FFN_DOWN:
+        # this branch compares the running count with the layer count, even for experts
+        s.i_ffn_down += 1
+        return fewer_bits if s.i_ffn_down - 1 < s.model.n_layer // 8 else new
+    if cat == Cat.ATTN_OUTPUT:
+        if s.model.n_expert == 8:
+            return T.Q5_K
+        return T.IQ2_XXS if rules in IQ1 else T.IQ3_S if rules in IQ2_S_OR_M else new
+    return new
+
+
+# --- the output and embedding tables, and MXFP4_MOE ---
+
+OUTPUT_Q5_K = frozenset({"IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M"})
+UNTIED_TOKEN_EMBD = {
+    "IQ2_XXS": T.Q2_K, "IQ2_XS": T.Q2_K, "IQ1_S": T.Q2_K, "IQ1_M": T.Q2_K,
+    "IQ2_S": T.IQ3_S, "IQ2_M": T.IQ3_S, "IQ3_XXS": T.IQ3_S,
+    "TQ1_0": T.Q4_K, "TQ2_0": T.Q4_K, "Q2_0": T.Q4_K,
+}
+# glm5-next keeps these at Q8_0 or better whatever the mix says
+AT_LEAST_Q8_0 = {"glm5-next": ("attn_q_a", "attn_q_b", "nextn.eh_proj")}
+EXPERT_CATEGORIES = frozenset({Cat.FFN_UP, Cat.FFN_GATE, Cat.FFN_DOWN})
 
 
 @dataclass(frozen=True)
@@ -413,29 +544,51 @@ class Overrides:
     output_tensor_type: enum.IntEnum | None = None
     token_embedding_type: enum.IntEnum | None = None
     pure: bool = False
+    # --tensor-type: (regex on the tensor name, type), the first that matches wins
+    tensor_types: tuple[tuple[re.Pattern[str], enum.IntEnum], ...] = ()
+    only_copy: bool = False  # the COPY file type: no tensor is quantized
+
+    def manual_type(self, name: str) -> enum.IntEnum | None:
+        return next((qtype for pattern, qtype in self.tensor_types if pattern.search(name)), None)
 
 
-def _output_type(s: MixState, ft: FileType, new: QType, n_cols: int, ov: Overrides) -> enum.IntEnum:
+def _output_type(s: MixState, rules: str, new: enum.IntEnum, n_cols: int, ov: Overrides) -> enum.IntEnum:
     if ov.output_tensor_type is not None:
         return ov.output_tensor_type
-    if s.model.falcon or n_cols % block_size(new):
+    if rules == "MXFP4_MOE" or s.model.falcon or n_cols % block_size(new):
         return T.Q8_0
+    if rules in OUTPUT_Q5_K:
+        return T.Q5_K
     return new if new == T.Q8_0 else T.Q6_K
 
 
-def _mixed_type(s: MixState, ft: FileType, name: str, n_cols: int, ov: Overrides) -> enum.IntEnum:
-    cat = category(name)
-    new = ft.default
+def _mxfp4_moe(s: MixState, cat: Cat, shape: Sequence[int]) -> enum.IntEnum:
+    """MoE expert tensors (3-D) as MXFP4, everything else Q8_0 (bailingmoe3's 3-D MLA projections too)."""
+    is_experts = len(shape) > 2 and int(shape[2]) > 1
+    if s.model.arch == "bailingmoe3" and cat not in EXPERT_CATEGORIES:
+        is_experts = False
+    return T.MXFP4 if is_experts else T.Q8_0
+
+
+def _mixed_type(s: MixState, ft: FileType, name: str, shape: Sequence[int], ov: Overrides) -> enum.IntEnum:
+    """llama_tensor_get_type_impl: the mix's type for one tensor."""
+    cat, rules, new = category(name), ft.rules_name, ft.default
+    if any(part in name for part in AT_LEAST_Q8_0.get(s.model.arch, ())) and new not in UNQUANTIZED:
+        return T.Q8_0
     if cat == Cat.OUTPUT or (cat == Cat.TOKEN_EMBD and s.model.tied_embeddings):
-        return _output_type(s, ft, new, n_cols, ov)
+        return _output_type(s, rules, new, int(shape[0]), ov)
+    if rules == "MXFP4_MOE":
+        return _mxfp4_moe(s, cat, shape)
     if cat == Cat.TOKEN_EMBD:
-        return new
+        return UNTIED_TOKEN_EMBD.get(rules, new)
+    if rules in LOW_BIT_IQ:
+        return _low_bit_iq(s, rules, cat, new)
     rule = CATEGORY_RULES.get(cat)
-    return rule(s, ft, new, name) if rule else new
+    return rule(s, rules, new, name) if rule else new
 
 
 # target type -> the 32-block type used when a row is not a whole number of blocks
-FALLBACKS = {
+FALLBACKS: dict[enum.IntEnum, enum.IntEnum] = {
     T.IQ4_XS: T.IQ4_NL,
     T.IQ3_S: T.IQ4_NL,
     T.IQ3_XXS: T.IQ4_NL,
@@ -444,6 +597,7 @@ FALLBACKS = {
     T.IQ2_XXS: T.IQ4_NL,
     T.IQ1_M: T.IQ4_NL,
     T.IQ1_S: T.IQ4_NL,
+    Q2_0: T.Q4_0,
     T.Q2_K: T.Q4_0,
     T.Q3_K: T.Q4_0,
     T.TQ1_0: T.Q4_0,
@@ -467,7 +621,8 @@ def fallback(s: MixState, name: str, n_cols: int, target: enum.IntEnum) -> enum.
     elif qk <= 32:
         chosen = target
     else:
-        raise ImatrixError(f"{name}: no fallback type is defined for {target.name} ({n_cols} columns)")
+        raise ImatrixError(f"{name}: no tensor type fallback is defined for type {type_name(target)} "
+                           f"({n_cols} columns)")
     if n_cols % block_size(chosen):
         note += "(WARNING: must use F16 due to unusual shape) "
         chosen = T.F16
@@ -479,21 +634,29 @@ def fallback(s: MixState, name: str, n_cols: int, target: enum.IntEnum) -> enum.
 def choose_type(
     s: MixState, ft: FileType, name: str, shape: Sequence[int], current: enum.IntEnum, ov: Overrides
 ) -> enum.IntEnum:
-    """The type `name` (ggml shape `shape`, now of type `current`) gets in file type `ft`.
+    """The type `name` (ggml shape `shape`, now of type `current`) gets in file type `ft` (llama_tensor_get_type).
 
-    Call once per tensor in `llama_order`: the attn_v and ffn_down rules count tensors as they go.
+    Call once per tensor in `llama_order`: the attn_v and ffn rules count tensors as they go.
     """
-    if not allows_quantization(name, shape, leave_output_tensor=False):
+    if ov.only_copy or not allows_quantization(name, shape, arch=s.model.arch):
         return current
     cat = category(name)
-    if ov.token_embedding_type is not None and cat == Cat.TOKEN_EMBD:
+    manual = ov.manual_type(name)
+    # per_layer_token_embd follows --token-embedding-type unless a --tensor-type pattern names it
+    named = manual is not None and name == "per_layer_token_embd.weight"
+    if ov.token_embedding_type is not None and cat == Cat.TOKEN_EMBD and not named:
         return _fitting_override(name, shape, ov.token_embedding_type, "--token-embedding-type")
     if ov.output_tensor_type is not None and cat == Cat.OUTPUT:
         return _fitting_override(name, shape, ov.output_tensor_type, "--output-tensor-type")
-    if ft.default in UNQUANTIZED:
+    if ft.default in UNQUANTIZED:  # llama.cpp applies neither the mix nor --tensor-type then
         return ft.default
     n_cols = int(shape[0])
-    chosen = ft.default if ov.pure else _mixed_type(s, ft, name, n_cols, ov)
+    if manual is not None:  # kept as named: not the mix, and not a file type's substitute either
+        if manual != ft.default:
+            s.override_notes.append(f"llama_tensor_get_type: {name:<36} - applying manual override: "
+                                    f"{type_name(ft.default)} -> {type_name(manual)}")
+        return fallback(s, name, n_cols, manual)
+    chosen = ft.default if ov.pure else _mixed_type(s, ft, name, shape, ov)
     chosen = fallback(s, name, n_cols, chosen)
     return dict(ft.substitutes).get(chosen, chosen)
 
@@ -507,6 +670,21 @@ def _fitting_override(name: str, shape: Sequence[int], qtype: enum.IntEnum, flag
     return qtype
 
 
+# --- which results need an imatrix (llama.cpp: tensor_requires_imatrix) ---
+
+IMATRIX_REQUIRED = frozenset({T.IQ3_XXS, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_M, T.IQ1_S})
+NEVER_REQUIRE_IMATRIX = frozenset({"token_embd.weight", "per_layer_token_embd.weight", "output.weight"})
+Q2_K_S_FTYPE = 21
+
+
+def requires_imatrix(name: str, qtype: enum.IntEnum, ft: FileType) -> bool:
+    """Whether llama-quantize refuses to make tensor `name` of type `qtype` without an imatrix: the 1-3 bit
+    i-quants, and Q2_K in a Q2_K_S file; never the embeddings or the output."""
+    if name in NEVER_REQUIRE_IMATRIX:
+        return False
+    return qtype in IMATRIX_REQUIRED or (qtype == T.Q2_K and ft.ftype == Q2_K_S_FTYPE)
+
+
 def plan_types(
     ft: FileType,
     tensors: Sequence[tuple[str, Sequence[int], enum.IntEnum]],
@@ -514,12 +692,13 @@ def plan_types(
     overrides: Overrides = Overrides(),
     has_imatrix: bool = False,
     leave_output_tensor: bool = False,
+    order: Sequence[str] | None = None,
 ) -> tuple[dict[str, enum.IntEnum], MixState]:
-    """Types for `(name, ggml shape, current type)` tensors; visits them in llama.cpp's order."""
+    """Types for `(name, ggml shape, current type)` tensors, visited in `order` (default: llama.cpp's)."""
     by_name = {name: (shape, current) for name, shape, current in tensors}
     state = MixState(model_facts(metadata, list(by_name)), has_imatrix=has_imatrix)
     chosen: dict[str, enum.IntEnum] = {}
-    for name in llama_order(by_name):
+    for name in order if order is not None else llama_order(by_name):
         shape, current = by_name[name]
         if leave_output_tensor and name == "output.weight":
             chosen[name] = current

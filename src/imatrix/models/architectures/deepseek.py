@@ -53,18 +53,31 @@ def mla_config(model_file: GGUFModelFile) -> dict[str, Any]:
             "kv_lora_rank": int(model_file.require_arch("attention.kv_lora_rank")),
             "qk_rope_head_dim": n_rope, "qk_nope_head_dim": int(key_length) - n_rope, "v_head_dim": int(value_length),
             "rope_interleave": True,  # llama.cpp rotates adjacent pairs (rope type NORM)
-            "rope_parameters": yarn_mscale(model_file, rope_parameters(model_file))}
+            "rope_parameters": llama_cpp_yarn(rope_parameters(model_file), stored_mscale_all_dim(model_file))}
 
 
-def yarn_mscale(model_file: GGUFModelFile, parameters: dict[str, Any]) -> dict[str, Any]:
-    """DeepSeek's YaRN also scales the attention logits by mscale(mscale_all_dim)², and llama.cpp takes the
-    checkpoint's `mscale` to be `mscale_all_dim` (`llama_context` constructor); the converter stores
-    0.1 · mscale_all_dim as the log multiplier (`TAG_DEEPSEEK2_YARN_LOG_MUL_FIX`)."""
-    log_multiplier = model_file.arch_value("rope.scaling.yarn_log_multiplier")
-    if parameters["rope_type"] != "yarn" or log_multiplier is None:
+def stored_mscale_all_dim(model_file: GGUFModelFile) -> float:
+    """The converter stores 0.1 · mscale_all_dim as the log multiplier (`TAG_DEEPSEEK2_YARN_LOG_MUL_FIX`)."""
+    return float(model_file.arch_value("rope.scaling.yarn_log_multiplier", 0.0)) / 0.1
+
+
+def llama_cpp_yarn(parameters: dict[str, Any], mscale_all_dim: float | None) -> dict[str, Any]:
+    """DeepSeek's YaRN scales the attention logits by yarn_get_mscale(mscale_all_dim)² as well; llama.cpp takes
+    the checkpoint's `mscale` to be `mscale_all_dim` (`llama_context` constructor), and without one (or 0) scales
+    the logits by yarn_get_mscale(1)² on top of the rotary scaling (`deepseek2.cpp`'s kq_scale)."""
+    if parameters.get("rope_type") != "yarn":
         return parameters
-    mscale = float(log_multiplier) / 0.1
-    return {**parameters, "mscale": mscale, "mscale_all_dim": mscale}
+    if not mscale_all_dim:
+        return {**{key: value for key, value in parameters.items() if key != "mscale"}, "mscale_all_dim": 1.0}
+    return {**parameters, "mscale": mscale_all_dim, "mscale_all_dim": mscale_all_dim}
+
+
+def as_llama_cpp_runs(config: Config) -> dict[str, Any]:
+    """What llama.cpp's graph does whatever a checkpoint's config says (see `mla_config`)."""
+    rope = config.rope_parameters
+    if rope.get("rope_type") == "yarn":  # whole-dimension ramps, as `base.rope_parameters` says
+        rope = llama_cpp_yarn({**rope, "truncate": True}, rope.get("mscale_all_dim"))
+    return {"rope_interleave": True, "rope_parameters": rope}
 
 
 def routing_config(model_file: GGUFModelFile) -> dict[str, Any]:
@@ -91,7 +104,8 @@ def join_kv_b(parts: list[np.ndarray], config: Config) -> np.ndarray:
 
 ARCHITECTURES = (
     Architecture("deepseek2", "DeepseekV3ForCausalLM", "DeepseekV3Config", deepseek_v3_config, ("deepseek_v3",),
-                 fused=(Fused("kv_b_proj", ("attn_k_b", "attn_v_b"), join_kv_b),), observers=(LatentAttention(),)),
+                 fused=(Fused("kv_b_proj", ("attn_k_b", "attn_v_b"), join_kv_b),), observers=(LatentAttention(),),
+                 hf_overrides=as_llama_cpp_runs),
     Architecture("deepseek2", "DeepseekV3ForCausalLM", "DeepseekV3Config", deepseek_v3_config,
                  applies_to=has_unsplit_kv_b, is_variant=True),
 )

@@ -1,9 +1,9 @@
 """Gemma 1, 2, 3, 3n and 4 (text).
 
-All Gemmas scale the token embeddings by √hidden (transformers' scaled embedding module) and keep
-zero-centred RMS norms, which the converter stores as `1 + w`. llama.cpp reads the attention layout
-from the file in its own way (`src/models/gemma*.cpp`): the config built here states that reading,
-so that transformers' forward runs llama.cpp's graph.
+All Gemmas scale the token embeddings by √hidden (transformers' scaled embedding module); Gemma 1-3
+keep zero-centred RMS norms, which the converter stores as `1 + w`. llama.cpp reads the layout from the
+file in its own way, and fixes some of it in code (`src/models/gemma*.cpp`): the config built here
+states that reading, so that transformers' forward runs llama.cpp's graph.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 from imatrix.ggufio.reader import GGUFModelFile
 from imatrix.models.architectures.base import (
     Architecture,
+    Config,
     Stacked,
     TensorRule,
     common_config,
@@ -31,27 +32,38 @@ ZERO_CENTRED_NORMS = (TensorRule(r"norm\.weight$", minus_one),)
 GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
 
-def query_scale_config(model_file: GGUFModelFile) -> dict[str, Any]:
+def query_pre_attn_scalar(architecture: str, n_layer: int, hidden: int, n_head: int, head_dim: int) -> int:
     """llama.cpp ignores `query_pre_attn_scalar`: it scales queries by 1/√head_dim, except for the 27B
     models (known by their layer count), where it uses hidden/heads (`load_arch_hparams`, gemma2/gemma3)."""
+    return hidden // n_head if n_layer == GEMMA_27B_LAYERS[architecture] else head_dim
+
+
+def query_scale_config(model_file: GGUFModelFile) -> dict[str, Any]:
     config = common_config(model_file)
-    scalar = config["head_dim"]
-    if config["num_hidden_layers"] == GEMMA_27B_LAYERS.get(model_file.architecture):
-        scalar = config["hidden_size"] // config["num_attention_heads"]
-    return {"query_pre_attn_scalar": scalar}
+    return {"query_pre_attn_scalar": query_pre_attn_scalar(model_file.architecture, config["num_hidden_layers"],
+                                                           config["hidden_size"], config["num_attention_heads"],
+                                                           config["head_dim"])}
 
 
 def sliding_layer_types(model_file: GGUFModelFile, n_pattern: int) -> list[str]:
     """Which layers use the sliding window, as llama.cpp's `load_swa_pattern` reads it: one flag per layer,
-    or a period (stored, else the architecture's) whose last layer is global."""
+    or a period (stored, else the architecture's)."""
     n_layer = int(model_file.require_arch("block_count"))
     stored = model_file.arch_value("attention.sliding_window_pattern")
     if isinstance(stored, list):
-        flags = [bool(flag) for flag in stored]
-    else:
-        period = int(stored) if stored is not None else n_pattern
-        flags = [period == 0 or layer % period < period - 1 for layer in range(n_layer)]
-    return ["sliding_attention" if flag else "full_attention" for flag in flags]
+        return ["sliding_attention" if flag else "full_attention" for flag in stored]
+    return periodic_layer_types(n_layer, int(stored) if stored is not None else n_pattern)
+
+
+def periodic_layer_types(n_layer: int, period: int) -> list[str]:
+    """The last layer of each period is global (period 0: all slide), `llama_hparams::set_swa_pattern`."""
+    return ["sliding_attention" if period == 0 or layer % period < period - 1 else "full_attention"
+            for layer in range(n_layer)]
+
+
+def per_layer(value: int | list[int], n_layer: int) -> list[int]:
+    """A hyperparameter llama.cpp may store per layer (an array), for every layer."""
+    return [int(item) for item in value] if isinstance(value, list) else [int(value)] * n_layer
 
 
 def gemma_config(model_file: GGUFModelFile) -> dict[str, Any]:
@@ -101,14 +113,18 @@ def gemma3n_config(model_file: GGUFModelFile) -> dict[str, Any]:
     config = {**common_config(model_file), **GEMMA3N_FIXED, "rope_parameters": gemma3_rope(model_file)}
     del config["rope_theta"]
     n_layer = config["num_hidden_layers"]
-    widths = model_file.require_arch("feed_forward_length")
-    widths = [int(width) for width in widths] if isinstance(widths, list) else [int(widths)] * n_layer
+    widths = per_layer(model_file.require_arch("feed_forward_length"), n_layer)
     return {**config, "intermediate_size": widths, "vocab_size_per_layer_input": config["vocab_size"],
             "sliding_window": int(model_file.require_arch("attention.sliding_window")),
             "layer_types": sliding_layer_types(model_file, 5),
             "num_kv_shared_layers": max(0, n_layer - GEMMA3N_KV_LAYERS),
-            "activation_sparsity_pattern": [sparsity_at_llama_cpp_cutoff(width) if layer < GEMMA3N_SPARSE_LAYERS
-                                            else 0.0 for layer, width in enumerate(widths)]}
+            "activation_sparsity_pattern": gemma3n_sparsity(widths)}
+
+
+def gemma3n_sparsity(widths: list[int]) -> list[float]:
+    """llama.cpp sparsifies the gate of the first 10 layers whatever the config says (`n_layer_sparsity`)."""
+    return [sparsity_at_llama_cpp_cutoff(width) if layer < GEMMA3N_SPARSE_LAYERS else 0.0
+            for layer, width in enumerate(widths)]
 
 
 def sparsity_at_llama_cpp_cutoff(n_ff: int) -> float:
@@ -128,36 +144,40 @@ ALTUP_STACKS = (Stacked(r"model\.altup_projections\.(\d+)\.weight", "altup_proj.
 ALTUP_SCALE = ((r"model\.layers\.(\d+)\.altup\.correct_output_scale", r"blk.\1.altup_correct_scale.weight"),)
 
 
-
 def gemma4_config(model_file: GGUFModelFile) -> dict[str, Any]:
-    """Gemma 4 states its heterogeneous layers in the file: per-layer head counts and FFN widths, head sizes
-    of the full-attention layers (`key_length`) and of the sliding ones (`key_length_swa`)."""
     config = {**common_config(model_file), "rope_parameters": gemma4_rope(model_file)}
     del config["rope_theta"]
-    n_layer = config["num_hidden_layers"]
     layer_types = sliding_layer_types(model_file, 0)
+    # llama.cpp's default soft-cap stays when the file states none (gemma4.cpp reads the key only if present)
+    return {**config, **gemma4_attention(model_file, layer_types), **gemma4_feed_forward(model_file),
+            **gemma4_per_layer_input(model_file, config["vocab_size"]), **gemma4_experts(model_file),
+            "final_logit_softcapping": float(model_file.arch_value("final_logit_softcapping", 30.0))}
+
+
+def gemma4_attention(model_file: GGUFModelFile, layer_types: list[str]) -> dict[str, Any]:
+    """The file states head sizes for full-attention layers (`key_length`) and sliding ones (`key_length_swa`),
+    and KV heads per layer; transformers takes the full-attention layers' as per-layer overrides."""
+    n_layer = len(layer_types)
     first_full = layer_types.index("full_attention")
     first_sliding = layer_types.index("sliding_attention") if "sliding_attention" in layer_types else first_full
-    kv_heads = per_layer(model_file.arch_value("attention.head_count_kv", config["num_attention_heads"]), n_layer)
-    widths = per_layer(model_file.require_arch("feed_forward_length"), n_layer)
-    n_shared = int(model_file.arch_value("attention.shared_kv_layers", 0))
+    kv_heads = per_layer(model_file.arch_value("attention.head_count_kv", 0) or
+                         model_file.require_arch("attention.head_count"), n_layer)
     full_head = int(model_file.require_arch("attention.key_length"))
     full_layer = {"head_dim": full_head, "num_key_value_heads": kv_heads[first_full]}
     full_layers = {layer: full_layer for layer, kind in enumerate(layer_types) if kind == "full_attention"}
-    return {**config, **gemma4_per_layer_input(model_file, config["vocab_size"]), **gemma4_experts(model_file),
-            "layer_types": layer_types, "sliding_window": int(model_file.require_arch("attention.sliding_window")),
+    return {"layer_types": layer_types, "sliding_window": int(model_file.require_arch("attention.sliding_window")),
             "head_dim": int(model_file.arch_value("attention.key_length_swa", full_head)),
             "num_key_value_heads": kv_heads[first_sliding],
             "per_layer_config": full_layers,
+            # full-attention layers without a value projection use the keys as values
             "attention_k_eq_v": f"blk.{first_full}.attn_v.weight" not in model_file.tensors,
-            "num_kv_shared_layers": n_shared, "intermediate_size": widths[0],
-            # the KV-sharing layers' FFNs are twice as wide (`use_double_wide_mlp`)
-            "use_double_wide_mlp": widths[-1] == 2 * widths[0] and n_shared > 0,
-            "final_logit_softcapping": model_file.arch_value("final_logit_softcapping") or None}
+            "num_kv_shared_layers": int(model_file.arch_value("attention.shared_kv_layers", 0))}
 
 
-def per_layer(value: int | list[int], n_layer: int) -> list[int]:
-    return [int(item) for item in value] if isinstance(value, list) else [int(value)] * n_layer
+def gemma4_feed_forward(model_file: GGUFModelFile) -> dict[str, Any]:
+    """Per-layer FFN widths: the KV-sharing layers' are twice the others' with `use_double_wide_mlp`."""
+    widths = per_layer(model_file.require_arch("feed_forward_length"), int(model_file.require_arch("block_count")))
+    return {"intermediate_size": widths[0], "use_double_wide_mlp": widths[-1] == 2 * widths[0]}
 
 
 def gemma4_per_layer_input(model_file: GGUFModelFile, vocab_size: int) -> dict[str, Any]:
@@ -189,15 +209,46 @@ GEMMA4_NAMES = ((r"model\.layers\.(\d+)\.layer_scalar", r"blk.\1.layer_output_sc
                 (r"model\.layers\.(\d+)\.router\.scale", r"blk.\1.ffn_gate_inp.scale"),
                 (r"model\.layers\.(\d+)\.router\.per_expert_scale", r"blk.\1.ffn_down_exps.scale"))
 
+# --- checkpoint directories: what llama.cpp's graph fixes whatever their config says ----------------------------
+# (its GELU is always the tanh approximation; transformers' Gemma 1 config maps "gelu" to it already)
+
+def gemma2_overrides(config: Config) -> dict[str, Any]:
+    return {**sliding_overrides(config, "gemma2", 2), "hidden_activation": "gelu_pytorch_tanh"}
+
+
+def gemma3_overrides(config: Config) -> dict[str, Any]:
+    return {**sliding_overrides(config, "gemma3", 6), "hidden_activation": "gelu_pytorch_tanh"}
+
+
+def sliding_overrides(config: Config, architecture: str, period: int) -> dict[str, Any]:
+    """The query scale and the window pattern llama.cpp fixes for Gemma 2/3 (the converter writes neither)."""
+    scalar = query_pre_attn_scalar(architecture, config.num_hidden_layers, config.hidden_size,
+                                   config.num_attention_heads, config.head_dim)
+    return {"query_pre_attn_scalar": scalar, "layer_types": periodic_layer_types(config.num_hidden_layers, period)}
+
+
+def gemma3n_overrides(config: Config) -> dict[str, Any]:
+    fixed = {key: value for key, value in GEMMA3N_FIXED.items() if key == "final_logit_softcapping"}
+    return {**fixed, "hidden_activation": "gelu_pytorch_tanh",
+            "num_kv_shared_layers": max(0, config.num_hidden_layers - GEMMA3N_KV_LAYERS),
+            "activation_sparsity_pattern": gemma3n_sparsity(config.intermediate_size)}
+
+
+def gemma4_overrides(config: Config) -> dict[str, Any]:
+    return {"final_logit_softcapping": config.final_logit_softcapping or 30.0, "hidden_activation": "gelu_pytorch_tanh"}
+
+
 ARCHITECTURES = (
     Architecture("gemma", "GemmaForCausalLM", "GemmaConfig", gemma_config, ("gemma",),
                  tensor_rules=ZERO_CENTRED_NORMS),
     Architecture("gemma2", "Gemma2ForCausalLM", "Gemma2Config", gemma2_config, ("gemma2",),
-                 tensor_rules=ZERO_CENTRED_NORMS, logits=soft_capped_logits),
+                 tensor_rules=ZERO_CENTRED_NORMS, logits=soft_capped_logits, hf_overrides=gemma2_overrides),
     Architecture("gemma3", "Gemma3ForCausalLM", "Gemma3TextConfig", gemma3_config, ("gemma3_text",),
-                 tensor_rules=ZERO_CENTRED_NORMS, logits=soft_capped_logits),
+                 tensor_rules=ZERO_CENTRED_NORMS, logits=soft_capped_logits, hf_overrides=gemma3_overrides),
     Architecture("gemma3n", "Gemma3nForCausalLM", "Gemma3nTextConfig", gemma3n_config, ("gemma3n_text",),
-                 stacked=ALTUP_STACKS, extra_names=ALTUP_SCALE, logits=soft_capped_logits),
+                 stacked=ALTUP_STACKS, extra_names=ALTUP_SCALE, logits=soft_capped_logits,
+                 hf_overrides=gemma3n_overrides),
     Architecture("gemma4", "Gemma4ForCausalLM", "Gemma4TextConfig", gemma4_config, ("gemma4_text",),
-                 extra_names=GEMMA4_NAMES, expert_join=StackJoin(fused_gate_up=True), logits=soft_capped_logits),
+                 extra_names=GEMMA4_NAMES, expert_join=StackJoin(fused_gate_up=True), logits=soft_capped_logits,
+                 hf_overrides=gemma4_overrides),
 )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from imatrix.models.architectures.base import Architecture, common_config
 from imatrix.ggufio.reader import GGUFModelFile
+from imatrix.models.architectures.base import Architecture, common_config
 
 
 def has_experts(model_file: GGUFModelFile) -> bool:

@@ -4,18 +4,27 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+from transformers.models.phimoe.modeling_phimoe import PhimoeRotaryEmbedding, PhimoeTopKRouter
+
 from imatrix.ggufio.reader import GGUFModelFile
-from imatrix.models.architectures.base import Architecture, common_config
+from imatrix.models.architectures.base import Architecture, Config, common_config, partial_rotary
 
 LONG_FACTORS, SHORT_FACTORS = "rope_factors_long.weight", "rope_factors_short.weight"
 
 
+def full_attention(config: Config) -> dict[str, Any]:
+    """llama.cpp attends over the whole context whatever window the checkpoint states (phi3.cpp, mistral3.cpp)."""
+    return {"sliding_window": None}
+
+
 def phi3_config(model_file: GGUFModelFile) -> dict[str, Any]:
     config = common_config(model_file)
-    rope_dims = int(model_file.arch_value("rope.dimension_count") or config["head_dim"])
     original = int(model_file.arch_value("rope.scaling.original_context_length") or config["max_position_embeddings"])
     rope = {"rope_type": "default", "rope_theta": config.pop("rope_theta"),
-            "partial_rotary_factor": rope_dims / config["head_dim"]}
+            **partial_rotary(model_file, config["head_dim"])}
     if LONG_FACTORS in model_file.tensors:
         # LongRoPE: the converter stores both factor sets as tensors; llama.cpp picks the long ones when the
         # context exceeds the original one (`llama_model::get_rope_factors`), as transformers does by length
@@ -25,14 +34,13 @@ def phi3_config(model_file: GGUFModelFile) -> dict[str, Any]:
                     short_factor=model_file.tensor_f32(SHORT_FACTORS).tolist(),
                     attention_factor=float(model_file.arch_value("rope.scaling.attn_factor", 1.0)))
     # llama.cpp turns Phi's sliding window off (phi3.cpp, `load_arch_hparams`)
-    return {**config, "rope_parameters": rope, "original_max_position_embeddings": original, "sliding_window": None}
+    return {**config, "rope_parameters": rope, "original_max_position_embeddings": original, **full_attention(config)}
 
 
 def phimoe_config(model_file: GGUFModelFile) -> dict[str, Any]:
     config = phi3_config(model_file)
     rope = config["rope_parameters"]
-    if rope["rope_type"] == "longrope":
-        # transformers' PhiMoE scales cos/sin by these instead; llama.cpp by the converter's attention factor
+    if rope["rope_type"] == "longrope":  # the config requires them; the rotary embedding runs as Phi-3's (below)
         rope.update(short_mscale=rope["attention_factor"], long_mscale=rope["attention_factor"])
     # feed_forward_length is the expert width
     return {**config, "num_local_experts": int(model_file.require_arch("expert_count")),
@@ -40,7 +48,44 @@ def phimoe_config(model_file: GGUFModelFile) -> dict[str, Any]:
             "attention_bias": True, "lm_head_bias": "output.bias" in model_file.tensors}
 
 
+# llama.cpp runs PhiMoE with Phi-3's graph (`llama_model_phimoe::graph` is phi3.cpp's), which differs from
+# transformers' PhiMoE in three modules; these classes compute what that graph does.
+
+
+class RMSNormWithBias(torch.nn.LayerNorm):
+    """phi3.cpp's norms are RMS norms (plus the bias), not the LayerNorms of the checkpoint."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(hidden_states.float(), self.normalized_shape, self.weight.float(), self.eps)
+        return (normed + self.bias.float()).to(hidden_states.dtype)
+
+
+class SoftmaxTopKRouter(PhimoeTopKRouter):
+    """phi3.cpp routes with softmax top-k weights renormalised to sum 1 (`build_moe_ffn`, norm_w), not with
+    sparsemixer's; the experts chosen are the same top k."""
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        router_logits = F.linear(hidden_states, self.weight)
+        weights, experts = torch.softmax(router_logits.float(), dim=-1).topk(self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return router_logits, weights.to(hidden_states.dtype), experts
+
+
+def run_as_phi3(model: torch.nn.Module) -> None:
+    """Switch PhiMoE's norms, routers and rotary embedding to Phi-3's computation (class swaps: the
+    parameters stay). Phi-3's rotary embedding picks the long LongRoPE factors past the original context
+    and scales by the converter's attention factor, as llama.cpp does (PhiMoE's always takes the short ones)."""
+    for module in model.modules():
+        if type(module) is torch.nn.LayerNorm:
+            module.__class__ = RMSNormWithBias
+        elif type(module) is PhimoeTopKRouter:
+            module.__class__ = SoftmaxTopKRouter
+        elif type(module) is PhimoeRotaryEmbedding:
+            module.__class__ = Phi3RotaryEmbedding
+
+
 ARCHITECTURES = (
-    Architecture("phi3", "Phi3ForCausalLM", "Phi3Config", phi3_config, ("phi3",)),
-    Architecture("phimoe", "PhimoeForCausalLM", "PhimoeConfig", phimoe_config, ("phimoe",)),
+    Architecture("phi3", "Phi3ForCausalLM", "Phi3Config", phi3_config, ("phi3",), hf_overrides=full_attention),
+    Architecture("phimoe", "PhimoeForCausalLM", "PhimoeConfig", phimoe_config, ("phimoe",),
+                 hf_overrides=full_attention, graph_fixes=run_as_phi3),
 )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from imatrix.models.architectures.base import Architecture, common_config, routed_experts
 from imatrix.ggufio.reader import GGUFModelFile
+from imatrix.models.architectures.base import Architecture, common_config, routed_experts
 
 
 def qwen3moe_config(model_file: GGUFModelFile) -> dict[str, Any]:

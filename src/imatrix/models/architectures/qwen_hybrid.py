@@ -61,7 +61,8 @@ def qwen3next_config(model_file: GGUFModelFile) -> dict[str, Any]:
 
 def qwen35_config(model_file: GGUFModelFile) -> dict[str, Any]:
     config = hybrid_config(model_file)
-    # text positions are the same on every M-RoPE axis: the sections only matter for transformers' bookkeeping
+    # llama.cpp gives a text token one position on the t, h and w axes: with sections covering the rotary
+    # dimensions, M-RoPE is plain RoPE there, as in transformers
     sections = [int(n) for n in model_file.require_arch("rope.dimension_sections") if n]
     return {**config, "rope_parameters": {**config["rope_parameters"], "mrope_section": sections,
                                           "mrope_interleaved": True}}
@@ -148,7 +149,8 @@ ARCHITECTURES = (
     Architecture(**_QWEN3NEXT, hf_model_types=("qwen3_next",),
                  fused=(Fused("linear_attn.in_proj_qkvz", ("attn_qkv", "attn_gate"), interleave_qkvz),)),
     Architecture(**_QWEN3NEXT, applies_to=has_joint_qkvz, is_variant=True),
-    Architecture("qwen35", "Qwen3_5ForCausalLM", "Qwen3_5TextConfig", qwen35_config, ("qwen3_5_text",), **_QWEN35),
+    Architecture("qwen35", "Qwen3_5ForCausalLM", "Qwen3_5TextConfig", qwen35_config, ("qwen3_5_text", "qwen3_5"),
+                 **_QWEN35),
     Architecture("qwen35moe", "Qwen3_5MoeForCausalLM", "Qwen3_5MoeTextConfig", qwen35moe_config,
-                 ("qwen3_5_moe_text",), **_QWEN35),
+                 ("qwen3_5_moe_text", "qwen3_5_moe"), **_QWEN35),
 )

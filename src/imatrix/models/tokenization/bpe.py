@@ -15,7 +15,8 @@ from collections.abc import Iterable, Sequence
 
 from tokenizers import Tokenizer, models
 
-from imatrix.models.tokenization.pretokenizers import PreTokenizer, split_words
+from imatrix.models.tokenization.pretokenizers import PreTokenizer
+from imatrix.models.tokenization.splitting import split_words
 
 CACHE_LIMIT = 1 << 20  # words remembered between calls
 
@@ -34,12 +35,12 @@ BYTE_CHARS = str.maketrans({chr(byte): char for byte, char in byte_to_char().ite
 
 def merge_pairs(merges: Iterable[str]) -> list[tuple[str, str]]:
     """The merges as pairs: cut at the first space after the first character (`llama_vocab::impl::load`),
-    the first of duplicates kept."""
+    the first of duplicates kept (one with nothing on a side can never apply)."""
     pairs: dict[tuple[str, str], None] = {}
     for merge in merges:
         cut = merge.find(" ", 1)
-        pair = (merge[:cut], merge[cut + 1:]) if cut >= 0 else ("", "")
-        pairs.setdefault(pair, None)
+        if 0 < cut < len(merge) - 1:
+            pairs.setdefault((merge[:cut], merge[cut + 1:]), None)
     return list(pairs)
 
 
@@ -57,7 +58,8 @@ class BytePairEncoder:
         self.model = Tokenizer(models.BPE(vocab=extended, merges=pairs, unk_token=self.unknown, fuse_unk=False))
         self.cache: dict[str, tuple[int, ...]] = {}
 
-    def encode(self, text: str, after_special: bool = False) -> list[int]:  # noqa: ARG002 - SentencePiece's prefix
+    def encode(self, text: str, after_special: bool = False) -> list[int]:
+        """The tokens of raw text (no special tokens in it); `after_special` matters to SentencePiece only."""
         words = split_words(text.replace(" ", "\u2581") if self.pre.escape_whitespace else text, self.pre.splits)
         if self.pre.byte_encode:
             words = [word.encode("utf-8").decode("latin-1").translate(BYTE_CHARS) for word in words]
@@ -83,7 +85,7 @@ class BytePairEncoder:
         for token, word_index, (first, last) in zip(encoding.ids, encoding.word_ids, encoding.offsets, strict=True):
             word = merged[word_index]
             pieces[word_index].extend((token,) if token < self.n_tokens else self._fallback(word[first:last]))
-        self.cache.update(zip(merged, map(tuple, pieces)))
+        self.cache.update(zip(merged, map(tuple, pieces), strict=True))
 
     def _taken_whole(self, word: str) -> bool:
         return self.pre.ignore_merges or (self.pre.whole_newline_runs and not word.strip("\n"))

@@ -1,66 +1,27 @@
 """llama.cpp's pre-tokenizers: how `tokenizer.ggml.pre` cuts text into the words BPE merges within.
 
-Each pre-tokenizer is a list of regexes; each one cuts every piece the ones before it left, keeping
-both its matches and the text between them (`llama-vocab`'s `llm_tokenizer_bpe`, `unicode_regex_split`).
-llama.cpp runs a regex one of two ways, and so do we:
-  UnicodeSplit   the common ones (GPT-2, Llama 3, Qwen 2, Qwen 3.5, Kimi K2, digit groups, newline runs),
-                 for which it has hand-written splitters: the regex with `\\p{..}` and `\\s` read as
-                 Unicode 15.1 classes (`unicode.py`)
-  RegexSplit     the rest, through `std::regex`, which knows no Unicode classes: `\\p{..}` becomes an
-                 ASCII class plus one stand-in character per class, and the text is folded the same way
+llama.cpp maps each `tokenizer.ggml.pre` name to a pre-tokenizer type and settings
+(`llama_vocab::impl::load`), and each type to a list of regexes (`llm_tokenizer_bpe`); `splitting.py`
+runs them as it does.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
-from functools import cache
 
-from imatrix.models.tokenization import unicode
+from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+from imatrix.models.tokenization.splitting import RegexSplit, Split, UnicodeSplit
 
 CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
 
-
-@dataclass(frozen=True)
-class UnicodeSplit:
-    """A regex whose `\\p{L}`, `\\p{N}`, `\\p{M}`, `\\p{Han}`, `\\p{L-Han}` (letters but Han) and `\\s`
-    are Unicode 15.1's classes, run on the text as it is."""
-
-    source: str
-
-    def view(self, text: str) -> str:
-        return text
-
-    def compiled(self) -> re.Pattern[str]:
-        return _compiled_unicode(self.source)
-
-
-@dataclass(frozen=True)
-class RegexSplit:
-    """A regex as llama.cpp's `std::regex` runs it: on folded text if it names a Unicode class, else on
-    the code points with non-ASCII whitespace folded to a vertical tab (so that `\\s` still takes it)."""
-
-    source: str
-
-    def view(self, text: str) -> str:
-        return unicode.folded(text) if _names_class(self.source) else unicode.spaces_folded(text)
-
-    def compiled(self) -> re.Pattern[str]:
-        return _compiled_std(self.source)
-
-
-Split = UnicodeSplit | RegexSplit
-
-# llama.cpp's hand-written splitters, as the regexes they implement
+# llama.cpp's hand-written splitters, as the regexes they implement (transformers has three of them)
 GPT2 = UnicodeSplit(r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+")
-LLAMA3 = UnicodeSplit(CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-                      r"|\s+(?!\S)|\s+")
-QWEN2 = UnicodeSplit(CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)"
-                     r"|\s+")
-QWEN35 = UnicodeSplit(CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
-                      r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-KIMI_K2 = UnicodeSplit(r"\p{Han}+|[^\r\n\p{L}\p{N}]?\p{L-Han}+" + CONTRACTIONS + r"?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                       r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3 = UnicodeSplit(GGUF_PRE_TOKENIZER_SPLITS["llama3"])
+QWEN2 = UnicodeSplit(GGUF_PRE_TOKENIZER_SPLITS["qwen2"])
+QWEN35 = UnicodeSplit(GGUF_PRE_TOKENIZER_SPLITS["qwen35"])
+KIMI_K2 = UnicodeSplit(r"\p{Han}+|[^\r\n\p{L}\p{N}]?\p{L-Han}+" + CONTRACTIONS + r"?|\p{N}{1,3}"
+                       r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 # digit runs cut in threes from the right; llama.cpp's splitter (`unicode_regex_split_custom_afmoe`)
 # keeps the text before a run together with the run's first group
 DIGIT_GROUPS = UnicodeSplit(r"\P{N}*(?:\p{N}{1,2}(?=(?:\p{N}{3})*(?!\p{N}))|\p{N}{3})|\P{N}+")
@@ -150,7 +111,8 @@ TYPES: dict[str, PreTokenizer] = {
     "granite-embed-multi-97m": PreTokenizer((RegexSplit(
         lookahead_cased_words(CONTRACTIONS + "?", r"\p{L}\p{M}")
         + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*" + TAIL),)),
-    "tiny_aya": PreTokenizer((DIGIT_GROUPS, RegexSplit(CASED_WORDS + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*" + TAIL))),
+    "tiny_aya": PreTokenizer((DIGIT_GROUPS,
+                              RegexSplit(CASED_WORDS + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*" + TAIL))),
     "kimi-k2": PreTokenizer((KIMI_K2,)),
     "superbpe": PreTokenizer((NUMBERS, RegexSplit(r"(?=(\d{3})+(?!\d))"))),
     "bailingmoe": PreTokenizer((RegexSplit(r"'(?:[sSdDmMtT]|[lL][lL]|[vV][eE]|[rR][eE])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
@@ -173,22 +135,26 @@ TYPES: dict[str, PreTokenizer] = {
     "sarvam-moe": PreTokenizer((NEWLINE_RUNS,), byte_encode=False, escape_whitespace=True),
     "minicpm5": PreTokenizer((UP_TO_3_DIGITS, RegexSplit(
         CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+[\r\n]*" + TAIL)), ignore_merges=True),
+    # for llama.cpp's `whitespace` tokenizer (Jina's), which drops the spaces this leaves: with another one
+    # llama.cpp asserts on them (it is named here for completeness; that tokenizer is not supported)
     "whitespace": PreTokenizer((RegexSplit(r"\S+"),), byte_encode=False),
 }
 
 # `tokenizer.ggml.pre` values (llama.cpp's `llama_vocab::impl::load`): (type, what the value sets beyond it)
-LLAMA3_NAMED = {"ignore_merges": True, "add_bos": True}
+LLAMA3_SETTINGS = {"ignore_merges": True, "add_bos": True}
 NAMES: dict[str, tuple[str, dict[str, bool]]] = {
-    **dict.fromkeys(["default"], ("default", {})),
+    "default": ("default", {}),
     **dict.fromkeys(["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
-                     "jina-v5-nano"], ("llama3", LLAMA3_NAMED)),
-    **dict.fromkeys(["dbrx", "smaug-bpe"], ("llama3", {})),
-    **dict.fromkeys(["chatglm-bpe"], ("llama3", {"has_bos": False})),
-    **dict.fromkeys(["glm4", "glm5"], ("llama3", {"has_bos": False, "ignore_merges": True})),
-    **dict.fromkeys(["tekken"], ("tekken", LLAMA3_NAMED)),
-    **dict.fromkeys(["chameleon"], ("chameleon", {"add_bos": True})),
-    **dict.fromkeys(["youtu"], ("youtu", {"ignore_merges": True})),
-    **dict.fromkeys(["granite-embed-multi-97m"], ("granite-embed-multi-97m", {"ignore_merges": True})),
+                     "jina-v5-nano"], ("llama3", LLAMA3_SETTINGS)),
+    "dbrx": ("llama3", {}),
+    "smaug-bpe": ("llama3", {}),
+    "chatglm-bpe": ("llama3", {"has_bos": False}),
+    "glm4": ("llama3", {"has_bos": False, "ignore_merges": True}),
+    "glm5": ("llama3", {"has_bos": False, "ignore_merges": True}),
+    "tekken": ("tekken", LLAMA3_SETTINGS),
+    "chameleon": ("chameleon", {"add_bos": True}),
+    "youtu": ("youtu", {"ignore_merges": True}),
+    "granite-embed-multi-97m": ("granite-embed-multi-97m", {"ignore_merges": True}),
     **dict.fromkeys(["gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0",
                      "mellum", "modern-bert", "jina-v1-en", "jina-v2-code", "roberta-bpe", "mpt", "olmo", "jais",
                      "trillion", "granite-docling", "exaone4"], ("gpt-2", {})),
@@ -209,99 +175,8 @@ NAMES: dict[str, tuple[str, dict[str, bool]]] = {
 
 
 def pre_tokenizer(name: str) -> PreTokenizer | None:
-    """The pre-tokenizer llama.cpp uses for this `tokenizer.ggml.pre` (an empty one means "default")."""
+    """The pre-tokenizer llama.cpp uses for this `tokenizer.ggml.pre`; None for a name it does not know."""
     if name not in NAMES:
         return None
     kind, settings = NAMES[name]
     return replace(TYPES[kind], **settings)
-
-
-def split_words(text: str, splits: tuple[Split, ...]) -> list[str]:
-    """`text` cut by each regex in turn: every piece, matched or between matches, is kept."""
-    views: dict[type, str] = {}
-    spans = [(0, len(text))]
-    for split in splits:
-        view = views[type(split)] if type(split) in views else views.setdefault(type(split), split.view(text))
-        pattern = split.compiled()
-        spans = [cut for start, end in spans for cut in _cut(pattern, view, start, end)]
-    return [text[start:end] for start, end in spans]
-
-
-def _cut(pattern: re.Pattern[str], view: str, start: int, end: int) -> list[tuple[int, int]]:
-    # the regex sees each piece as a string of its own: lookaheads stop at its end
-    piece = view[start:end] if start or end != len(view) else view
-    cuts, done = [], 0
-    for match in pattern.finditer(piece):
-        first, last = match.span()
-        if first > done:
-            cuts.append((start + done, start + first))
-        if last > first:
-            cuts.append((start + first, start + last))
-        done = last
-    if done < len(piece):
-        cuts.append((start + done, end))
-    return cuts
-
-
-CLASS_ESCAPE = re.compile(r"\\([pP])\{([^}]*)\}|\\([sS])")
-
-
-@cache
-def _compiled_unicode(source: str) -> re.Pattern[str]:
-    def expand(match: re.Match[str], inside: bool) -> str:
-        name = match.group(2) or "space"
-        spans = unicode.ranges(name) if name != "L-Han" else unicode.without(unicode.ranges("L"), unicode.ranges("Han"))
-        body = unicode.class_body(spans)
-        negated = match.group(1) == "P" or match.group(3) == "S"
-        if inside and negated:
-            raise ValueError(f"a negated class inside brackets in {source!r}")
-        return body if inside else f"[^{body}]" if negated else f"[{body}]"
-
-    # ASCII: case-insensitive parts fold ASCII letters only, as llama.cpp's splitters do
-    return re.compile(_rewritten(source, expand), re.ASCII)
-
-
-# `\p{..}` in llama.cpp's std::regex patterns: a stand-in plus the class's ASCII members (`unicode_regex_split`)
-ASCII_MEMBERS = {"N": "0-9", "L": "A-Za-z", "P": r"!-#%-*,-/:-;?-@\[-\]_\{\}", "M": "", "S": r"\$\+<->^`\|\~"}
-STD_CLASSES = {"N": "N", "L": "L", "P": "P", "M": "M", "S": "S", "Lu": "L", "Ll": "L", "Lt": "L", "Lm": "L",
-               "Lo": "L"}
-
-
-def _names_class(source: str) -> bool:
-    return any(f"\\p{{{name}}}" in source for name in STD_CLASSES)
-
-
-@cache
-def _compiled_std(source: str) -> re.Pattern[str]:
-    fold = _names_class(source)
-
-    def expand(match: re.Match[str], inside: bool) -> str:
-        name = match.group(2)
-        if not fold or match.group(1) != "p" or name not in STD_CLASSES:
-            return match.group(0)
-        body = unicode.STAND_INS[STD_CLASSES[name]] + ASCII_MEMBERS[STD_CLASSES[name]]
-        return body if inside else f"[{body}]"
-
-    # ASCII: `\s`, `\d` and `\b` as std::regex reads them in the C locale
-    return re.compile(_rewritten(source, expand), re.ASCII)
-
-
-def _rewritten(source: str, expand) -> str:  # noqa: ANN001 - (match, inside brackets) -> replacement
-    """`source` with its class escapes expanded and ECMAScript's `$` (the end of the input only) as `\\Z`.
-    Whether an escape stands inside brackets is told as llama.cpp tells it: an unescaped `[` opens, `]` closes."""
-    out, inside, at = [], False, 0
-    while at < len(source):
-        char = source[at]
-        escaped = at > 0 and source[at - 1] == "\\"
-        match = CLASS_ESCAPE.match(source, at) if char == "\\" else None
-        if match:
-            out.append(expand(match, inside))
-            at = match.end()
-            continue
-        if char == "[" and not escaped:
-            inside = True
-        elif char == "]" and inside and not escaped:
-            inside = False
-        out.append("\\Z" if char == "$" and not escaped and not inside else char)
-        at += 1
-    return "".join(out)

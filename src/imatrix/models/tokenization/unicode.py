@@ -47,7 +47,7 @@ def ranges(major: str) -> tuple[tuple[int, int], ...]:
     if major == "Han":
         return HAN
     firsts, lasts, classes = _table()
-    return tuple((first, last) for first, last, found in zip(firsts, lasts, classes) if found == major)
+    return tuple((first, last) for first, last, found in zip(firsts, lasts, classes, strict=True) if found == major)
 
 
 def without(kept: tuple[tuple[int, int], ...], removed: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:

@@ -1,83 +1,24 @@
-"""The scale searches behind llama.cpp's K-quants, vectorized over sub-blocks.
+"""The scale searches of ggml-quants.c (`make_qx_quants`, `make_q3_quants`, `make_qp_quants`,
+`make_qkx2_quants` / `make_qkx3_quants`), shared by the legacy types and the K-quants.
 
-Layout: every function takes values *value-major*, `x [n_values, n_groups]`, one column per group
-(sub-block, or the row of sub-block scales of a super-block). Sequential C loops over the values of a
-group then become Python loops over the short leading axis, each step a vector operation over all
-groups, and sums accumulate left to right exactly like the C `for` loops (numpy's own `sum` adds
-pairwise, which changes the float32 result).
-
-Bit-exactness: ggml-quants.c is plain float32 arithmetic in source order (no FMA contraction), so
-every expression below keeps C's operand order, e.g. `w * x * l` is `(w * x) * l`. llama.cpp's
-`nearest_int` (add 1.5 * 2**23, read the mantissa) rounds half to even, i.e. `np.rint`, for every
-|value| < 2**22; levels stay float32 (exact small integers) so they mix with floats as C's ints do.
+Layout: every function takes the **groups** layout of `blocks.py`, `x [n_values, n_groups]`, one
+column per group (a sub-block, or the sub-block scales of one super-block), and sums in C's order
+(`sum_groups`). The bit-exactness rules are those of `blocks.py`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-F32 = np.float32
-GROUP_MAX_EPS = F32(1e-15)
-
-
-def _reduce_in_order(values: np.ndarray, initial: np.float32 | None) -> np.ndarray | None:
-    """One `np.add.reduce` over the leading axis, where numpy is known to add row after row.
-
-    numpy sums the outer axis of a C-contiguous array one whole row at a time, which is C's order;
-    its pairwise summation only applies along a contiguous axis, which is what a row of a single
-    group would be, so that case (and any other layout) gets None and the explicit loop.
-    """
-    if values.dtype != F32 or not values.flags.c_contiguous or values[0].size < 2:
-        return None
-    flat = values.reshape(values.shape[0], -1)
-    total = np.add.reduce(flat, axis=0) if initial is None else np.add.reduce(flat, axis=0, initial=initial)
-    return total.reshape(values.shape[1:])
-
-
-def seq_sum(values: np.ndarray) -> np.ndarray:
-    """Sum over the leading axis strictly in order, starting from 0.0f."""
-    total = _reduce_in_order(values, F32(0))
-    if total is not None:
-        return total
-    acc = np.zeros(values.shape[1:], dtype=F32)
-    for row in values:
-        acc += row
-    return acc
-
-
-def seq_sum_from_first(values: np.ndarray) -> np.ndarray:
-    """Sum over the leading axis in order, seeded with the first value (`make_qkx2_quants` does this)."""
-    total = _reduce_in_order(values, None)
-    if total is not None:
-        return total
-    acc = values[0].astype(F32, copy=True)
-    for row in values[1:]:
-        acc += row
-    return acc
-
-
-def signed_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per group: largest |x| and the signed value first reaching it (a strict `>` loop keeps the first)."""
-    vmax, vmin = x.max(axis=0), x.min(axis=0)
-    signed = np.where(vmax >= -vmin, vmax, vmin)
-    ties = np.flatnonzero((vmax == -vmin) & (vmax > 0))  # +a and -a both present: the first one wins
-    if ties.size:
-        tied = x[:, ties]
-        signed[ties] = np.take_along_axis(tied, np.argmax(np.abs(tied), axis=0)[None], axis=0)[0]
-    amax = np.abs(signed)  # fabsf: +0.0 for a block of zeros, whatever their signs
-    return amax.astype(F32), np.where(amax > 0, signed, F32(0)).astype(F32)
-
-
-def divide_where(num: np.ndarray, den: np.ndarray, ok: np.ndarray) -> np.ndarray:
-    """`ok ? num / den : 0` in float32 without warnings where `ok` is false."""
-    out = np.zeros(np.broadcast_shapes(np.shape(num), np.shape(den), np.shape(ok)), dtype=F32)
-    np.divide(num, den, out=out, where=ok)
-    return out
-
-
-def nearest(values: np.ndarray) -> np.ndarray:
-    """llama.cpp `nearest_int` as float32: round half to even."""
-    return np.rint(values).astype(F32, copy=False)
+from imatrix.quant.blocks import (
+    F32,
+    GROUP_MAX_EPS,
+    divide_where,
+    nearest,
+    signed_absmax_groups,
+    sum_groups,
+    sum_groups_from_first,
+)
 
 
 def make_qx_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -85,7 +26,7 @@ def make_qx_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray,
 
     Returns `(scale [g], levels [n, g])`, levels in `[0, 2*nmax)`; an all-zero group gives 0 and 0.
     """
-    amax, vmax = signed_absmax(x)
+    amax, vmax = signed_absmax_groups(x)
     zero = amax < GROUP_MAX_EPS
     vmax = np.where(zero, F32(1), vmax)
 
@@ -101,9 +42,9 @@ def make_qx_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray,
 
     def try_scale(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         levels_for(iscale)
-        sumlx = seq_sum(np.multiply(wx, levels, out=product))
+        sumlx = sum_groups(np.multiply(wx, levels, out=product))
         np.multiply(w, levels, out=product)
-        return sumlx, seq_sum(np.multiply(product, levels, out=product))
+        return sumlx, sum_groups(np.multiply(product, levels, out=product))
 
     best_iscale = F32(-nmax) / vmax
     sumlx, suml2 = try_scale(best_iscale)
@@ -128,13 +69,13 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
 
     Returns `(scale [g], levels [n, g])`, levels in `[0, 2*nmax)`.
     """
-    amax, vmax = signed_absmax(x)
+    amax, vmax = signed_absmax_groups(x)
     zero = amax < GROUP_MAX_EPS
     vmax = np.where(zero, F32(1), vmax)
     levels = np.clip(nearest(F32(-nmax) / vmax * x), -nmax, nmax - 1)
     w = x * x
-    sumlx = seq_sum(w * x * levels)
-    suml2 = seq_sum(w * levels * levels)
+    sumlx = sum_groups(w * x * levels)
+    suml2 = sum_groups(w * levels * levels)
     sumlx, suml2 = _refine(x, w, levels, sumlx, suml2, (-nmax, nmax - 1), qp_rules=False)
     scale = divide_where(sumlx, suml2, suml2 > 0)
     levels = np.where(zero, F32(0), levels + F32(nmax))
@@ -222,20 +163,20 @@ def make_qp_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray,
     scale = F32(1) / iscale
     levels = nearest(iscale * x)  # the first trial is not clipped to nmax
     diff = x - scale * levels
-    best = seq_sum(w * diff * diff)
+    best = sum_groups(w * diff * diff)
     for step in range(-4, 5):
         if step == 0:
             continue
         trial = (F32(0.1) * F32(step) + F32(nmax)) / vmax
         trial_levels = np.minimum(nearest(trial * x), F32(nmax))
         diff = x - (F32(1) / trial) * trial_levels
-        mse = seq_sum(w * diff * diff)
+        mse = sum_groups(w * diff * diff)
         better = mse < best
         best = np.where(better, mse, best)
         iscale = np.where(better, trial, iscale)
     levels = np.minimum(nearest(iscale * x), F32(nmax))
-    sumlx = seq_sum(w * x * levels)
-    suml2 = seq_sum(w * levels * levels)
+    sumlx = sum_groups(w * x * levels)
+    suml2 = sum_groups(w * levels * levels)
     sumlx, suml2 = _refine(x, w, levels, sumlx, suml2, (-np.inf, nmax), qp_rules=True)
     scale = divide_where(sumlx, suml2, suml2 > 0)
     return np.where(zero, F32(0), scale).astype(F32), np.where(zero, F32(0), levels)
@@ -252,8 +193,8 @@ def make_qkx_quants(
     """
     vmin = np.min(x, axis=0)
     vmax = np.max(x, axis=0)
-    sum_w = seq_sum_from_first(w)
-    sum_x = seq_sum_from_first(w * x)
+    sum_w = sum_groups_from_first(w)
+    sum_x = sum_groups_from_first(w * x)
     vmin = np.where(vmin > 0, F32(0), vmin).astype(F32)
     flat = vmax == vmin
     flat_min = vmin
@@ -269,9 +210,9 @@ def make_qkx_quants(
         np.add(diff, m, out=diff)
         np.subtract(diff, x, out=diff)  # scale * l + min - x, in C's order
         if use_mad:
-            return seq_sum(np.multiply(w, np.abs(diff, out=diff), out=product))
-        np.multiply(w, diff, out=product)
-        return seq_sum(np.multiply(product, diff, out=product))
+            return sum_groups(np.multiply(w, np.abs(diff, out=diff), out=product))
+        np.multiply(diff, diff, out=diff)  # C squares first: w * (diff * diff)
+        return sum_groups(np.multiply(w, diff, out=product))
 
     best = error(scale, vmin, levels)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -282,9 +223,9 @@ def make_qkx_quants(
             np.multiply(trial, cand, out=cand)
             np.clip(np.rint(cand, out=cand), 0, nmax, out=cand)
             np.multiply(w, cand, out=weighted)  # C: w*l, then (w*l)*l and (w*l)*x
-            sum_l = seq_sum(weighted)
-            sum_l2 = seq_sum(np.multiply(weighted, cand, out=product))
-            sum_xl = seq_sum(np.multiply(weighted, x, out=product))
+            sum_l = sum_groups(weighted)
+            sum_l2 = sum_groups(np.multiply(weighted, cand, out=product))
+            sum_xl = sum_groups(np.multiply(weighted, x, out=product))
             det = sum_w * sum_l2 - sum_l * sum_l
             ok = (det > 0) & ~flat
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / det

@@ -1,0 +1,406 @@
+"""2-bit lattice types IQ2_XXS, IQ2_XS and IQ2_S (256-value super-blocks), bit-compatible with llama.cpp's
+`quantize_row_iq2_xxs_impl`, `quantize_row_iq2_xs_impl` and `quantize_row_iq2_s_impl`.
+
+Every group of 8 values is stored as signs plus one point of a grid of 8-vectors with levels {0, 1, 2}
+(value `(2 * level + 1) * scale`): 256 points for IQ2_XXS, 512 for IQ2_XS, 1024 for IQ2_S (gguf-py ships
+the grids). Each sub-block (32 values for IQ2_XXS, 16 otherwise) searches its scale over a dozen or so
+candidates; for each, a group whose rounded levels are not a grid point takes the best of that point's
+neighbours on the grid (the neighbour lists are built once, as `iq2xs_init_impl` builds them). The
+sub-block scales are finally stored as 4-bit multiples of one fp16 super-block scale.
+
+IQ2_XXS and IQ2_XS keep 7 sign bits per group: an odd number of negative values flips the value that
+matters least, which then takes part in the search as a negative value. IQ2_XXS's first guess of a
+scale comes from `make_qp_quants`, which stores levels in `uint8_t`, so such a negative value's level
+wraps around (a -1 reads back as 255) in its refinement: `_qp_scale` does the same.
+
+llama.cpp asserts in `quantize_iq2_xxs` / `quantize_iq2_xs` without an imatrix (`ggml_quantize_chunk`),
+so those kernels refuse; IQ2_S has its own weights without one.
+
+Nothing here is implementation-defined in C: the neighbour lists are sorted by distance, then grid index,
+and every search keeps the first best candidate.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from dataclasses import dataclass
+
+import gguf
+import numpy as np
+
+from imatrix.errors import ImatrixError
+from imatrix.quant.base import QuantType
+from imatrix.quant.blocks import (
+    F32,
+    GROUP_MAX_EPS,
+    fp16_bytes,
+    from_groups,
+    nearest,
+    steps,
+    sum_blocks,
+    sum_groups,
+    to_groups,
+)
+from imatrix.quant.kquants import block_sigma2
+
+QK_K = 256
+Q = gguf.GGMLQuantizationType
+GROUP = 8  # values per grid point
+MAX_LEVEL = 2  # grid levels are 0..2 (kMaxQ - 1)
+LEVEL_VALUES = np.arange(MAX_LEVEL + 1, dtype=F32) * F32(2) + F32(1)  # a level's multiple of the scale
+
+
+# ----------------------------------------------------------------------------- grids and neighbour lists
+
+
+@dataclass(frozen=True)
+class Lattice:
+    """One type's grid: its points, where each 2-bit code sits on it, and the neighbours of the codes off it.
+
+    A code packs a group's 8 levels, 2 bits each, value i at bits 2i (the `u` of the C kernels).
+    """
+
+    levels: np.ndarray  # [grid_size, 8] float32 levels 0..2 of each grid point
+    index_of: np.ndarray  # [4**8] int32: grid index of a code, -1 off the grid
+    first: np.ndarray  # [4**8] int32: where a code's neighbours start in `neighbours`
+    count: np.ndarray  # [4**8] int32: how many neighbours it has (0 on the grid)
+    neighbours: np.ndarray  # flat int32 grid indices, each code's run sorted by (distance, index)
+    neighbour_values: np.ndarray  # [len(neighbours), 8] float32: each neighbour's multiples of the scale, 2l+1
+
+
+def codes_of(levels: np.ndarray) -> np.ndarray:
+    """Levels `[n, 8]` (any integer dtype or exact floats) to codes `[n]`."""
+    return (levels.astype(np.int32) << (2 * np.arange(GROUP, dtype=np.int32))).sum(axis=-1, dtype=np.int32)
+
+
+def grid_levels(kind: type[gguf.quants.__Quant]) -> np.ndarray:  # type: ignore[name-defined]
+    """gguf-py's grid (the dequantized magnitudes) as level indices `[grid_size, 8]`."""
+    kind.init_grid()
+    values = np.asarray(kind.grid, dtype=F32).reshape(-1, GROUP)
+    return np.searchsorted(np.asarray(kind.grid_map, dtype=F32), values).astype(np.int32)
+
+
+def build_lattice(levels: np.ndarray, n_distances: int) -> Lattice:
+    """Grid tables with, for each code off the grid (levels 0..2 only: nothing else is ever looked up),
+    every grid point at one of the `n_distances` smallest squared distances from it (iq2xs_init_impl's
+    `nwant`), nearest first, ties by index."""
+    index_of = np.full(4**GROUP, -1, dtype=np.int32)
+    index_of[codes_of(levels)] = np.arange(levels.shape[0], dtype=np.int32)
+    points = np.array(list(itertools.product(range(MAX_LEVEL + 1), repeat=GROUP)), dtype=np.int32)
+    off = points[index_of[codes_of(points)] < 0]
+    dist = ((off[:, None, :] - levels[None, :, :]) ** 2).sum(axis=-1)
+    order = np.argsort(dist, axis=1, kind="stable")  # stable: equal distances stay in grid order
+    dist_sorted = np.take_along_axis(dist, order, axis=1)
+    distinct = np.concatenate([np.ones((off.shape[0], 1), bool), dist_sorted[:, 1:] != dist_sorted[:, :-1]], axis=1)
+    cut = np.cumsum(distinct, axis=1) <= n_distances
+    count = cut.sum(axis=1).astype(np.int32)
+    first = np.zeros(4**GROUP, dtype=np.int32)
+    counts = np.zeros(4**GROUP, dtype=np.int32)
+    codes = codes_of(off)
+    counts[codes] = count
+    first[codes] = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int32)
+    neighbours = order[cut].astype(np.int32)
+    values = np.ascontiguousarray(LEVEL_VALUES[levels[neighbours]])
+    return Lattice(levels.astype(F32), index_of, first, counts, neighbours, values)
+
+
+@functools.cache
+def lattice(qtype: Q) -> Lattice:
+    kind, n_distances = {
+        Q.IQ2_XXS: (gguf.quants.IQ2_XXS, 2),
+        Q.IQ2_XS: (gguf.quants.IQ2_XS, 2),
+        Q.IQ2_S: (gguf.quants.IQ2_S, 1),
+    }[qtype]
+    return build_lattice(grid_levels(kind), n_distances)
+
+
+def best_neighbours(lat: Lattice, codes: np.ndarray, xval: np.ndarray, waux: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """`iq2_find_best_neighbour` for `m` groups off the grid: the neighbour of each code with the least
+    `sum(waux * (scale * (2l+1) - x)^2)`, the first one on ties. `xval`, `waux`: `[m, 8]`; `scale`: `[m]`.
+
+    One row per (group, neighbour) pair, every group's run of neighbours in the lattice's order.
+    """
+    count = lat.count[codes]
+    run_start = np.cumsum(count) - count
+    total = int(count.sum())
+    where = np.repeat(lat.first[codes] - run_start, count) + np.arange(total, dtype=np.int32)
+    diff = np.take(lat.neighbour_values, where, axis=0)
+    diff *= np.repeat(scale, count)[:, None]
+    diff -= np.repeat(xval, count, axis=0)
+    d2 = np.repeat(waux, count, axis=0)
+    d2 *= diff  # C's weight*diff*diff is (weight*diff)*diff
+    d2 *= diff
+    d2 = sum_blocks(d2)
+    least = np.minimum.reduceat(d2, run_start)
+    position = np.where(d2 == np.repeat(least, count), np.arange(total), total)
+    return lat.neighbours[where[np.minimum.reduceat(position, run_start)]]
+
+
+# ----------------------------------------------------------------------------- the scale search
+
+
+def nearest_int(values: np.ndarray) -> np.ndarray:
+    """llama.cpp's `nearest_int` bit for bit, also where it is garbage (|value| >= 2**22 or not finite):
+    float32 values become int32."""
+    shifted = np.asarray(values, dtype=F32) + F32(12582912)
+    return (shifted.view(np.int32) & 0x007FFFFF) - 0x00400000
+
+
+def _qp_scale(x: np.ndarray, w: np.ndarray, nmax: int) -> np.ndarray:
+    """The scale `make_qp_quants` returns for groups `x [n, g]` (every group's max >= GROUP_MAX_EPS).
+
+    Its levels live in `uint8_t`: a negative level written there reads back modulo 256, while the
+    level it has just computed enters the sums as the signed int it is.
+    """
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        vmax = np.maximum(x.max(axis=0), F32(0))
+        iscale = F32(nmax) / vmax
+        stored = (nearest_int(iscale * x) & 0xFF).astype(F32)
+        diff = x - (F32(1) / iscale) * stored
+        best = sum_groups(w * diff * diff)
+        for step in (-4, -3, -2, -1, 1, 2, 3, 4):
+            trial = (F32(0.1) * F32(step) + F32(nmax)) / vmax
+            levels = np.minimum(nearest_int(trial * x), nmax).astype(F32)
+            diff = x - (F32(1) / trial) * levels
+            mse = sum_groups(w * diff * diff)
+            better = mse < best
+            best = np.where(better, mse, best)
+            iscale = np.where(better, trial, iscale)
+        levels = np.minimum(nearest_int(iscale * x), nmax)
+        wx = w * x
+        sumlx = sum_groups(wx * levels.astype(F32))
+        suml2 = sum_groups(w * levels.astype(F32) * levels.astype(F32))
+        stored = (levels & 0xFF).astype(F32)
+        for _ in range(5):
+            changed = False
+            for i in range(x.shape[0]):
+                li = stored[i]
+                slx = sumlx - wx[i] * li
+                sl2 = suml2 - w[i] * li * li
+                new = np.minimum(nearest_int(x[i] * sl2 / slx), nmax).astype(F32)
+                new_lx = slx + wx[i] * new
+                new_l2 = sl2 + w[i] * new * new
+                take = (slx > 0) & (sl2 > 0) & (new != li) & (new_lx * new_lx * suml2 > sumlx * sumlx * new_l2)
+                if take.any():
+                    changed = True
+                    stored[i] = np.where(take, (new.astype(np.int32) & 0xFF).astype(F32), li)
+                    sumlx = np.where(take, new_lx, sumlx)
+                    suml2 = np.where(take, new_l2, suml2)
+            if not changed:  # a pass without change leaves the state as it was: C's early exit
+                break
+        return np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, F32(1)), F32(0)).astype(F32)
+
+
+@dataclass(frozen=True)
+class Search:
+    """How one type searches the scale of a sub-block (the parts where the three C kernels differ)."""
+
+    qtype: Q
+    size: int  # values sharing one scale
+    tries: tuple[int, ...]  # candidate inverse scales (5 + 0.1 * t) / anchor
+    eps: float  # a sub-block whose largest |x| is below this is stored as zeros
+    even_signs: bool  # 7 stored sign bits per group (IQ2_XXS, IQ2_XS)
+    qp_anchor: bool  # IQ2_XXS: candidates around make_qp_quants' scale, then every group refit
+
+
+def _signs(x: np.ndarray, w: np.ndarray, even: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Magnitudes `xval [size, n]` and sign bits `[groups, n]`. With `even`, a group with an odd number of
+    negative values flips the sign of the one with the least `w * x * x` (the first such): its sign bit
+    toggles and its magnitude turns negative."""
+    negative = x < 0
+    xval = np.where(negative, -x, x)
+    shape = (-1, GROUP, x.shape[1])
+    bits = (1 << np.arange(GROUP, dtype=np.int32))[None, :, None]
+    signs = (negative.reshape(shape) * bits).sum(axis=1, dtype=np.int32)
+    if even:
+        odd = negative.reshape(shape).sum(axis=1) % 2 == 1
+        least = np.argmin((w * x * x).reshape(shape), axis=1)
+        group, column = np.nonzero(odd)
+        flipped = xval.reshape(shape)  # a view: flips in place
+        row = least[group, column]
+        flipped[group, row, column] = -flipped[group, row, column]
+        signs = (signs ^ np.where(odd, 1 << least, 0)) & 0x7F
+    return xval, signs
+
+
+def _snap(
+    lat: Lattice, xval: np.ndarray, waux: np.ndarray, inv_scale: np.ndarray, scale: np.ndarray, only: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Levels `[size, n]` of every group at `inv_scale`, a group off the grid moved to its best neighbour
+    at `scale` (only groups in `only [groups, n]`, when given, are searched). Returns (levels, off_grid)."""
+    levels = np.clip(nearest(F32(0.5) * (inv_scale * xval - F32(1))), F32(0), F32(MAX_LEVEL))
+    n = xval.shape[1]
+    by_group = levels.reshape(-1, GROUP, n)
+    codes = (by_group * (F32(4) ** np.arange(GROUP, dtype=F32))[None, :, None]).sum(axis=1).astype(np.int32)
+    off = lat.index_of[codes] < 0
+    if only is not None:
+        off &= only
+    group, column = np.nonzero(off)
+    if group.size:
+        values = xval.reshape(-1, GROUP, n)[group, :, column]
+        weights = waux.reshape(-1, GROUP, n)[group, :, column]
+        best = best_neighbours(lat, codes[group, column], values, weights, scale[column])
+        by_group[group, :, column] = lat.levels[best]
+    return levels, off
+
+
+def _fit(wx: np.ndarray, w: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`sum(w*x*q)` and `sum(w*q*q)` of the values `q = 2 * level + 1`, in C's order."""
+    q = F32(2) * levels + F32(1)
+    return sum_groups(wx * q), sum_groups(w * q * q)
+
+
+def search_scales(spec: Search, x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scale `[n]`, grid indices `[groups, n]` and sign bits `[groups, n]` of sub-blocks `x [size, n]`
+    (the groups layout) with weights `w`. A zero sub-block gets zeros everywhere, as C writes nothing."""
+    lat = lattice(spec.qtype)
+    n_groups, n = spec.size // GROUP, x.shape[1]
+    xval, signs = _signs(x, w, spec.even_signs)
+    active = np.flatnonzero(xval.max(axis=0) >= F32(spec.eps))
+    xval, w, signs_active = xval[:, active], w[:, active], signs[:, active]
+    if spec.qp_anchor:
+        scale = _qp_scale(xval, w, MAX_LEVEL + 2)
+        anchor = scale * F32(MAX_LEVEL + 1)
+        keep = np.flatnonzero(anchor > 0)
+        active, xval, w, signs_active = active[keep], xval[:, keep], w[:, keep], signs_active[:, keep]
+        scale, anchor = scale[keep], anchor[keep]
+    else:
+        anchor = xval.max(axis=0)
+        scale = anchor / F32(2 * MAX_LEVEL + 1)
+    waux, wx = np.sqrt(w), w * xval
+    best = np.zeros_like(scale)
+    levels = np.zeros_like(xval)
+    on_grid = np.ones((n_groups, xval.shape[1]), dtype=bool)
+    for t in spec.tries:
+        inv = (F32(2 * MAX_LEVEL + 1) + F32(t) * F32(0.1)) / anchor
+        trial, off = _snap(lat, xval, waux, inv, F32(1) / inv)
+        sumqx, sumq2 = _fit(wx, w, trial)
+        better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+        scale = np.where(better, sumqx / np.where(better, sumq2, F32(1)), scale)
+        best = np.where(better, scale * sumqx, best)
+        levels = np.where(better, trial, levels)
+        on_grid = np.where(better, ~off, on_grid)
+    # refit at the chosen scale: every group (IQ2_XXS), or only those that were moved onto the grid
+    refit = np.broadcast_to(scale > 0, on_grid.shape) & (True if spec.qp_anchor else ~on_grid)
+    if refit.any():
+        inv = np.where(scale > 0, F32(1) / np.where(scale > 0, scale, F32(1)), F32(0))
+        moved, _ = _snap(lat, xval, waux, inv, scale, only=refit)
+        group_mask = np.repeat(refit, GROUP, axis=0)
+        levels = np.where(group_mask, moved, levels)
+        sumqx, sumq2 = _fit(wx, w, levels)
+        take = refit.any(axis=0) & (sumq2 > 0)
+        scale = np.where(take, sumqx / np.where(take, sumq2, F32(1)), scale)
+    negative = scale < 0  # never seen, but C handles it: positive scale, every sign flipped
+    sign_mask = 0x7F if spec.even_signs else 0xFF
+    signs_active = np.where(negative, ~signs_active & sign_mask, signs_active)
+    grid = lat.index_of[codes_of(levels.reshape(n_groups, GROUP, -1).transpose(0, 2, 1))]
+    if (grid < 0).any():
+        raise AssertionError(f"{spec.qtype.name}: a group ended off the grid")
+    out_scale = np.zeros(n, dtype=F32)
+    out_grid = np.zeros((n_groups, n), dtype=np.int32)
+    out_signs = np.zeros((n_groups, n), dtype=np.int32)
+    out_scale[active] = np.abs(scale)
+    out_grid[:, active] = grid
+    out_signs[:, active] = signs_active
+    return out_scale, out_grid, out_signs
+
+
+# ----------------------------------------------------------------------------- the types
+
+
+def _scale_codes(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Super-block scale `max / 31` `[n]`, each sub-block scale `[n, k]` as a 4-bit code of it, and whether
+    the super-block has any scale at all (C stores no codes, and for IQ2_XXS/XS no grid, otherwise)."""
+    max_scale = np.maximum(scales.max(axis=1), F32(0))
+    d = max_scale / F32(31)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        inv = np.where(max_scale > 0, F32(1) / d, F32(0))
+        codes = np.clip(nearest_int(F32(0.5) * (inv[:, None] * scales - F32(1))), 0, 15).astype(np.uint32)
+    return d, codes, (max_scale > 0)[:, None]
+
+
+class _IQ2(QuantType):
+    search: Search
+    weight_factor: float  # sigma2 = factor * mean(x^2) of the super-block
+
+    @classmethod
+    def value_weights(cls, blocks: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+        """`qw * sqrt(sigma2 + x^2)` (the `_impl` kernels); without an imatrix, IQ2_S's `sigma2/4 + x^2`."""
+        sigma2 = block_sigma2(blocks, cls.weight_factor)[:, None]
+        if weights is None:
+            if cls.search.even_signs:  # ggml_quantize_chunk asserts: these types need an imatrix
+                raise ImatrixError(f"{cls.qtype.name} cannot be made without an importance matrix "
+                                   "(llama.cpp's ggml_quantize_chunk asserts that these types get one)")
+            return F32(0.25) * sigma2 + blocks * blocks
+        return weights * np.sqrt(sigma2 + blocks * blocks)
+
+    @classmethod
+    def quantize_blocks(cls, blocks: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+        x = np.asarray(blocks, dtype=F32)
+        qw = None if weights is None else np.asarray(weights, dtype=F32)
+        size = cls.search.size
+        # every trial holds a few copies of its sub-blocks, and the neighbour search ~30 candidates a group
+        parts = []
+        for part in steps(x.shape[0], QK_K, copies=4):
+            w = cls.value_weights(x[part], None if qw is None else qw[part])
+            scale, grid, signs = search_scales(cls.search, to_groups(x[part], size), to_groups(w, size))
+            n = x[part].shape[0]
+            parts.append(cls.pack(from_groups(scale, n), grid.T.reshape(n, -1), signs.T.reshape(n, -1)))
+        return np.concatenate(parts, axis=0)
+
+    @classmethod
+    def pack(cls, scales: np.ndarray, grid: np.ndarray, signs: np.ndarray) -> np.ndarray:
+        """Per super-block: sub-block scales `[n, k]`, grid indices and sign bits `[n, groups]` to bytes."""
+        raise NotImplementedError
+
+
+class IQ2_XXS(_IQ2, qtype=Q.IQ2_XXS):
+    search = Search(Q.IQ2_XXS, 32, tuple(range(-6, 7)), float(GROUP_MAX_EPS), even_signs=True, qp_anchor=True)
+    weight_factor = 1.0
+
+    @classmethod
+    def pack(cls, scales: np.ndarray, grid: np.ndarray, signs: np.ndarray) -> np.ndarray:
+        d, codes, nonzero = _scale_codes(scales)
+        n = scales.shape[0]
+        grid = grid.astype(np.uint32).reshape(n, 8, 4)
+        signs = signs.astype(np.uint32).reshape(n, 8, 4)
+        low = (grid << (8 * np.arange(4, dtype=np.uint32))).sum(axis=2, dtype=np.uint32)
+        high = (signs << (7 * np.arange(4, dtype=np.uint32))).sum(axis=2, dtype=np.uint32) | (codes << 28)
+        qs = np.stack([low, high], axis=2).reshape(n, 16)
+        qs = np.where(nonzero, qs, np.uint32(0))  # all-zero super-block: C leaves qs zero
+        return np.concatenate([fp16_bytes(d), qs.astype("<u4").view(np.uint8).reshape(n, -1)], axis=1)
+
+
+def _pack_nibble_scales(codes: np.ndarray) -> np.ndarray:
+    """Sixteen 4-bit codes `[n, 16]` to `scales[8]`: sub-block 2j in the low nibble, 2j+1 in the high one."""
+    codes = codes.astype(np.uint8)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+class IQ2_XS(_IQ2, qtype=Q.IQ2_XS):
+    search = Search(Q.IQ2_XS, 16, tuple(range(-9, 10)), float(GROUP_MAX_EPS), even_signs=True, qp_anchor=False)
+    weight_factor = 1.0
+
+    @classmethod
+    def pack(cls, scales: np.ndarray, grid: np.ndarray, signs: np.ndarray) -> np.ndarray:
+        d, codes, nonzero = _scale_codes(scales)
+        qs = np.where(nonzero, grid.astype(np.uint16) | (signs.astype(np.uint16) << 9), np.uint16(0))
+        packed_scales = np.where(nonzero, _pack_nibble_scales(codes), np.uint8(0))
+        return np.concatenate([fp16_bytes(d), qs.astype("<u2").view(np.uint8), packed_scales], axis=1)
+
+
+class IQ2_S(_IQ2, qtype=Q.IQ2_S):
+    search = Search(Q.IQ2_S, 16, tuple(range(-9, 10)), 1e-8, even_signs=False, qp_anchor=False)
+    weight_factor = 2.0
+
+    @classmethod
+    def pack(cls, scales: np.ndarray, grid: np.ndarray, signs: np.ndarray) -> np.ndarray:
+        d, codes, nonzero = _scale_codes(scales)
+        n = scales.shape[0]
+        high = (grid >> 8).astype(np.uint8).reshape(n, 8, 4) << (2 * np.arange(4, dtype=np.uint8))
+        qh = np.bitwise_or.reduce(high, axis=2)
+        packed_scales = np.where(nonzero, _pack_nibble_scales(codes), np.uint8(0))
+        # C stores d * 0.9875 but derives the codes from d itself
+        parts = [fp16_bytes(d * F32(0.9875)), (grid & 0xFF).astype(np.uint8), signs.astype(np.uint8), qh, packed_scales]
+        return np.concatenate(parts, axis=1)
