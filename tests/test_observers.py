@@ -1,4 +1,4 @@
-"""Observed targets: inputs llama.cpp multiplies that no module takes (`collect.observers`), and the
+"""Observed targets: inputs llama.cpp multiplies that no module takes (`models.observers`), and the
 multi-head latent attention observer against the absorbed attention computed by hand."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import torch
 import transformers
 
 from imatrix.collect.hooks import ActivationCollector
-from imatrix.collect.moe import Handle
-from imatrix.collect.observers import MatrixSink, ObservedTarget
 from imatrix.collect.targets import collection_targets
 from imatrix.models.architectures import ALL
 from imatrix.models.loader import LoadedModel
 from imatrix.models.names import gguf_name_map
+from imatrix.models.observers import MatrixSink, ObservedTarget
+from imatrix.models.patches import Handle
 
 N_MAT, N_TOKENS, N_COLS = 3, 20, 5
 

@@ -3,7 +3,7 @@
 `ActivationCollector` is a context manager that attaches forward pre-hooks to the modules named in
 `targets` (GGUF name per module: `nn.Linear`s and MoE routers), hooks the routed experts
 (`ExpertTarget`s, see `collect.moe`) and attaches the adapter's observers (`ObservedTarget`s, see
-`collect.observers`), and removes all of it on exit. Sums and expert counts stay on
+`models.observers`), and removes all of it on exit. Sums and expert counts stay on
 the model's device; nothing is copied to the host until `snapshot()`.
 
 Several chunks may run through the model at once, in threads (`collect.in_flight`): each thread adds
@@ -22,9 +22,9 @@ from types import TracebackType
 import torch
 
 from imatrix.collect.moe import ExpertTarget, Handle, Names, attach_experts
-from imatrix.collect.observers import ObservedTarget, attach_observers
 from imatrix.errors import ImatrixError
 from imatrix.matrix import ImportanceMatrix
+from imatrix.models.observers import ObservedTarget, attach_observers
 
 # on CPU, rows are squared and summed this many values at a time: the squares of a block stay in the
 # core's cache, where those of a whole [512, 1536] input went to memory and back (0.7 against 1.3 ms)

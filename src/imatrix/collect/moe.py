@@ -38,6 +38,7 @@ from imatrix.models.experts import (
     is_fused_experts,
     stack_name,
 )
+from imatrix.models.patches import Handle, override_attribute
 
 Names = tuple[str, ...]  # GGUF names sharing one accumulation (gate and up)
 
@@ -50,10 +51,6 @@ class ExpertSink(Protocol):
     def observe_by_expert(self, names: Names, n_expert: int, rows: torch.Tensor, expert_ids: torch.Tensor) -> None: ...
 
     def observe_expert(self, names: Names, n_expert: int, expert: int, rows: torch.Tensor) -> None: ...
-
-
-class Handle(Protocol):
-    def remove(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -81,16 +78,6 @@ def routing_matrix(top_k_index: torch.Tensor, n_expert: int) -> torch.Tensor:
     ids = top_k_index.reshape(top_k_index.shape[0], -1).long()
     routing = torch.zeros(ids.shape[0], n_expert, dtype=torch.float32, device=ids.device)
     return routing.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))
-
-
-class _Restore:
-    """Handle that deletes an instance attribute set over a class attribute."""
-
-    def __init__(self, module: torch.nn.Module, attribute: str) -> None:
-        self.module, self.attribute = module, attribute
-
-    def remove(self) -> None:
-        self.module.__dict__.pop(self.attribute, None)
 
 
 class FusedExperts:
@@ -135,12 +122,6 @@ class FusedExperts:
         else:
             handles.append(experts.act_fn.register_forward_hook(lambda _m, _a, out: observe_down(out)))
         return handles
-
-
-def override_attribute(module: torch.nn.Module, attribute: str, replacement: Callable) -> Handle:
-    """Replace `module.<attribute>` (a method) for this instance only, until the handle is removed."""
-    module.__dict__[attribute] = replacement
-    return _Restore(module, attribute)
 
 
 

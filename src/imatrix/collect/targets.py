@@ -7,8 +7,8 @@ import torch
 
 from imatrix.collect.hooks import ReorderedInput, Target
 from imatrix.collect.moe import expert_targets
-from imatrix.collect.observers import observed_targets
 from imatrix.models.loader import LoadedModel
+from imatrix.models.observers import observed_targets
 
 OUTPUT_WEIGHT = "output.weight"
 # MoE routers are matmuls in llama.cpp (`ffn_gate_inp`), but transformers' router modules are no

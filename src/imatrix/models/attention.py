@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from imatrix.models.patches import register_attention
 
 NAME = "imatrix_blocked_sdpa"
 BLOCK_QUERIES = 64
@@ -62,8 +62,6 @@ def use_blocked_attention(model: torch.nn.Module) -> bool:
     config = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", None) != "sdpa":
         return False
-    AttentionInterface.register(NAME, blocked_causal_attention)
-    # without masks of its own, transformers builds none for it: sliding windows would be dropped
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    register_attention(NAME, blocked_causal_attention)
     model.set_attn_implementation(NAME)
     return True

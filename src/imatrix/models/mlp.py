@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from transformers.activations import SiLUActivation
 from transformers.models.llama.modeling_llama import LlamaMLP
 
+from imatrix.models.patches import swap_class
+
 
 class InPlaceGatedMLP(torch.nn.Module):
     """Mixed into a transformers gated MLP class (see `compute_mlps_in_place`)."""
@@ -41,7 +43,7 @@ def compute_mlps_in_place(model: torch.nn.Module) -> int:
     switched = 0
     for module in model.modules():
         if not isinstance(module, InPlaceGatedMLP) and _computes_llamas_mlp(type(module)):
-            module.__class__ = _in_place_class(type(module))
+            swap_class(module, _in_place_class(type(module)))
             switched += 1
     return switched
 

@@ -7,6 +7,7 @@ layer by layer (`collect.sequential`), on several ranks, and `imatrix perplexity
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 
 import imatrix.quant  # noqa: F401  (makes this project's own tensor types, Q3_K_HIFI, readable)
-from imatrix.errors import ImatrixError
+from imatrix.errors import ImatrixError, shown
 from imatrix.ggufio.reader import GGUFModelFile
 from imatrix.models.architectures import architecture_for_file, architecture_for_hf
 from imatrix.models.architectures.base import Architecture
@@ -54,14 +55,41 @@ def open_model(path: str | Path, device: str | torch.device = "cpu") -> OpenedMo
         return _open_hf(source, device)
     model_file = GGUFModelFile(source)
     architecture = architecture_for_file(model_file)
-    config = architecture.build_config(model_file)
-    skeleton = empty_model(architecture, config, device)
+    config, skeleton = _built(architecture, model_file, device)
     apply_rope_freq_factors(skeleton, model_file)
     n_blocks = config.num_hidden_layers
     names = gguf_name_map(skeleton, architecture, n_blocks)
     stacks = expert_stack_map(skeleton, architecture, n_blocks)
     weights = GGUFWeights(model_file, architecture, config, names, stacks)
     return OpenedModel(skeleton, architecture, names, tokenizer_from_gguf(model_file), weights, source, stacks)
+
+
+def _built(architecture: Architecture, model_file: GGUFModelFile, device: str | torch.device) -> tuple[Any, Any]:
+    """The config and the empty model the file's hyperparameters describe; transformers' refusal of them (an odd
+    head size, say: a corrupt file) as one line naming the file."""
+    _check_block_count(model_file)
+    try:
+        config = architecture.build_config(model_file)
+        return config, empty_model(architecture, config, device)
+    except (ImatrixError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001  (transformers validates with its own exception types)
+        reason = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
+        raise ImatrixError(f"{model_file.path}: its hyperparameters do not make a {architecture.gguf_name} model: "
+                           f"{reason}") from exc
+
+
+def _check_block_count(model_file: GGUFModelFile) -> None:
+    """No `blk.N.` tensor beyond `<arch>.block_count` (a corrupt count would drop layers without a word; llama.cpp
+    refuses a file with tensors it does not load)."""
+    n_blocks = model_file.arch_value("block_count")
+    if not isinstance(n_blocks, int):
+        return  # a missing count is the config's to report
+    for name in model_file.tensors:
+        block = re.match(r"blk\.(\d+)\.", name)
+        if block and int(block[1]) >= n_blocks:
+            raise ImatrixError(f"{model_file.path}: tensor {shown(name)} lies beyond the {n_blocks} blocks that "
+                               f"{model_file.architecture}.block_count states")
 
 
 def _open_hf(directory: Path, device: str | torch.device) -> OpenedModel:

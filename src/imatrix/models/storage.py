@@ -20,6 +20,8 @@ import gguf
 import torch
 import torch.nn.functional as F
 
+from imatrix.models.patches import swap_class
+
 # GGUF tensor type -> the torch dtype that holds its values exactly in 16 bits
 _EXACT_16_BIT = {gguf.GGMLQuantizationType.F16: torch.float16, gguf.GGMLQuantizationType.BF16: torch.bfloat16}
 
@@ -258,9 +260,9 @@ def widen_narrow_modules(model: torch.nn.Module, compute_dtype: torch.dtype,
         if weight is None or weight.dtype == compute_dtype:
             continue
         if type(module) is torch.nn.Linear:
-            module.__class__ = WideningLinear
+            swap_class(module, WideningLinear)
         elif type(module) is torch.nn.Embedding:
-            module.__class__ = WideningEmbedding
+            swap_class(module, WideningEmbedding)
             module.compute_dtype = compute_dtype
         else:
             continue

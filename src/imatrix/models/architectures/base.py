@@ -22,7 +22,7 @@ from imatrix.ggufio.reader import GGUFModelFile
 from imatrix.models.experts import StackJoin
 
 if TYPE_CHECKING:
-    from imatrix.collect.observers import Observer
+    from imatrix.models.observers import Observer
 
 Config = Any  # a transformers PretrainedConfig
 ConfigFromGGUF = Callable[[GGUFModelFile], dict[str, Any]]
@@ -106,7 +106,7 @@ class Architecture:
     logits: LogitsTransform | None = None  # what the causal-LM class does to lm_head's output (soft-capping…)
     decoder: str = "model"  # the causal-LM's attribute holding the decoder stack
     expert_join: StackJoin = StackJoin()  # how the GGUF expert stacks make the 3-D expert parameters
-    # measure inputs llama.cpp multiplies that no module takes in transformers' forward (`collect.observers`)
+    # measure inputs llama.cpp multiplies that no module takes in transformers' forward (`models.observers`)
     observers: tuple[Observer, ...] = ()
     # a checkpoint directory's config -> the entries to change so that it states what llama.cpp's graph runs
     hf_overrides: Callable[[Config], dict[str, Any]] | None = None
@@ -239,6 +239,33 @@ def routed_experts(model_file: GGUFModelFile, **names: str) -> dict[str, Any]:
     return {names.get("count", "num_experts"): int(model_file.require_arch("expert_count")),
             names.get("used", "num_experts_per_tok"): n_used,
             names.get("width", "moe_intermediate_size"): int(width)}
+
+
+def sliding_layer_types(model_file: GGUFModelFile, n_pattern: int) -> list[str]:
+    """Which layers use the sliding window, as llama.cpp's `load_swa_pattern` reads it: one flag per layer,
+    or a period (stored, else the architecture's)."""
+    n_layer = int(model_file.require_arch("block_count"))
+    stored = model_file.arch_value("attention.sliding_window_pattern")
+    if isinstance(stored, list):
+        return ["sliding_attention" if flag else "full_attention" for flag in stored]
+    return periodic_layer_types(n_layer, int(stored) if stored is not None else n_pattern)
+
+
+def periodic_layer_types(n_layer: int, period: int) -> list[str]:
+    """The last layer of each period is global (period 0: all slide), `llama_hparams::set_swa_pattern`."""
+    return ["sliding_attention" if period == 0 or layer % period < period - 1 else "full_attention"
+            for layer in range(n_layer)]
+
+
+def per_layer(value: int | list[int], n_layer: int) -> list[int]:
+    """A hyperparameter llama.cpp may store per layer (an array), for every layer."""
+    return [int(item) for item in value] if isinstance(value, list) else [int(value)] * n_layer
+
+
+def without_sliding_window(config: Config) -> dict[str, Any]:
+    """An `hf_overrides` for models whose window llama.cpp ignores: it attends over the whole context (phi3.cpp,
+    mistral3.cpp)."""
+    return {"sliding_window": None}
 
 
 def _per_layer_max(value: int | list[int]) -> int:

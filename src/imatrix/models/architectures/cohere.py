@@ -10,8 +10,7 @@ import torch
 
 from imatrix.errors import ImatrixError
 from imatrix.ggufio.reader import GGUFModelFile
-from imatrix.models.architectures.base import Architecture, Config, common_config
-from imatrix.models.architectures.gemma import sliding_layer_types
+from imatrix.models.architectures.base import Architecture, Config, common_config, sliding_layer_types
 
 
 def command_r_config(model_file: GGUFModelFile) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 llama.cpp stores the attention the way its graph runs it, absorbed: `kv_b_proj` split into `attn_k_b`
 and `attn_v_b`, one matrix per head (the converter's `DeepseekV2Model.modify_tensors`), with the latent
 keys as a single KV head. Those two weights multiply values transformers' forward hands to no module;
-`collect.latent_attention` measures them.
+`models.latent_attention` measures them.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 
-from imatrix.collect.latent_attention import LatentAttention
 from imatrix.errors import ImatrixError
 from imatrix.ggufio.reader import GGUFModelFile
 from imatrix.models.architectures.base import (
@@ -23,6 +22,7 @@ from imatrix.models.architectures.base import (
     rope_parameters,
     routed_experts,
 )
+from imatrix.models.latent_attention import LatentAttention
 
 # gguf-py's ExpertGatingFuncType: DeepSeek V3 scores experts with a sigmoid (V2, which the file then states
 # as softmax or not at all, is another router)

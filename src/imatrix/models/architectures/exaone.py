@@ -6,8 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from imatrix.ggufio.reader import GGUFModelFile
-from imatrix.models.architectures.base import Architecture, common_config
-from imatrix.models.architectures.gemma import sliding_layer_types
+from imatrix.models.architectures.base import Architecture, common_config, sliding_layer_types
 
 # llama.cpp turns the sliding window on for this layer count only (the 32B; exaone4.cpp `load_arch_hparams`):
 # other files run every layer globally, with rope, whatever window and pattern they state

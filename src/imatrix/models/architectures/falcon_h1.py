@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 
-from imatrix.collect.moe import Handle
-from imatrix.collect.observers import MatrixSink, ObservedTarget
 from imatrix.ggufio.reader import GGUFModelFile
 from imatrix.models.architectures.base import Architecture, Config, common_config
 from imatrix.models.architectures.mamba2 import MAMBA2_NAMES, MAMBA2_RULES, mamba2_config
+from imatrix.models.observers import MatrixSink, ObservedTarget
+from imatrix.models.patches import Handle
 
 # multiplier -> its neutral value: the converter multiplied each into the weights
 FOLDED_MULTIPLIERS: dict[str, Any] = {

@@ -20,8 +20,11 @@ from imatrix.models.architectures.base import (
     TensorRule,
     common_config,
     minus_one,
+    per_layer,
+    periodic_layer_types,
     rope_config,
     routed_experts,
+    sliding_layer_types,
     soft_capped_logits,
 )
 from imatrix.models.experts import StackJoin
@@ -43,27 +46,6 @@ def query_scale_config(model_file: GGUFModelFile) -> dict[str, Any]:
     return {"query_pre_attn_scalar": query_pre_attn_scalar(model_file.architecture, config["num_hidden_layers"],
                                                            config["hidden_size"], config["num_attention_heads"],
                                                            config["head_dim"])}
-
-
-def sliding_layer_types(model_file: GGUFModelFile, n_pattern: int) -> list[str]:
-    """Which layers use the sliding window, as llama.cpp's `load_swa_pattern` reads it: one flag per layer,
-    or a period (stored, else the architecture's)."""
-    n_layer = int(model_file.require_arch("block_count"))
-    stored = model_file.arch_value("attention.sliding_window_pattern")
-    if isinstance(stored, list):
-        return ["sliding_attention" if flag else "full_attention" for flag in stored]
-    return periodic_layer_types(n_layer, int(stored) if stored is not None else n_pattern)
-
-
-def periodic_layer_types(n_layer: int, period: int) -> list[str]:
-    """The last layer of each period is global (period 0: all slide), `llama_hparams::set_swa_pattern`."""
-    return ["sliding_attention" if period == 0 or layer % period < period - 1 else "full_attention"
-            for layer in range(n_layer)]
-
-
-def per_layer(value: int | list[int], n_layer: int) -> list[int]:
-    """A hyperparameter llama.cpp may store per layer (an array), for every layer."""
-    return [int(item) for item in value] if isinstance(value, list) else [int(value)] * n_layer
 
 
 def gemma_config(model_file: GGUFModelFile) -> dict[str, Any]:

@@ -11,8 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 from imatrix.ggufio.reader import GGUFModelFile
-from imatrix.models.architectures.base import Architecture, common_config, rope_parameters, routed_experts
-from imatrix.models.architectures.gemma import sliding_layer_types
+from imatrix.models.architectures.base import (
+    Architecture,
+    common_config,
+    rope_parameters,
+    routed_experts,
+    sliding_layer_types,
+)
 from imatrix.models.experts import StackJoin
 
 # llama.cpp's LLM_FFN_SWIGLU_OAI_MOE ignores the checkpoint's values and uses these (`build_moe_ffn`)

@@ -6,8 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from imatrix.ggufio.reader import GGUFModelFile
-from imatrix.models.architectures.base import Architecture, common_config, rope_parameters
-from imatrix.models.architectures.phi import full_attention
+from imatrix.models.architectures.base import Architecture, common_config, rope_parameters, without_sliding_window
 
 
 def ministral3_config(model_file: GGUFModelFile) -> dict[str, Any]:
@@ -26,5 +25,5 @@ def ministral3_config(model_file: GGUFModelFile) -> dict[str, Any]:
 
 ARCHITECTURES = (
     Architecture("mistral3", "Ministral3ForCausalLM", "Ministral3Config", ministral3_config, ("ministral3",),
-                 permute_qk=True, hf_overrides=full_attention),
+                 permute_qk=True, hf_overrides=without_sliding_window),
 )

@@ -6,8 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from imatrix.ggufio.reader import GGUFModelFile
-from imatrix.models.architectures.base import Architecture, common_config
-from imatrix.models.architectures.gemma import sliding_layer_types
+from imatrix.models.architectures.base import Architecture, common_config, sliding_layer_types
 
 
 def has_sliding_window(model_file: GGUFModelFile) -> bool:

@@ -10,14 +10,10 @@ from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 from transformers.models.phimoe.modeling_phimoe import PhimoeRotaryEmbedding, PhimoeTopKRouter
 
 from imatrix.ggufio.reader import GGUFModelFile
-from imatrix.models.architectures.base import Architecture, Config, common_config, partial_rotary
+from imatrix.models.architectures.base import Architecture, common_config, partial_rotary, without_sliding_window
+from imatrix.models.patches import swap_class
 
 LONG_FACTORS, SHORT_FACTORS = "rope_factors_long.weight", "rope_factors_short.weight"
-
-
-def full_attention(config: Config) -> dict[str, Any]:
-    """llama.cpp attends over the whole context whatever window the checkpoint states (phi3.cpp, mistral3.cpp)."""
-    return {"sliding_window": None}
 
 
 def phi3_config(model_file: GGUFModelFile) -> dict[str, Any]:
@@ -34,7 +30,7 @@ def phi3_config(model_file: GGUFModelFile) -> dict[str, Any]:
                     short_factor=model_file.tensor_f32(SHORT_FACTORS).tolist(),
                     attention_factor=float(model_file.arch_value("rope.scaling.attn_factor", 1.0)))
     # llama.cpp turns Phi's sliding window off (phi3.cpp, `load_arch_hparams`)
-    return {**config, "rope_parameters": rope, "original_max_position_embeddings": original, **full_attention(config)}
+    return {**config, "rope_parameters": rope, "original_max_position_embeddings": original, "sliding_window": None}
 
 
 def phimoe_config(model_file: GGUFModelFile) -> dict[str, Any]:
@@ -77,15 +73,15 @@ def run_as_phi3(model: torch.nn.Module) -> None:
     and scales by the converter's attention factor, as llama.cpp does (PhiMoE's always takes the short ones)."""
     for module in model.modules():
         if type(module) is torch.nn.LayerNorm:
-            module.__class__ = RMSNormWithBias
+            swap_class(module, RMSNormWithBias)
         elif type(module) is PhimoeTopKRouter:
-            module.__class__ = SoftmaxTopKRouter
+            swap_class(module, SoftmaxTopKRouter)
         elif type(module) is PhimoeRotaryEmbedding:
-            module.__class__ = Phi3RotaryEmbedding
+            swap_class(module, Phi3RotaryEmbedding)
 
 
 ARCHITECTURES = (
-    Architecture("phi3", "Phi3ForCausalLM", "Phi3Config", phi3_config, ("phi3",), hf_overrides=full_attention),
+    Architecture("phi3", "Phi3ForCausalLM", "Phi3Config", phi3_config, ("phi3",), hf_overrides=without_sliding_window),
     Architecture("phimoe", "PhimoeForCausalLM", "PhimoeConfig", phimoe_config, ("phimoe",),
-                 hf_overrides=full_attention, graph_fixes=run_as_phi3),
+                 hf_overrides=without_sliding_window, graph_fixes=run_as_phi3),
 )

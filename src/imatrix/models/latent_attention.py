@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from imatrix.collect.moe import Handle, override_attribute
-from imatrix.collect.observers import MatrixSink, ObservedTarget
+from imatrix.models.observers import MatrixSink, ObservedTarget
+from imatrix.models.patches import Handle, override_attribute
 
 K_B, V_B = "attn_k_b", "attn_v_b"
 

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from imatrix.collect.moe import Handle
+from imatrix.models.patches import Handle
 
 
 class MatrixSink(Protocol):
