@@ -1,16 +1,24 @@
 """Quality of our quantizations of SmolLM2-135M, with and without the imatrix, beside llama.cpp's.
 
-    python benchmarks/quant_quality.py [--types Q2_K,Q4_K_M] [--chunks 10] [--work-dir DIR] [-o table.md]
+    python benchmarks/quant_quality.py --llama-perplexity PATH [--llama-quantize PATH] [--types Q2_K,IQ2_XXS]
+        [--chunks 10] [--threads 2] [--work-dir DIR] [-o table.md]
 
-Steps: the F16 model (from the bundled Q4_1, exactly llama-quantize's F16), its base
-log-probabilities on `eval.txt` (`-c 512 --chunks 10`), then for every type with and without
-`smollm2-f16.c512.n40.imatrix.gguf`: quantize, measure file size and bits per weight, then PPL,
-mean KLD and same-top-token agreement against the F16. llama.cpp's figures come from the golden
-`quality.md`. Files are kept in the work directory, so a second run only re-measures.
+Steps: the F16 model (from the bundled Q4_1, exactly llama-quantize's F16) and its base
+log-probabilities on `eval.txt` (`-c 512 --chunks N`; the imatrix was collected on
+`calibration.txt`, other text), written by llama-perplexity (`--kl-divergence-base`) or, without
+`--llama-perplexity`, by our evaluator. Then for every type, with and without the golden
+`smollm2-f16.c512.n40.imatrix.gguf` (types llama-quantize refuses to make without an imatrix only
+with it): quantize with `imatrix quantize`, measure file size and bits per weight, then PPL, mean
+KLD and same-top-token agreement against the F16 — by llama-perplexity where it loads the file,
+else by our evaluator (`imatrix perplexity`'s code, against the same base; the note says so).
 
-With `--emulate-llama-cpu` every model (the F16 base included) is measured a second time with the
-inputs of its matmuls rounded as llama.cpp's CPU backend rounds them (`imatrix.eval.cpu_matmul`), so
-that these columns compare with llama-perplexity's figures like for like.
+llama.cpp's figures: with `--llama-quantize`, llama-quantize makes the same file here; when every
+tensor is identical to ours its figures are ours (the note says so), otherwise its file is measured
+the same way. Without it, llama.cpp's figures come from the golden `quality.md` where it has the
+type. Files are kept in the work directory, so a second run only re-measures what is missing.
+
+With `--emulate-llama-cpu` (our evaluator only), models are measured with the inputs of their
+matmuls rounded as llama.cpp's CPU backend rounds them (`imatrix.eval.cpu_matmul`).
 """
 
 from __future__ import annotations
@@ -18,29 +26,33 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from imatrix.errors import ImatrixError
-from imatrix.eval.cpu_matmul import emulate_cpu_matmul_inputs
-from imatrix.eval.kld import kl_divergence
-from imatrix.eval.perplexity import perplexity, stderr_log
 from imatrix.ggufio.reader import GGUFModelFile
-from imatrix.matrix import ImportanceMatrix
-from imatrix.models.bundled import smollm2_path
-from imatrix.models.loader import load_model
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("IMATRIX_SHARED", REPO.parent / "shared"))
 QUALITY_MD = SHARED / "golden" / "quant" / "quality.md"
 IMATRIX = SHARED / "golden" / "imatrix" / "smollm2-f16.c512.n40.imatrix.gguf"
 EVAL_TEXT = SHARED / "data" / "eval.txt"
-TYPES = ("Q2_K", "Q3_K_S", "Q4_K_M", "IQ4_XS", "Q3_K_HIFI")
+# every llama-quantize type that is not a plain conversion, lowest bits first (MXFP4_MOE is Q8_0 on a dense model)
+TYPES = ("IQ1_S", "IQ1_M", "Q1_0", "TQ1_0", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "TQ2_0", "Q2_0", "Q2_K_S",
+         "Q2_K", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_XS", "IQ4_NL", "Q4_K_M",
+         "Q3_K_HIFI")
 MIB = 1024 * 1024
+
+
+@dataclass
+class Measured:
+    ppl: float | None = None
+    kld: float | None = None
+    top: float | None = None
+    by: str = ""  # "llama.cpp" or "ours": whose evaluator measured it
 
 
 @dataclass
@@ -50,18 +62,21 @@ class Row:
     mib: float | None = None
     bpw: float | None = None
     quantize_s: float | None = None
-    ppl: float | None = None
-    kld: float | None = None
-    top: float | None = None
-    cpu_ppl: float | None = None  # measured with llama.cpp's CPU matmul inputs emulated
-    cpu_kld: float | None = None
-    cpu_top: float | None = None
+    ours: Measured | None = None
+    theirs: Measured | None = None
+    theirs_mib: float | None = None
+    same: str = ""  # tensors identical to llama-quantize's, "n/total"
     note: str = ""
 
 
+# --- llama.cpp's figures ---
+
+
 def parse_quality(path: Path) -> dict[tuple[str, bool], dict[str, float]]:
-    """llama.cpp's rows of quality.md: (type, imatrix) -> {mib, quantize_s, ppl, kld, top}."""
-    rows = {}
+    """llama.cpp's rows of the golden quality.md: (type, imatrix) -> {mib, quantize_s, ppl, kld, top}."""
+    rows: dict[tuple[str, bool], dict[str, float]] = {}
+    if not path.exists():
+        return rows
     for line in path.read_text().splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
         if len(cells) != 7 or cells[1] not in ("yes", "no"):
@@ -75,13 +90,48 @@ def parse_quality(path: Path) -> dict[tuple[str, bool], dict[str, float]]:
     return rows
 
 
-def parse_f16_ppl(path: Path) -> float | None:
-    match = re.search(r"F16: PPL = ([0-9.]+)", path.read_text())
+def run_llama_perplexity(binary: str, model: Path, base: Path, n_chunks: int, threads: int,
+                         write_base: bool) -> str | None:
+    """llama-perplexity's output on eval.txt (writing the base, or measuring KLD against it); None if it
+    could not load the model."""
+    command = [binary, "-m", str(model), "-f", str(EVAL_TEXT), "-c", "512", "--chunks", str(n_chunks),
+               "-t", str(threads), "--kl-divergence-base", str(base)]
+    if not write_base:
+        command.append("--kl-divergence")
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        if any(sign in done.stderr for sign in ("failed to load model", "error loading model", "unable to load")):
+            return None
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    return done.stdout + done.stderr
+
+
+def _number(pattern: str, text: str) -> float | None:
+    match = re.search(pattern, text)
     return float(match.group(1)) if match else None
 
 
+def parse_kld_output(text: str) -> Measured:
+    return Measured(_number(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)", text), _number(r"Mean\s+KLD:\s*([0-9.]+)", text),
+                    _number(r"Same top p:\s*([0-9.]+)", text), "llama.cpp")
+
+
+# --- files ---
+
+
+def make_f16(work: Path) -> Path:
+    from imatrix.models.bundled import smollm2_path
+    from imatrix.models.f16 import write_f16_model
+
+    f16 = work / "smollm2-135m-f16.gguf"
+    if not f16.exists():
+        log(f"writing {f16}")
+        write_f16_model(smollm2_path(), f16)
+    return f16
+
+
 def bits_per_weight(path: Path) -> float | None:
-    """llama.cpp's BPW: tensor data bits over weights. None where gguf-py does not know a tensor type."""
+    """llama.cpp's BPW: tensor data bits over weights. None where a tensor type is unknown to gguf-py."""
     try:
         model_file = GGUFModelFile(path)
     except ImatrixError:
@@ -98,88 +148,143 @@ def _n_elements(ne: tuple[int, ...]) -> int:
     return count
 
 
-def make_f16(work: Path) -> Path:
-    from imatrix.models.f16 import write_f16_model
-
-    f16 = work / "smollm2-135m-f16.gguf"
-    if not f16.exists():
-        stderr_log(f"writing {f16}")
-        write_f16_model(smollm2_path(), f16)
-    return f16
-
-
-def make_base(work: Path, n_chunks: int, f16: Path, emulate: bool = False) -> tuple[Path, float]:
-    """F16 base log-probabilities (with `emulate`: with llama.cpp's CPU matmul inputs) and its PPL."""
-    base = work / f"f16.c512.n{n_chunks}{'.cpu' if emulate else ''}.kld"
-    loaded = load_model(f16)
-    if emulate:
-        emulate_cpu_matmul_inputs(loaded)
-    result = perplexity(loaded, EVAL_TEXT, n_ctx=512, max_chunks=n_chunks,
-                        save_base=None if base.exists() else base, log=stderr_log)
-    stderr_log(f"F16{' (CPU emulation)' if emulate else ''}: {result.final_line()}")
-    return base, result.ppl
-
-
-def quantize(f16: Path, out: Path, qtype: str, with_imatrix: bool) -> float | None:
-    """Quantize unless `out` exists; seconds taken, or None if it was there."""
+def quantize_ours(f16: Path, out: Path, qtype: str, with_imatrix: bool, threads: int) -> float | None:
+    """`imatrix quantize` unless `out` exists; seconds taken, or None if it was there."""
     if out.exists():
         return None
     from imatrix.quant.model import quantize_model
 
-    imatrix = ImportanceMatrix.load(IMATRIX) if with_imatrix else None
     start = time.perf_counter()
-    quantize_model(f16, out, qtype, imatrix=imatrix)
+    quantize_model(f16, out, qtype, imatrix=IMATRIX if with_imatrix else None, n_threads=threads)
     return time.perf_counter() - start
 
 
-def measure(f16: Path, base: Path, work: Path, qtype: str, with_imatrix: bool, cpu_base: Path | None) -> Row:
+def quantize_theirs(binary: str, f16: Path, out: Path, qtype: str, with_imatrix: bool, threads: int) -> None:
+    if out.exists():
+        return
+    extra = ["--imatrix", str(IMATRIX)] if with_imatrix else []
+    done = subprocess.run([binary, *extra, str(f16), str(out), qtype, str(threads)], capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"llama-quantize {qtype} failed:\n{done.stderr[-3000:]}")
+
+
+def same_tensors(ours: Path, theirs: Path) -> tuple[int, int]:
+    """(tensors of the two files with the same type and bytes, tensors in llama.cpp's file)."""
+    import numpy as np
+
+    a, b = GGUFModelFile(ours), GGUFModelFile(theirs)
+    same = sum(name in b.tensors and a.tensors[name].tensor_type == b.tensors[name].tensor_type
+               and np.array_equal(a.raw(name), b.raw(name)) for name in a.tensors)
+    return same, len(b.tensors)
+
+
+# --- measuring ---
+
+
+class Evaluator:
+    """Measures a file by llama-perplexity where it loads it, else by our evaluator, against one F16 base."""
+
+    def __init__(self, work: Path, f16: Path, n_chunks: int, threads: int, llama_perplexity: str | None,
+                 emulate: bool) -> None:
+        self.work, self.f16, self.n_chunks, self.threads = work, f16, n_chunks, threads
+        self.llama_perplexity, self.emulate = llama_perplexity, emulate
+        by = "llama" if llama_perplexity else "ours-cpu" if emulate else "ours"
+        self.base = work / f"f16.c512.n{n_chunks}.{by}.kld"
+        self.f16_ppl = self._make_base()
+
+    def _make_base(self) -> float | None:
+        if self.llama_perplexity:
+            text = run_llama_perplexity(self.llama_perplexity, self.f16, self.base, self.n_chunks, self.threads,
+                                        write_base=True)
+            assert text is not None, "llama-perplexity cannot load the F16 model"
+            return _number(r"Final estimate: PPL = ([0-9.]+)", text)
+        from imatrix.eval.cpu_matmul import emulate_cpu_matmul_inputs
+        from imatrix.eval.perplexity import perplexity
+        from imatrix.models.loader import load_model
+
+        loaded = load_model(self.f16)
+        if self.emulate:
+            emulate_cpu_matmul_inputs(loaded)
+        result = perplexity(loaded, EVAL_TEXT, n_ctx=512, max_chunks=self.n_chunks,
+                            save_base=None if self.base.exists() else self.base, log=log)
+        return result.ppl
+
+    def measure(self, path: Path) -> Measured:
+        if self.llama_perplexity and not self.emulate:
+            text = run_llama_perplexity(self.llama_perplexity, path, self.base, self.n_chunks, self.threads,
+                                        write_base=False)
+            if text is not None:
+                return parse_kld_output(text)
+        return self._ours(path)
+
+    def _ours(self, path: Path) -> Measured:
+        import torch
+
+        from imatrix.eval.cpu_matmul import emulate_cpu_matmul_inputs
+        from imatrix.eval.kld import kl_divergence
+        from imatrix.models.loader import load_model
+
+        torch.set_num_threads(self.threads)
+        loaded = load_model(path)
+        if self.emulate:
+            emulate_cpu_matmul_inputs(loaded)
+        result = kl_divergence(loaded, self.base, max_chunks=self.n_chunks, log=log)
+        return Measured(result.ppl, result.mean_kld, result.same_top_percent, "ours")
+
+
+def measure_type(evaluator: Evaluator, qtype: str, with_imatrix: bool, llama_quantize: str | None,
+                 golden: dict[tuple[str, bool], dict[str, float]]) -> Row:
     row = Row(qtype, with_imatrix)
-    out = work / f"smollm2-{qtype}-{'im' if with_imatrix else 'noim'}.gguf"
+    work, tag = evaluator.work, "im" if with_imatrix else "noim"
+    out = work / f"smollm2-{qtype}-{tag}.gguf"
     try:
-        row.quantize_s = quantize(f16, out, qtype, with_imatrix)
-    except (ImatrixError, NotImplementedError, KeyError, ValueError) as exc:
-        row.note = f"quantize failed: {str(exc)[:60]}"
+        row.quantize_s = quantize_ours(evaluator.f16, out, qtype, with_imatrix, evaluator.threads)
+    except ImatrixError as exc:
+        row.note = "refused without imatrix (as llama-quantize)" if "requires an imatrix" in str(exc) else \
+            f"quantize failed: {str(exc)[:80]}"
         return row
     row.mib, row.bpw = out.stat().st_size / MIB, bits_per_weight(out)
-    try:
-        loaded = load_model(out)
-    except ImatrixError as exc:
-        row.note = f"not loadable: {str(exc)[:60]}"
-        return row
-    result = kl_divergence(loaded, base, log=stderr_log)
-    row.ppl, row.kld, row.top = result.ppl, result.mean_kld, result.same_top_percent
-    if cpu_base is not None:
-        emulate_cpu_matmul_inputs(loaded)
-        result = kl_divergence(loaded, cpu_base, log=stderr_log)
-        row.cpu_ppl, row.cpu_kld, row.cpu_top = result.ppl, result.mean_kld, result.same_top_percent
+    row.ours = evaluator.measure(out)
+    if llama_quantize and qtype != "Q3_K_HIFI":
+        theirs = work / f"llama-{qtype}-{tag}.gguf"
+        quantize_theirs(llama_quantize, evaluator.f16, theirs, qtype, with_imatrix, evaluator.threads)
+        same, total = same_tensors(out, theirs)
+        row.same, row.theirs_mib = f"{same}/{total}", theirs.stat().st_size / MIB
+        row.theirs = row.ours if same == total else evaluator.measure(theirs)
+    elif (qtype, with_imatrix) in golden:
+        ref = golden[(qtype, with_imatrix)]
+        row.theirs, row.theirs_mib = Measured(ref["ppl"], ref["kld"], ref["top"], "golden"), ref["mib"]
+    if row.ours.by == "ours":
+        row.note = "ours measured by our evaluator (llama.cpp cannot load the file)" if evaluator.llama_perplexity \
+            else "measured by our evaluator"
     return row
+
+
+# --- the table ---
 
 
 def _fmt(value: float | None, digits: int) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def table(rows: list[Row], theirs: dict[tuple[str, bool], dict[str, float]], f16_ppl: float,
-          f16_ppl_theirs: float | None, f16_cpu_ppl: float | None = None) -> str:
-    emulated = f16_cpu_ppl is not None
-    f16_line = f"F16: PPL ours {f16_ppl:.4f}, llama.cpp {_fmt(f16_ppl_theirs, 4)}"
-    if emulated:
-        f16_line += f"; ours with llama.cpp's CPU matmul inputs {f16_cpu_ppl:.4f}"
-    header = "| type | imatrix | file MiB | bits/weight | quantize s | PPL | mean KLD | same top % "
-    if emulated:
-        header += "| CPU-emulated PPL | CPU-emulated KLD | CPU-emulated top % "
-    header += "| llama.cpp MiB | llama.cpp PPL | llama.cpp KLD | llama.cpp top % | note |"
-    lines = [f16_line, "", header, "|" + "---|" * (header.count("|") - 1)]
+def table(rows: list[Row], f16_ppl: float | None, evaluator_name: str) -> str:
+    lines = [f"F16 PPL ({evaluator_name}): {_fmt(f16_ppl, 4)}", "",
+             "| type | imatrix | file MiB | bits/weight | PPL | mean KLD | same top % | llama.cpp MiB "
+             "| llama.cpp PPL | llama.cpp KLD | llama.cpp top % | same tensors | note |",
+             "|---" * 13 + "|"]
     for row in rows:
-        ref = theirs.get((row.qtype, row.imatrix), {})
-        cells = (f"| {row.qtype} | {'yes' if row.imatrix else 'no'} | {_fmt(row.mib, 1)} | {_fmt(row.bpw, 2)} "
-                 f"| {_fmt(row.quantize_s, 1)} | {_fmt(row.ppl, 4)} | {_fmt(row.kld, 6)} | {_fmt(row.top, 3)} ")
-        if emulated:
-            cells += f"| {_fmt(row.cpu_ppl, 4)} | {_fmt(row.cpu_kld, 6)} | {_fmt(row.cpu_top, 3)} "
-        cells += (f"| {_fmt(ref.get('mib'), 1)} | {_fmt(ref.get('ppl'), 4)} | {_fmt(ref.get('kld'), 6)} "
-                  f"| {_fmt(ref.get('top'), 3)} | {row.note} |")
-        lines.append(cells)
+        ours, theirs = row.ours or Measured(), row.theirs or Measured()
+        lines.append(
+            f"| {row.qtype} | {'yes' if row.imatrix else 'no'} | {_fmt(row.mib, 1)} | {_fmt(row.bpw, 2)} "
+            f"| {_fmt(ours.ppl, 4)} | {_fmt(ours.kld, 6)} | {_fmt(ours.top, 3)} | {_fmt(row.theirs_mib, 1)} "
+            f"| {_fmt(theirs.ppl, 4)} | {_fmt(theirs.kld, 6)} | {_fmt(theirs.top, 3)} | {row.same or '–'} "
+            f"| {row.note} |")
     return "\n".join(lines) + "\n"
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,25 +292,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--types", default=",".join(TYPES), help=f"comma-separated (default: {','.join(TYPES)})")
     parser.add_argument("--chunks", type=int, default=10, help="chunks of 512 tokens (default: 10)")
     parser.add_argument("--work-dir", default="/tmp/imatrix-quant-quality", help="models and base logits live here")
-    parser.add_argument("-t", "--threads", type=int, default=0)
+    parser.add_argument("-t", "--threads", type=int, default=2)
+    parser.add_argument("--llama-perplexity", metavar="PATH", help="measure with llama.cpp's llama-perplexity")
+    parser.add_argument("--llama-quantize", metavar="PATH", help="make llama.cpp's files here to compare with")
+    parser.add_argument("--no-imatrix-runs", action="store_true", help="only the runs with the imatrix")
     parser.add_argument("-o", "--output", help="also write the table (markdown) here")
     parser.add_argument("--emulate-llama-cpu", action="store_true",
-                        help="also measure with llama.cpp's CPU matmul inputs emulated (doubles the time)")
+                        help="measure with our evaluator, llama.cpp's CPU matmul inputs emulated")
     args = parser.parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     f16 = make_f16(work)
-    base, f16_ppl = make_base(work, args.chunks, f16)
-    cpu_base, f16_cpu_ppl = make_base(work, args.chunks, f16, emulate=True) if args.emulate_llama_cpu else (None, None)
+    llama_perplexity = None if args.emulate_llama_cpu else args.llama_perplexity
+    evaluator = Evaluator(work, f16, args.chunks, args.threads, llama_perplexity, args.emulate_llama_cpu)
+    golden = parse_quality(QUALITY_MD)
     rows = []
     for qtype in [name.strip() for name in args.types.split(",") if name.strip()]:
-        for with_imatrix in (False, True):
-            stderr_log(f"--- {qtype} {'with' if with_imatrix else 'without'} imatrix")
-            rows.append(measure(f16, base, work, qtype, with_imatrix, cpu_base))
-            stderr_log(str(rows[-1]))
-    text = table(rows, parse_quality(QUALITY_MD), f16_ppl, parse_f16_ppl(QUALITY_MD), f16_cpu_ppl)
+        for with_imatrix in (True,) if args.no_imatrix_runs else (False, True):
+            log(f"--- {qtype} {'with' if with_imatrix else 'without'} imatrix")
+            rows.append(measure_type(evaluator, qtype, with_imatrix, args.llama_quantize, golden))
+            log(str(rows[-1]))
+    text = table(rows, evaluator.f16_ppl, "llama-perplexity" if llama_perplexity else "ours")
     print(text)
     if args.output:
         Path(args.output).write_text(text)

@@ -1,19 +1,27 @@
-"""Quantization speed and memory on SmolLM2-135M F16, beside llama-quantize's own times.
+"""Quantization speed and memory on a 1B-parameter model made of SmolLM2's weights, beside llama-quantize.
 
-Runs `imatrix quantize` for every type of the golden `quality.md` that we support, with and without
-the golden imatrix, in a child process with 2 workers (as llama-quantize was timed with 2 threads),
-and prints wall time, the ratio to llama-quantize's time (target: at most 2x), and peak memory
-against the input file's size (target: at most 2x). Memory is the peak, sampled every 20 ms, of the
-summed PSS of the whole process tree (the command and its forked workers, shared pages counted
-once). The child's `ru_maxrss` would not do: Linux carries the spawning process's peak across exec.
+    python benchmarks/quant_speed.py --llama-quantize PATH [--work-dir DIR] [--types Q4_K_M,Q2_K,...]
+        [--width 4] [--layers 16] [--threads 2] [--repeats 1] [--no-imatrix]
 
-llama-quantize's times are the golden figures of the reference machine; with `--llama-quantize PATH`
-(a llama.cpp build) it is also run here, on the same input with the same threads, its time is the
-baseline of a second ratio, and the two output files are compared tensor by tensor.
+The model: SmolLM2-135M's F16 weights (rebuilt from the bundled Q4_1, exactly llama-quantize's F16),
+every matrix tiled `--width` times along both dimensions (the embedding along its rows only) and the
+blocks repeated to `--layers` layers (block i is SmolLM2's block i mod 30). With the defaults that is
+hidden 2304, feed-forward 6144, 16 layers: 1.02B parameters, 2.0 GB of F16, shapes of a real 1B
+llama, whose rows (multiples of 256) take the K- and i-quants rather than SmolLM2's fallbacks. The
+imatrix is the golden `smollm2-f16.c512.n40.imatrix.gguf` tiled the same way. Both are written once
+into the work directory (outside the repository; default /tmp/imatrix-quant-speed) and reused.
 
-Each command runs `--repeats` times (ours and llama-quantize alternating) and the fastest run counts.
+For every type, `imatrix quantize` and llama-quantize run on the same input with the same threads, one
+after the other (`--repeats` times, alternating; the fastest run counts), each as a fresh process
+started under `/usr/bin/time`, which gives the peak resident set of the largest process of its tree
+(for us: the parent or one of its forked workers). The summed PSS of the whole tree (shared pages
+counted once) is sampled every 100 ms as well. Outputs are compared tensor by tensor.
 
-    python benchmarks/quant_speed.py [--types Q4_0,Q4_K_M] [--threads 2] [--repeats 3] [--llama-quantize PATH]
+Start-up: the wall time of `imatrix quantize --help`, and of `--dry-run` on the big model (everything
+but the conversion: imports, opening the model, reading the imatrix, planning every tensor's type)
+beside llama-quantize's `--dry-run`.
+
+Types whose kernels this project does not have yet (`FileType.kernels_ready`) are skipped.
 """
 
 from __future__ import annotations
@@ -21,22 +29,140 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import numpy as np
 
 from imatrix.ggufio.reader import GGUFModelFile
-from imatrix.models.bundled import smollm2_path
-from imatrix.models.f16 import write_f16_model
-from imatrix.quant.mixes import FILE_TYPES
-from quant_quality import IMATRIX, QUALITY_MD, parse_quality
+from imatrix.ggufio.writer import ModelWriter
+from imatrix.matrix import ImportanceMatrix, TensorStats
 
-MIB = 1024 * 1024
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("IMATRIX_SHARED", REPO.parent / "shared"))
+GOLDEN_IMATRIX = SHARED / "golden" / "imatrix" / "smollm2-f16.c512.n40.imatrix.gguf"
+TYPES = ("Q4_K_M", "Q2_K", "IQ2_XXS", "IQ3_XXS", "IQ4_XS")
+GIB = 1024**3
+MIB = 1024**2
+TIME = "/usr/bin/time"
+# the metadata keys that grow with the width (heads keep their size: there are `width` times as many)
+WIDENED_KEYS = ("embedding_length", "feed_forward_length", "attention.head_count", "attention.head_count_kv")
+
+
+# --- the big model and its imatrix ---
+
+
+def source_block(layer: int, n_source_layers: int) -> int:
+    return layer % n_source_layers
+
+
+def tiled(weights: np.ndarray, width: int, is_embedding: bool) -> np.ndarray:
+    """`weights` (numpy order: rows first) tiled `width` times along each dimension; the token
+    embedding keeps its rows (one per token) and a norm is a single row."""
+    if weights.ndim == 1:
+        return np.tile(weights, width)
+    return np.tile(weights, (1, width) if is_embedding else (width, width))
+
+
+def big_tensor_names(source: GGUFModelFile, n_layers: int) -> list[tuple[str, str]]:
+    """(name in the big model, name in SmolLM2) for every tensor, the non-block ones first."""
+    n_source = int(source.require_arch("block_count"))
+    outside = [(name, name) for name in source.tensors if not name.startswith("blk.")]
+    blocks = [name.split(".", 2)[2] for name in source.tensors if name.startswith("blk.0.")]
+    inside = [(f"blk.{layer}.{rest}", f"blk.{source_block(layer, n_source)}.{rest}")
+              for layer in range(n_layers) for rest in blocks]
+    return outside + inside
+
+
+def write_big_model(f16_path: Path, dst: Path, width: int, n_layers: int) -> Path:
+    """SmolLM2's F16 tiled `width` times and repeated to `n_layers` blocks, written tensor by tensor."""
+    source = GGUFModelFile(f16_path)
+    arch = source.architecture
+    changed = {f"{arch}.{key}": int(source.require_arch(key)) * width for key in WIDENED_KEYS}
+    changed[f"{arch}.block_count"] = n_layers
+    changed["general.size_label"] = f"tiled x{width}, {n_layers} layers"
+    names = big_tensor_names(source, n_layers)
+    tmp = dst.with_suffix(".tmp")
+    writer = ModelWriter(tmp, "")
+    writer.kv_data[0].clear()  # every key comes from the source, general.architecture included
+    for key, stored in source.fields.items():
+        value = changed.get(key, stored.value)
+        writer.add_key_value(key, value, stored.value_type, sub_type=stored.item_type)
+    for name, src_name in names:
+        info = source.tensors[src_name]
+        shape = tiled(np.empty(info.shape, dtype=np.uint8), width, name == "token_embd.weight").shape
+        itemsize = 4 if info.tensor_type == gguf.GGMLQuantizationType.F32 else 2
+        dtype = np.float32 if itemsize == 4 else np.float16
+        writer.add_tensor_info(name, shape, np.dtype(dtype), int(np.prod(shape)) * itemsize)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for name, src_name in names:
+        info = source.tensors[src_name]
+        dtype = np.float32 if info.tensor_type == gguf.GGMLQuantizationType.F32 else np.float16
+        weights = source.raw(src_name).view(dtype).reshape(info.shape)
+        writer.write_tensor_data(tiled(weights, width, name == "token_embd.weight"))
+    writer.close()
+    tmp.rename(dst)
+    return dst
+
+
+def write_big_imatrix(src: Path, dst: Path, width: int, n_layers: int, n_source_layers: int) -> Path:
+    """The golden imatrix tiled as the model: each entry's columns `width` times, blocks repeated."""
+    golden = ImportanceMatrix.load(src)
+    big = ImportanceMatrix(chunk_size=golden.chunk_size, chunk_count=golden.chunk_count,
+                           datasets=list(golden.datasets))
+    for name in golden.names():
+        if not name.startswith("blk."):
+            continue
+        layer, rest = name.split(".", 2)[1:]
+        if int(layer) != 0:
+            continue
+        for big_layer in range(n_layers):
+            stats = golden[f"blk.{source_block(big_layer, n_source_layers)}.{rest}"]
+            big.tensors[f"blk.{big_layer}.{rest}"] = TensorStats(np.tile(stats.sums, (1, width)), stats.counts)
+    big.save(dst)
+    return dst
+
+
+def prepare(work: Path, width: int, n_layers: int) -> tuple[Path, Path]:
+    """The big F16 model and its imatrix in `work`, made unless already there."""
+    work.mkdir(parents=True, exist_ok=True)
+    model = work / f"smollm2-x{width}-{n_layers}l-f16.gguf"
+    imatrix = work / f"smollm2-x{width}-{n_layers}l.imatrix.gguf"
+    if not model.exists() or not imatrix.exists():
+        from imatrix.models.bundled import smollm2_path
+        from imatrix.models.f16 import write_f16_model
+
+        small = work / "smollm2-f16.gguf"
+        if not small.exists():
+            write_f16_model(smollm2_path(), small)
+        if not model.exists():
+            log(f"writing {model}")
+            write_big_model(small, model, width, n_layers)
+        if not imatrix.exists():
+            n_source = int(GGUFModelFile(small).require_arch("block_count"))
+            write_big_imatrix(GOLDEN_IMATRIX, imatrix, width, n_layers, n_source)
+    return model, imatrix
+
+
+# --- measuring a command ---
+
+
+@dataclass
+class Run:
+    wall: float  # seconds
+    cpu: float  # seconds of CPU (user + system) of the whole tree: robust to other load on a shared machine
+    max_rss: int  # bytes: the largest resident set of any one process of the tree (/usr/bin/time's %M)
+    tree_pss: int  # bytes: the peak of the summed PSS of the whole tree, sampled
 
 
 def process_tree(pid: int) -> list[int]:
@@ -65,23 +191,8 @@ def pss_bytes(pid: int) -> int:
     return 0
 
 
-def run_quantize(command: list[str]) -> tuple[float, float]:
-    """Wall seconds and the peak PSS of the process tree (GB)."""
-    # the output goes to a file, not a pipe: llama-quantize would block once a pipe's buffer is full
-    with tempfile.TemporaryFile("w+") as log:
-        start = time.perf_counter()
-        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
-        peak = PeakTreePss(child.pid)
-        status = child.wait()
-        wall = time.perf_counter() - start
-        if status != 0:
-            log.seek(0)
-            raise SystemExit(f"{command[0]} failed:\n{log.read()[-4000:]}")
-    return wall, peak.result() / 1e9
-
-
 class PeakTreePss:
-    """Samples the summed PSS of `pid`'s process tree every 20 ms until `result()` (called once it has exited)."""
+    """Samples the summed PSS of `pid`'s process tree every 100 ms until `result()` (called once it has exited)."""
 
     def __init__(self, pid: int) -> None:
         self.pid, self.peak, self.done = pid, 0, threading.Event()
@@ -89,9 +200,8 @@ class PeakTreePss:
         self.thread.start()
 
     def _sample(self) -> None:
-        while not self.done.is_set():
+        while not self.done.wait(0.1):
             self.peak = max(self.peak, sum(pss_bytes(pid) for pid in process_tree(self.pid)))
-            time.sleep(0.02)
 
     def result(self) -> int:
         self.done.set()
@@ -99,64 +209,150 @@ class PeakTreePss:
         return self.peak
 
 
+def run_measured(command: Sequence[str]) -> Run:
+    """Run `command` under /usr/bin/time (a small process, so that the peak it reports is the command's,
+    not that of this Python process, whose peak a child inherits across exec); raises if it fails."""
+    with tempfile.TemporaryDirectory() as scratch:
+        rss_file = Path(scratch) / "rss"
+        # the output goes to a file, not a pipe: llama-quantize would block once a pipe's buffer is full
+        with open(Path(scratch) / "log", "w+") as log_file:
+            start = time.perf_counter()
+            child = subprocess.Popen([TIME, "-f", "%U %S %M", "-o", str(rss_file), *command], stdout=log_file,
+                                     stderr=subprocess.STDOUT, text=True)
+            sampler = PeakTreePss(child.pid)
+            status = child.wait()
+            wall = time.perf_counter() - start
+            tree_pss = sampler.result()
+            if status != 0:
+                log_file.seek(0)
+                raise SystemExit(f"{' '.join(command)} failed:\n{log_file.read()[-4000:]}")
+        user, system, max_rss = rss_file.read_text().split()[-3:]
+    return Run(wall, float(user) + float(system), int(max_rss) * 1024, tree_pss)
+
+
+def best(runs: Sequence[Run]) -> Run:
+    """The fastest run's time, and the largest memory of all runs."""
+    return Run(min(run.wall for run in runs), min(run.cpu for run in runs), max(run.max_rss for run in runs),
+               max(run.tree_pss for run in runs))
+
+
 def same_tensors(ours: Path, theirs: Path) -> str:
     """How many tensors of the two files hold the same type and bytes, as `n/total`."""
     a, b = GGUFModelFile(ours), GGUFModelFile(theirs)
-    same = sum(
-        name in b.tensors and a.tensors[name].tensor_type == b.tensors[name].tensor_type
-        and np.array_equal(a.raw(name), b.raw(name))
-        for name in a.tensors
-    )
+    same = 0
+    for name, info in a.tensors.items():
+        other = b.tensors.get(name)
+        if other is not None and info.tensor_type == other.tensor_type and np.array_equal(a.raw(name), b.raw(name)):
+            same += 1
+        a.release_pages(name)
+        if other is not None:
+            b.release_pages(name)
     return f"{same}/{len(b.tensors)}"
 
 
-def main() -> None:
-    theirs = parse_quality(QUALITY_MD)
-    supported = [name for name in dict.fromkeys(t for t, _ in theirs)
-                 if name in FILE_TYPES and FILE_TYPES[name].kernels_ready]
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# --- the benchmark ---
+
+
+def ours_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "imatrix.cli.main", "quantize", *args]
+
+
+def cells(ours: Run, theirs: Run | None, unit: int, digits: int) -> list[str]:
+    """Wall and CPU seconds of both with their ratios, then peak RSS and tree PSS of both (in `unit` bytes)."""
+    def size(value: int) -> str:
+        return f"{value / unit:.{2 if unit == GIB else 0}f}"
+
+    if theirs is None:
+        return [f"{ours.wall:.{digits}f}", "–", "–", f"{ours.cpu:.{digits}f}", "–", "–", size(ours.max_rss), "–",
+                size(ours.tree_pss), "–"]
+    return [f"{ours.wall:.{digits}f}", f"{theirs.wall:.{digits}f}", f"{ours.wall / theirs.wall:.2f}x",
+            f"{ours.cpu:.{digits}f}", f"{theirs.cpu:.{digits}f}", f"{ours.cpu / theirs.cpu:.2f}x",
+            size(ours.max_rss), size(theirs.max_rss), size(ours.tree_pss), size(theirs.tree_pss)]
+
+
+def both(ours: list[str], theirs: list[str] | None, repeats: int) -> tuple[Run, Run | None]:
+    """Each command run `repeats` times, alternating (this VM's speed drifts from second to second)."""
+    runs, their_runs = [], []
+    for _ in range(repeats):
+        runs.append(run_measured(ours))
+        if theirs:
+            their_runs.append(run_measured(theirs))
+    return best(runs), best(their_runs) if their_runs else None
+
+
+def startup_rows(model: Path, imatrix: Path, llama_quantize: str | None, threads: int, repeats: int) -> list[str]:
+    """Markdown rows: `--help`, and a dry run of Q4_K_M with imatrix on the big model (ours and theirs)."""
+    help_run, _ = both(ours_command("--help"), None, repeats)
+    rows = ["| `quantize --help` | " + " | ".join(cells(help_run, None, MIB, 2)) + " |"]
+    dry = ["--dry-run", "--imatrix", str(imatrix), str(model), "Q4_K_M", str(threads)]
+    ours, theirs = both(ours_command(*dry), [llama_quantize, *dry] if llama_quantize else None, repeats)
+    rows.append("| `quantize --dry-run --imatrix IM MODEL Q4_K_M` | " + " | ".join(cells(ours, theirs, MIB, 2)) + " |")
+    return rows
+
+
+def type_row(qtype: str, model: Path, imatrix: Path | None, work: Path, llama_quantize: str | None,
+             threads: int, repeats: int, compare: bool) -> str:
+    extra = ["--imatrix", str(imatrix)] if imatrix else []
+    out, their_out = work / f"ours-{qtype}.gguf", work / f"llama-{qtype}.gguf"
+    theirs_command = [llama_quantize, *extra, str(model), str(their_out), qtype, str(threads)] if llama_quantize \
+        else None
+    ours, theirs = both(ours_command(*extra, str(model), str(out), qtype, str(threads)), theirs_command, repeats)
+    same = same_tensors(out, their_out) if compare and theirs else "–"
+    out.unlink()
+    their_out.unlink(missing_ok=True)
+    return "| " + " | ".join([qtype, "yes" if imatrix else "no", *cells(ours, theirs, GIB, 1), same]) + " |"
+
+
+HEADS = ("ours wall s | llama-quantize wall s | wall ratio | ours CPU s | llama-quantize CPU s | CPU ratio | "
+         "ours peak RSS {unit} | llama-quantize peak RSS {unit} | ours tree PSS {unit} | llama-quantize PSS {unit}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from imatrix.quant.mixes import FILE_TYPES
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--types", default=",".join(supported))
+    parser.add_argument("--llama-quantize", metavar="PATH", help="llama-quantize, run beside ours")
+    parser.add_argument("--work-dir", default="/tmp/imatrix-quant-speed",
+                        help="where the big model, its imatrix and the outputs go (about 2 GB + 2 outputs)")
+    parser.add_argument("--types", default=",".join(TYPES))
+    parser.add_argument("--width", type=int, default=4, help="times each SmolLM2 matrix is tiled per dimension")
+    parser.add_argument("--layers", type=int, default=16, help="blocks of the big model")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--llama-quantize", metavar="PATH", help="a llama-quantize binary to time here too")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each command; the fastest is reported")
-    args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="imatrix-quant-speed-"))
-    source = write_f16_model(smollm2_path(), workdir / "smollm2-f16.gguf")
-    input_gb = source.stat().st_size / 1e9
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"{args.threads} threads; input {source.stat().st_size / MIB:.1f} MiB (F16)")
-    here = " | llama-quantize here s | ratio here | same tensors" if args.llama_quantize else ""
-    print(f"| type | imatrix | ours s | llama-quantize s (reference) | ratio{here} | peak PSS GB (all processes) "
-          "| PSS / input |")
-    print("|---" * (7 + 3 * bool(args.llama_quantize)) + "|")
-    for qtype in args.types.split(","):
-        for with_imatrix in (False, True):
-            extra = ["--imatrix", str(IMATRIX)] if with_imatrix else []
-            out = workdir / f"{qtype}-{'im' if with_imatrix else 'noim'}.gguf"
-            ours = [sys.executable, "-m", "imatrix.cli.main", "quantize", *extra, str(source), str(out), qtype,
-                    str(args.threads)]
-            their_out = workdir / f"llama-{out.name}"
-            theirs_cmd = [args.llama_quantize, *extra, str(source), str(their_out), qtype, str(args.threads)]
-            # best of --repeats, the two programs alternating: this VM's speed drifts from second to second
-            walls, their_walls, pss = [], [], 0.0
-            for _ in range(args.repeats):
-                wall, peak = run_quantize(ours)
-                walls.append(wall)
-                pss = max(pss, peak)
-                if args.llama_quantize:
-                    their_walls.append(run_quantize(theirs_cmd)[0])
-            wall = min(walls)
-            reference = theirs.get((qtype, with_imatrix), {}).get("quantize_s")
-            cells = [qtype, "yes" if with_imatrix else "no", f"{wall:.2f}", f"{reference or '–'}",
-                     f"{wall / reference:.2f}x" if reference else "–"]
-            if args.llama_quantize:
-                their_wall = min(their_walls)
-                cells += [f"{their_wall:.2f}", f"{wall / their_wall:.2f}x", same_tensors(out, their_out)]
-                their_out.unlink()
-            cells += [f"{pss:.2f}", f"{pss / input_gb:.2f}"]
-            print("| " + " | ".join(cells) + " |", flush=True)
-            out.unlink()
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each command; the fastest is reported")
+    parser.add_argument("--no-imatrix", action="store_true", help="quantize without the imatrix")
+    parser.add_argument("--no-compare", action="store_true", help="skip comparing the outputs tensor by tensor")
+    parser.add_argument("--no-startup", action="store_true", help="skip the start-up rows")
+    args = parser.parse_args(argv)
+    if shutil.which(TIME) is None:
+        raise SystemExit(f"{TIME} is needed (GNU time) for the peak resident set of each run")
+    work = Path(args.work_dir)
+    model, imatrix = prepare(work, args.width, args.layers)
+    source = GGUFModelFile(model)
+    n_params = sum(int(np.prod(info.ne)) for info in source.tensors.values())
+    types = [name.strip() for name in args.types.split(",") if name.strip()]
+    skipped = [name for name in types if name not in FILE_TYPES or not FILE_TYPES[name].kernels_ready]
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads; "
+          f"input {model.name}: {n_params / 1e9:.2f}B parameters, {model.stat().st_size / GIB:.2f} GiB (F16)"
+          + (f"; skipped (no kernels yet): {', '.join(skipped)}" if skipped else ""))
+    if not args.no_startup:
+        print("\n| start-up | " + HEADS.format(unit="MiB") + " |")
+        print("|---" * 11 + "|")
+        for row in startup_rows(model, imatrix, args.llama_quantize, args.threads, max(args.repeats, 3)):
+            print(row, flush=True)
+    print("\n| type | imatrix | " + HEADS.format(unit="GiB") + " | same tensors |")
+    print("|---" * 13 + "|")
+    for qtype in types:
+        if qtype in skipped:
+            continue
+        row = type_row(qtype, model, None if args.no_imatrix else imatrix, work, args.llama_quantize, args.threads,
+                       args.repeats, not args.no_compare)
+        print(row, flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

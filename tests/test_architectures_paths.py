@@ -25,7 +25,11 @@ HERE = Path(__file__).resolve().parent / "architectures"
 GGUF_NAMES = sorted(path.parent.name for path in HERE.glob("*/model.gguf"))
 # checkpoints whose tensors transformers converts on loading (routers renamed, experts stacked or fused,
 # MXFP4 experts): the layer-by-layer path makes each parameter as `from_pretrained` does
-CONVERTED_CHECKPOINTS = ["ernie4_5-moe", "gpt-oss", "granitemoe", "granitehybrid", "minimax-m2", "mixtral", "phimoe"]
+CONVERTED_CHECKPOINTS = ["deepseek2", "deepseek2-v2", "ernie4_5-moe", "gpt-oss", "granitemoe", "granitehybrid",
+                         "minimax-m2", "mixtral", "phimoe"]
+# multimodal checkpoints, whose text model's tensors are renamed on loading (`models.weights.TEXT_MODEL_KEYS`)
+MULTIMODAL_CHECKPOINTS = ["gemma3-vl", "gemma3n-vl", "gemma4-vl", "llama4-vl", "mistral-small3-vl", "mistral3-vl",
+                          "qwen35-vl"]
 N_CTX, N_CHUNKS = 64, 3
 
 
@@ -57,7 +61,8 @@ def test_sequential_gguf_matches_in_memory(name: str, text: Path) -> None:
     assert_same(run(model, text, sequential=True, window_chunks=2), in_memory(model, text))
 
 
-@pytest.mark.parametrize("name", [name for name in CONVERTED_CHECKPOINTS if (HERE / name / "hf").is_dir()])
+@pytest.mark.parametrize("name", [name for name in CONVERTED_CHECKPOINTS + MULTIMODAL_CHECKPOINTS
+                                  if (HERE / name / "hf").is_dir()])
 def test_sequential_checkpoint_matches_in_memory(name: str, text: Path) -> None:
     model = HERE / name / "hf"
     assert_same(run(model, text, sequential=True, window_chunks=2), in_memory(model, text))

@@ -10,6 +10,7 @@ import pytest
 
 from imatrix import ImportanceMatrix
 from imatrix.cli.main import main
+from imatrix.errors import ImatrixError
 
 C512 = "imatrix/smollm2-f16.c512.n40.imatrix.gguf"
 C512_DAT = "imatrix/smollm2-f16.c512.n40.imatrix.dat"
@@ -268,3 +269,65 @@ def test_context_beyond_the_trained_one_is_a_warning(capsys: pytest.CaptureFixtu
             "-o", str(tmp_path / "o.gguf")]
     assert main(argv) == 0
     assert "warning: model was trained on only 512 context tokens (600 per chunk specified)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["collect", "perplexity"])
+def test_every_ignored_llama_cpp_flag_changes_nothing(module: str) -> None:
+    import importlib
+
+    from imatrix.cli.common import IGNORED_LLAMA_CPP_FLAGS
+
+    parser = importlib.import_module(f"imatrix.cli.{module}").build_parser()
+    ignored = {parser._option_string_actions[names[0]].dest for names, _ in IGNORED_LLAMA_CPP_FLAGS}
+    ours = {key: value for key, value in vars(parser.parse_args([])).items() if key not in ignored}
+    for names, values in IGNORED_LLAMA_CPP_FLAGS:
+        for name in names:
+            argv = [name] if values in (0, "?") else [name, "1"]
+            parsed = vars(parser.parse_args(argv))
+            assert {key: parsed[key] for key in ours} == ours, argv
+
+
+def test_single_dash_flags_are_whole_names(capsys: pytest.CaptureFixture[str], golden: Path, tmp_path: Path) -> None:
+    # as llama.cpp's parser: no `-c512`, no prefix (`-l` is not -lv), no value glued to a short flag
+    fails_cleanly(capsys, ["-c512"], "unrecognized arguments: -c512")
+    fails_cleanly(capsys, ["-l", "1"], "unrecognized arguments: -l 1")
+    fails_cleanly(capsys, ["-bf", "text.bin"], "unrecognized arguments: -bf text.bin")
+    out = tmp_path / "o.dat"
+    argv = ["--in-file", str(golden / C512), "--output-format", "dat", "-o", str(out), "-lv", "0"]
+    assert main(["-fit", "off", "-s", "7", "-dev", "none", "-ngl", "all", *argv]) == 0  # not -f it, -sm 7
+    assert out.read_bytes() == (golden / "imatrix/from-gguf.imatrix.dat").read_bytes()
+
+
+def test_llama_cpp_device_names() -> None:
+    import argparse
+
+    from imatrix.cli.collect import build_parser
+    from imatrix.cli.common import chosen_device
+
+    parser = build_parser()
+    assert [parser.parse_args(["-dev", name]).device for name in ("none", "CUDA1", "cuda:0", "Auto")] == [
+        "cpu", "cuda:1", "cuda:0", "auto"]
+    assert [parser.parse_args(["-ngl", text]).n_gpu_layers for text in ("99", "auto", "all")] == [99, -1, -2]
+    with pytest.raises(ImatrixError, match="one device at a time"):
+        parser.parse_args(["-dev", "CUDA0,CUDA1"])
+    assert chosen_device(argparse.Namespace(device="cuda", n_gpu_layers=0)).type == "cpu"
+
+
+@pytest.mark.parametrize(("flags", "progress", "warning"), [
+    ([], True, True), (["-lv", "3"], True, True), (["-lv", "2"], False, True), (["-lv", "1"], False, False),
+    (["-lv", "0", "-v"], True, True),
+])
+def test_verbosity_levels_as_llama_cpp(capsys: pytest.CaptureFixture[str], golden: Path, tmp_path: Path,
+                                       flags: list[str], progress: bool, warning: bool) -> None:
+    assert main(["--in-file", str(golden / C512), "-o", str(tmp_path / "o.bin"), *flags]) == 0
+    err = capsys.readouterr().err
+    assert ("combining 1 imatrix file(s)" in err) == progress
+    assert ("without a .gguf suffix" in err) == warning
+
+
+def test_perplexity_takes_llama_perplexity_spellings() -> None:
+    from imatrix.cli.perplexity import build_parser
+
+    args = build_parser().parse_args(["--save-all-logits", "base.kld", "-ngl", "99", "-tb", "4", "--no-warmup",
+                                      "-kvu", "-lv", "2"])
+    assert (args.kl_divergence_base, args.n_gpu_layers, args.threads_batch, args.verbosity) == ("base.kld", 99, 4, 2)

@@ -15,8 +15,10 @@ Run with the project's environment plus `sentencepiece` (for the SentencePiece t
     python tests/architectures/generate.py --llama-cpp <vendor/llama.cpp> --bin <build/bin> [name ...]
 
 spec.json keys (all but model_class/config_class optional):
-  model_class, config_class   transformers classes (`Gemma3ForCausalLM`, `Gemma3TextConfig`)
-  config                      keyword arguments of the config; vocab and special ids are added
+  model_class, config_class   transformers classes (`Gemma3ForCausalLM`, `Gemma3TextConfig`; a multimodal checkpoint's:
+                              `Gemma3ForConditionalGeneration`, `Gemma3Config`)
+  config                      keyword arguments of the config; vocab and special ids are added (to its `text_config`
+                              where it has one: a multimodal checkpoint, whose text model llama.cpp converts)
   tokenizer                   "bpe" (SmolLM2's byte-level BPE cut to 1024 tokens, pre-tokenizer "smollm")
                               or "spm" (a SentencePiece BPE trained on the calibration text)
   tokenizer_class             the transformers tokenizer class for "spm" (default LlamaTokenizer)
@@ -42,6 +44,9 @@ spec.json keys (all but model_class/config_class optional):
   quantize                    a llama-quantize type (`Q4_K_M`): model.gguf is the conversion quantized to it by
                               `llama-quantize`, and the folder keeps no checkpoint (the goldens are the quantized
                               model's)
+  rewrite                     a script beside spec.json that rewrites the conversion in place (`python <script>
+                              model.gguf`), as an older converter wrote the model (DeepSeek's unsplit `attn_kv_b`);
+                              the folder keeps no checkpoint (the goldens are the rewritten file's)
 Read by tests/test_architectures.py only: count_tolerance (experts' token counts may differ by that share where
 near-tied router scores pick another expert in llama.cpp) and median_rel_l2 (the median bound, 1e-3 by default).
 The models are tiny on purpose: every byte is committed, and CI runs each one twice.
@@ -150,9 +155,15 @@ def write_tokenizer(spec: dict, hf_dir: Path, work: Path) -> transformers.PreTra
 
 def write_checkpoint(spec: dict, hf_dir: Path, tokenizer: transformers.PreTrainedTokenizerBase) -> None:
     config_class = getattr(transformers, spec["config_class"])
-    config = config_class(**spec["config"], vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                          initializer_range=spec.get("init_std", 0.1))
+    text = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+            "initializer_range": spec.get("init_std", 0.1)}
+    settings = spec["config"]
+    if "text_config" in settings:  # a multimodal checkpoint: the vocabulary is its text model's
+        settings = {**settings, "text_config": {**settings["text_config"], **text},
+                    "initializer_range": text["initializer_range"]}
+        text = {}
+    config = config_class(**settings, **text)
     torch.manual_seed(spec.get("seed", 0))
     model = getattr(transformers, spec["model_class"])(config)
     perturbed = tuple(spec.get("perturb", ()))
@@ -265,11 +276,14 @@ def generate(folder: Path, llama_cpp: Path, bin_dir: Path) -> None:
     spec = json.loads((folder / "spec.json").read_text())
     shutil.rmtree(folder / "hf", ignore_errors=True)
     with tempfile.TemporaryDirectory() as work:
-        hf_dir = Path(work) / "hf" if spec.get("quantize") else folder / "hf"
+        keeps_checkpoint = not (spec.get("quantize") or spec.get("rewrite"))
+        hf_dir = folder / "hf" if keeps_checkpoint else Path(work) / "hf"
         hf_dir.mkdir()
         tokenizer = write_tokenizer(spec, hf_dir, Path(work))
         write_checkpoint(spec, hf_dir, tokenizer)
         convert(spec, hf_dir, folder / "model.gguf", llama_cpp)
+    if spec.get("rewrite"):
+        run([sys.executable, str(folder / spec["rewrite"]), str(folder / "model.gguf")])
     if spec.get("quantize"):
         quantize(folder / "model.gguf", spec["quantize"], bin_dir)
     run_imatrix(spec, folder, bin_dir)

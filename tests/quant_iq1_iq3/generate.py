@@ -98,10 +98,10 @@ def main() -> None:
         model, imatrix = file_inputs(Path(tmp))
         files = {"inputs": {p.name: sha256(p) for p in (model, imatrix)}, "outputs": {}}
         for file_type in FILE_TYPES:
-            out = Path(tmp) / f"{file_type}.gguf"
-            subprocess.run([quantize, "--imatrix", str(imatrix), str(model), str(out), file_type, "2"],
-                           check=True, capture_output=True)
-            files["outputs"][file_type] = sha256(out)
+            # relative names: the imatrix's name is recorded in the file (quantize.imatrix.file)
+            subprocess.run([quantize, "--imatrix", imatrix.name, model.name, "out.gguf", file_type, "2"],
+                           cwd=tmp, check=True, capture_output=True)
+            files["outputs"][file_type] = sha256(Path(tmp) / "out.gguf")
         (HERE / "files.json").write_text(json.dumps(files, indent=1) + "\n")
 
 

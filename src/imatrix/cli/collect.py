@@ -8,7 +8,17 @@ from pathlib import Path
 
 import torch
 
-from imatrix.cli.common import ArgumentParser, add_ignored_llama_cpp_flags, capped_threads, positive_int
+from imatrix.cli.common import (
+    LLAMA_LOG_INFO,
+    LLAMA_LOG_WARN,
+    ArgumentParser,
+    add_device_flags,
+    add_ignored_llama_cpp_flags,
+    add_verbosity_flags,
+    capped_threads,
+    chosen_device,
+    positive_int,
+)
 from imatrix.collect import distributed
 from imatrix.collect.runner import CollectOptions, collect, log
 from imatrix.errors import ImatrixError
@@ -37,9 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("-t", "--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     add("-tb", "--threads-batch", type=int, default=0,
         help="threads for batches: what llama-imatrix computes with (default: --threads)")
-    add("-ngl", "--n-gpu-layers", "--gpu-layers", type=int, default=None,
-        help="accepted for compatibility: 0 forces the CPU, anything else selects the GPU if there is one")
-    add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the model runs (default: auto)")
+    add_device_flags(parser)
     add("--dtype", choices=sorted(DTYPES), default="float32",
         help="compute dtype of the model (statistics always accumulate in float32; default: float32)")
     add("--sequential", action=argparse.BooleanOptionalAction, default=None,
@@ -63,8 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--in-file", action="append", default=[], help="imatrix file(s) to load and merge (repeat or comma-separate)")
     add("--output-format", choices=["gguf", "dat"], default=None, help="gguf (default) or the legacy dat")
     add("--parse-special", action="store_true", help="parse special tokens in the text")
-    add("-lv", "--verbosity", "--log-verbosity", type=int, default=1,
-        help="0: only the perplexity lines; 1 or more: progress, timings and saves too (default: 1)")
+    add_verbosity_flags(parser)
     add("--show-statistics", action="store_true",
         help="print statistics of the --in-file imatrix and exit (several files: of their merge)")
     add("--stats-format", choices=["table", "json", "csv"], default="table", help="with --show-statistics")
@@ -79,6 +86,7 @@ def main(argv: list[str]) -> int:
     if args.in_file and not in_files:
         raise ImatrixError("--in-file names no file")
     _check_numbers(args)
+    verbosity = 1 if args.verbosity >= LLAMA_LOG_INFO else 0  # the library's levels: 0 results, 1 progress too
     if args.show_statistics:
         from imatrix.cli.report import show_statistics
 
@@ -90,10 +98,10 @@ def main(argv: list[str]) -> int:
     output = Path(args.output_file)
     output_format = args.output_format or "gguf"
     if args.output_format is None:  # llama.cpp warns only when it chose the format itself
-        _warn_suffix(output, args.verbosity)
+        _warn_suffix(output, args.verbosity >= LLAMA_LOG_WARN)
     base = ImportanceMatrix.load_many(in_files, chunk_size=args.ctx_size) if in_files else None
     if args.file is None and in_files:
-        log(f"combining {len(in_files)} imatrix file(s) into {output}", args.verbosity)
+        log(f"combining {len(in_files)} imatrix file(s) into {output}", verbosity)
         base.save(output, output_format)
         return 0
     keep_freed_memory()
@@ -104,13 +112,13 @@ def main(argv: list[str]) -> int:
         n_ctx=args.ctx_size, n_batch=args.batch_size, from_chunk=args.from_chunk, max_chunks=args.chunks,
         compute_ppl=args.ppl, process_output=args.process_output, parse_special=args.parse_special,
         output_file=output, output_format=output_format, output_frequency=args.output_frequency,
-        save_frequency=args.save_frequency, verbosity=args.verbosity, dtype=DTYPES[args.dtype],
+        save_frequency=args.save_frequency, verbosity=verbosity, dtype=DTYPES[args.dtype],
         sequential=args.sequential, window_chunks=args.window_chunks, resume=args.resume,
         chunks_in_flight=capped_threads(args.chunks_in_flight, "chunks in flight"),
     )
-    model = args.model or _bundled("model", smollm2_path(), args.verbosity)
-    text = args.file or _bundled("calibration text", default_calibration_text(), args.verbosity)
-    group, device = distributed.from_environment(_device(args))
+    model = args.model or _bundled("model", smollm2_path(), verbosity)
+    text = args.file or _bundled("calibration text", default_calibration_text(), verbosity)
+    group, device = distributed.from_environment(chosen_device(args))
     try:
         collect(model, text, options, base=base, device=device, group=group)
     finally:
@@ -130,15 +138,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise ImatrixError(f"--chunks-in-flight must be >= 0 (got {args.chunks_in_flight})")
 
 
-def _warn_suffix(output: Path, verbosity: int) -> None:
-    if output.suffix != ".gguf" and verbosity >= 1:
+def _warn_suffix(output: Path, shown: bool) -> None:
+    if output.suffix != ".gguf" and shown:
         print(f"imatrix: warning: saving GGUF to '{output}' without a .gguf suffix "
               "(use --output-format dat for the legacy format)", file=sys.stderr)
 
-
-def _device(args: argparse.Namespace) -> torch.device:
-    if args.device == "cpu" or args.n_gpu_layers == 0:
-        return torch.device("cpu")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ImatrixError("--device cuda requested but no CUDA device is available")
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

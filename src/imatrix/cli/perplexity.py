@@ -7,11 +7,20 @@ from pathlib import Path
 
 import torch
 
-from imatrix.cli.common import ArgumentParser, add_ignored_llama_cpp_flags, capped_threads, positive_int
+from imatrix.cli.common import (
+    LLAMA_LOG_INFO,
+    ArgumentParser,
+    add_device_flags,
+    add_ignored_llama_cpp_flags,
+    add_verbosity_flags,
+    capped_threads,
+    chosen_device,
+    positive_int,
+)
 from imatrix.errors import ImatrixError
 from imatrix.eval.cpu_matmul import emulate_cpu_matmul_inputs
 from imatrix.eval.kld import kl_divergence
-from imatrix.eval.perplexity import perplexity, stderr_log, stdout_emit
+from imatrix.eval.perplexity import perplexity, quiet, stderr_log, stdout_emit
 from imatrix.formats.atomic import check_not_an_input, check_output_path
 from imatrix.models.bundled import smollm2_path
 from imatrix.models.heap import keep_freed_memory
@@ -32,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("-b", "--batch-size", type=positive_int, default=2048,
         help="tokens per forward pass; n_seq = b / c (default: 2048)")
     add("-t", "--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
-    add("--kl-divergence-base", metavar="FILE",
+    add("-tb", "--threads-batch", type=int, default=0,
+        help="threads for batches: what llama-perplexity computes with (default: --threads)")
+    add("--kl-divergence-base", "--save-all-logits", dest="kl_divergence_base", metavar="FILE",
         help="without --kl-divergence: save the base log-probabilities here; with it: read them from here")
     add("--kl-divergence", action="store_true", help="compute the KL divergence from --kl-divergence-base")
     add("--parse-special", action="store_true", help="parse special tokens in the text")
@@ -41,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--emulate-llama-cpu", action="store_true",
         help="round each matmul's input as llama.cpp's CPU backend does for the weight's type (Q8_0, Q8_K, "
              "F16), to compare with llama-perplexity like for like (GGUF models)")
-    add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the model runs (default: auto)")
+    add_device_flags(parser)
+    add_verbosity_flags(parser)
     add_ignored_llama_cpp_flags(parser)
     return parser
 
@@ -50,22 +62,23 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     _check(args)
     keep_freed_memory()
-    threads = capped_threads(args.threads)
+    threads = capped_threads(args.threads_batch or args.threads)
     if threads > 0:
         torch.set_num_threads(threads)
     model_path = args.model or smollm2_path()
-    loaded = load_model(model_path, device=_device(args.device), round_to_f16=args.round_to_f16)
-    stderr_log(f"perplexity: loaded {model_path}")
+    log = stderr_log if args.verbosity >= LLAMA_LOG_INFO else quiet
+    loaded = load_model(model_path, device=chosen_device(args), round_to_f16=args.round_to_f16)
+    log(f"perplexity: loaded {model_path}")
     if args.emulate_llama_cpu:
         hooks = emulate_cpu_matmul_inputs(loaded)
-        stderr_log(f"perplexity: llama.cpp CPU matmul inputs emulated on {len(hooks)} matmuls")
+        log(f"perplexity: llama.cpp CPU matmul inputs emulated on {len(hooks)} matmuls")
     if args.kl_divergence:
         kl_divergence(loaded, args.kl_divergence_base, n_batch=args.batch_size, max_chunks=args.chunks,
-                      emit=stdout_emit, log=stderr_log)
+                      emit=stdout_emit, log=log)
     else:
         perplexity(loaded, args.file, n_ctx=args.ctx_size, max_chunks=args.chunks,
                    save_base=args.kl_divergence_base, n_batch=args.batch_size, parse_special=args.parse_special,
-                   emit=stdout_emit, log=stderr_log)
+                   emit=stdout_emit, log=log)
     return 0
 
 
@@ -84,10 +97,3 @@ def _check(args: argparse.Namespace) -> None:
         check_not_an_input(args.kl_divergence_base, model=args.model, text=args.file)
         check_output_path(args.kl_divergence_base)
 
-
-def _device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ImatrixError("--device cuda requested but no CUDA device is available")
-    if choice == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda")

@@ -27,15 +27,20 @@ def read_calibration_text(path: str | Path) -> str:
 
 
 def decode_like_llama_cpp(raw: bytes, source: object) -> str:
-    """UTF-8 with one U+FFFD per byte that does not decode, as llama.cpp's `unicode_cpts_from_utf8`
-    replaces them (Python's "replace" gives one per maximal invalid sequence: other tokens)."""
+    """UTF-8 with one U+FFFD per byte that does not decode, as llama.cpp's `unicode_cpts_from_utf8` replaces
+    them for BPE vocabularies (Python's "replace" gives one per maximal invalid sequence: other tokens).
+
+    llama.cpp's SentencePiece tokenizer instead passes the bytes on to byte fallback (its character splitter
+    trusting each lead byte's length): token ids differ there around each such byte.
+    """
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as first:
         text = raw.decode("utf-8", errors=_PER_BYTE)
         n_bad = text.count("\ufffd") - raw.count("\ufffd".encode())
         warnings.warn(f"{source}: {n_bad} byte(s) are not UTF-8 (the first at byte {first.start}); each is read "
-                      "as U+FFFD, as llama.cpp reads them", ImatrixWarning, stacklevel=3)
+                      "as U+FFFD, as llama.cpp's BPE tokenizers read them (its SentencePiece ones keep the bytes)",
+                      ImatrixWarning, stacklevel=3)
         return text
 
 

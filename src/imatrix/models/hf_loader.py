@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,15 +56,37 @@ def load_hf_weights(opened: OpenedModel, device: str | torch.device, dtype: torc
 
     if _is_secondary_rank():  # under torchrun only rank 0 reports progress
         transformers.utils.logging.disable_progress_bar()
+    key_mapping = getattr(opened.weights, "key_mapping", None)
     try:
-        model = opened.architecture.model_type().from_pretrained(
-            opened.source, config=opened.config, dtype=dtype, **dequantized(opened.config)).to(device)
+        with _other_towers_unreported(key_mapping is not None):
+            model, loading = opened.architecture.model_type().from_pretrained(
+                opened.source, config=opened.config, dtype=dtype, key_mapping=key_mapping, output_loading_info=True,
+                **dequantized(opened.config))
     except (OSError, ValueError, SafetensorError) as exc:
         raise ImatrixError(f"{opened.source}: cannot load checkpoint ({exc})") from exc
+    if key_mapping is not None and loading["missing_keys"]:
+        missing = sorted(loading["missing_keys"])
+        raise ImatrixError(f"{opened.source}: the text model's tensors missing for {', '.join(missing[:5])}"
+                           + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    model = model.to(device)
     model.eval()
     opened.architecture.fix_graph(model)
     use_collection_forwards(model)
     return loaded_from(opened, model)
+
+
+@contextlib.contextmanager
+def _other_towers_unreported(multimodal: bool) -> Iterator[None]:
+    """While the text model of a multimodal checkpoint loads, transformers' loading report stays quiet: it would list
+    every tensor of the other towers (vision, audio) as unexpected. Its missing tensors are refused instead."""
+    report = transformers.utils.logging.get_logger("transformers.modeling_utils")
+    level = report.level
+    if multimodal:
+        report.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        report.setLevel(level)
 
 
 def dequantized(config: Any) -> dict[str, Any]:

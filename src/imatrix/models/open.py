@@ -7,6 +7,7 @@ layer by layer (`collect.sequential`), on several ranks, and `imatrix perplexity
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from imatrix.models.names import GGUFNames, expert_stack_map, gguf_name_map
 from imatrix.models.patches import use_collection_forwards
 from imatrix.models.rope import apply_rope_freq_factors
 from imatrix.models.tokenizer import TextTokenizer, tokenizer_from_gguf
-from imatrix.models.weights import GGUFWeights, SafetensorsWeights, WeightSource
+from imatrix.models.weights import TEXT_MODEL_KEYS, GGUFWeights, SafetensorsWeights, WeightSource
 
 
 @dataclass
@@ -67,7 +68,7 @@ def open_model(path: str | Path, device: str | torch.device = "cpu") -> OpenedMo
 def _built(architecture: Architecture, model_file: GGUFModelFile, device: str | torch.device) -> tuple[Any, Any]:
     """The config and the empty model the file's hyperparameters describe; transformers' refusal of them (an odd
     head size, say: a corrupt file) as one line naming the file."""
-    _check_block_count(model_file)
+    _check_hyperparameters(model_file)
     try:
         config = architecture.build_config(model_file)
         return config, empty_model(architecture, config, device)
@@ -79,17 +80,32 @@ def _built(architecture: Architecture, model_file: GGUFModelFile, device: str | 
                            f"{reason}") from exc
 
 
-def _check_block_count(model_file: GGUFModelFile) -> None:
-    """No `blk.N.` tensor beyond `<arch>.block_count` (a corrupt count would drop layers without a word; llama.cpp
-    refuses a file with tensors it does not load)."""
+def _check_hyperparameters(model_file: GGUFModelFile) -> None:
+    """Sizes the file's tensors can hold, before a model is built from them: a corrupt value would otherwise
+    drop layers without a word, or take hours (a million blocks) or gigabytes (a rotary table) to build.
+
+    No `blk.N.` tensor beyond `<arch>.block_count` (llama.cpp refuses a file with tensors it does not load),
+    not more blocks than tensors, no head size larger than every tensor dimension, and no float (a rope base,
+    an epsilon) that is NaN or infinite.
+    """
+    arch = model_file.architecture
     n_blocks = model_file.arch_value("block_count")
-    if not isinstance(n_blocks, int):
-        return  # a missing count is the config's to report
-    for name in model_file.tensors:
-        block = re.match(r"blk\.(\d+)\.", name)
-        if block and int(block[1]) >= n_blocks:
-            raise ImatrixError(f"{model_file.path}: tensor {shown(name)} lies beyond the {n_blocks} blocks that "
-                               f"{model_file.architecture}.block_count states")
+    if isinstance(n_blocks, int):  # a missing count is the config's to report
+        if n_blocks > len(model_file.tensors):
+            raise ImatrixError(f"{model_file.path}: {arch}.block_count is {n_blocks}, more blocks than the file has "
+                               f"tensors ({len(model_file.tensors)})")
+        for name in model_file.tensors:
+            block = re.match(r"blk\.(\d+)\.", name)
+            if block and int(block[1]) >= n_blocks:
+                raise ImatrixError(f"{model_file.path}: tensor {shown(name)} lies beyond the {n_blocks} blocks that "
+                                   f"{arch}.block_count states")
+    largest = max((max(info.ne) for info in model_file.tensors.values()), default=0)
+    for key, value in model_file.metadata.items():
+        head_size = key.startswith(f"{arch}.") and re.search(r"key_length|value_length|rope\.dimension_count", key)
+        if head_size and isinstance(value, int) and value > largest:
+            raise ImatrixError(f"{model_file.path}: {key} is {value}, larger than any tensor dimension ({largest})")
+        if key.startswith(f"{arch}.") and isinstance(value, float) and not math.isfinite(value):
+            raise ImatrixError(f"{model_file.path}: {key} is {value}")
 
 
 def _open_hf(directory: Path, device: str | torch.device) -> OpenedModel:
@@ -98,10 +114,13 @@ def _open_hf(directory: Path, device: str | torch.device) -> OpenedModel:
     from imatrix.models.hf_loader import HFTokenizer
 
     hf_config = read_hf_config(directory)
-    architecture = architecture_for_hf(hf_config.get("model_type", "?"), directory, hf_config)
-    weights = SafetensorsWeights(directory)
+    text_config = _text_config(directory, hf_config)
+    as_converted = {**hf_config, **(text_config or {})}  # the converter reads the text model's entries over the rest
+    architecture = architecture_for_hf(hf_config.get("model_type", "?"), directory, as_converted)
+    weights = SafetensorsWeights(directory, key_mapping=TEXT_MODEL_KEYS if text_config else None)
     try:
-        config = architecture.config_type().from_pretrained(directory)
+        config = (architecture.config_type().from_pretrained(directory) if text_config is None
+                  else text_model_config(architecture, hf_config))
         architecture.adapt_hf_config(config)
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as exc:
@@ -111,6 +130,22 @@ def _open_hf(directory: Path, device: str | torch.device) -> OpenedModel:
     names = gguf_name_map(skeleton, architecture, config.num_hidden_layers)
     stacks = expert_stack_map(skeleton, architecture, config.num_hidden_layers)
     return OpenedModel(skeleton, architecture, names, HFTokenizer.of(tokenizer, directory), weights, directory, stacks)
+
+
+def _text_config(directory: Path, hf_config: dict) -> dict | None:
+    """A multimodal checkpoint's `text_config` (llama.cpp converts its text model; the other towers go to an mmproj
+    file); None for a text model's checkpoint."""
+    text_config = hf_config.get("text_config")
+    if text_config is not None and not isinstance(text_config, dict):
+        raise ImatrixError(f"{directory}: config.json's text_config is not an object")
+    return text_config
+
+
+def text_model_config(architecture: Architecture, hf_config: dict) -> Any:
+    """The text model's config of a multimodal checkpoint: its `text_config`, with what the whole model states for
+    it besides (whether the output projection is the embeddings, the quantization of its tensors)."""
+    whole = {key: hf_config[key] for key in ("tie_word_embeddings", "quantization_config") if key in hf_config}
+    return architecture.config_type().from_dict({**hf_config["text_config"], **whole})
 
 
 def empty_model(architecture: Architecture, config: Any, device: str | torch.device = "cpu") -> torch.nn.Module:

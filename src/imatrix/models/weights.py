@@ -9,6 +9,7 @@ each parameter from them as transformers' `from_pretrained` does (its checkpoint
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -116,7 +117,12 @@ def mapped_in_place(info: TensorInfo, dtype: torch.dtype, in_place: bool) -> boo
     return in_place and exact_16_bit_dtype(info.tensor_type) == dtype and info.offset % 2 == 0  # GGUF aligns to 32
 
 
-_TEXT_DECODER = "model.language_model."
+# The text model of a multimodal checkpoint (Gemma 3, Mistral 3, Llama 4, Qwen3.5, …), as llama.cpp's converter
+# takes it: `ModelBase.filter_tensors` drops `language_model.` from every name, so `model.language_model.layers.0.…`
+# (transformers 5's layout) and `language_model.model.layers.0.…` (the published one) are the text model's
+# `model.layers.0.…`, and `language_model.lm_head.weight` its `lm_head.weight`; the other towers' tensors (vision,
+# audio, projector) are not the text model's. As a key mapping of transformers' loading (`from_pretrained`'s).
+TEXT_MODEL_KEYS = {r"language_model\.": ""}
 
 
 @dataclass
@@ -134,21 +140,21 @@ class SafetensorsWeights:
 
     Given the model they are for (`model`, a skeleton is enough), a parameter is made from the checkpoint
     as `from_pretrained` makes it: through transformers' conversion mapping for that model (renamed keys,
-    per-expert matrices stacked, fused tensors split).
+    per-expert matrices stacked, fused tensors split), after `key_mapping` (`TEXT_MODEL_KEYS`: the text model
+    of a multimodal checkpoint).
     """
 
-    def __init__(self, directory: Path, model: torch.nn.Module | None = None) -> None:
-        self.directory, self.model = directory, model
+    def __init__(self, directory: Path, model: torch.nn.Module | None = None,
+                 key_mapping: dict[str, str] | None = None) -> None:
+        self.directory, self.model, self.key_mapping = directory, model, key_mapping
         self._conversions: dict[str, _Conversion | str] | None = None  # parameter -> how it is made
         self._converted: dict[str, torch.Tensor] = {}  # made with another one asked for, not asked for yet
         self.handles = {path: _open_safetensors(path) for path in sorted(directory.glob("*.safetensors"))}
         if not self.handles:
             raise ImatrixError(f"{directory}: no *.safetensors weights found")
         self.where = {key: path for path, handle in self.handles.items() for key in handle.keys()}  # noqa: SIM118
-        # multimodal checkpoints keep the text decoder under `model.language_model.`, which transformers'
-        # `PrefixChange` conversion loads into the text-only *ForCausalLM as `model.`
-        self.stored_as = {f"model.{key.removeprefix(_TEXT_DECODER)}": key for key in self.where
-                          if key.startswith(_TEXT_DECODER)}
+        self.stored_as = {renamed: key for key in self.where
+                          if (renamed := _renamed(key, key_mapping or {})) != key}  # parameter -> its key
         self.where.update({alias: self.where[key] for alias, key in self.stored_as.items()})
 
     def tensor(self, param: str) -> torch.Tensor:
@@ -173,7 +179,7 @@ class SafetensorsWeights:
             return None
         if self._conversions is None:
             self._conversions = _conversions(self.model, [key for handle in self.handles.values()
-                                                          for key in handle.keys()])  # noqa: SIM118
+                                                          for key in handle.keys()], self.key_mapping)  # noqa: SIM118
         made_as = self._conversions.get(param)
         tied = getattr(self.model, "_tied_weights_keys", None)
         if made_as is None and isinstance(tied, dict) and param in tied:
@@ -206,13 +212,21 @@ class SafetensorsWeights:
                    for handle in self.handles.values() for key in handle.keys())  # noqa: SIM118
 
 
-def _conversions(model: torch.nn.Module, keys: list[str]) -> dict[str, _Conversion | str]:
+def _renamed(key: str, key_mapping: dict[str, str]) -> str:
+    for pattern, replacement in key_mapping.items():
+        key = re.sub(pattern, replacement, key, count=1)
+    return key
+
+
+def _conversions(model: torch.nn.Module, keys: list[str],
+                 key_mapping: dict[str, str] | None = None) -> dict[str, _Conversion | str]:
     """Parameter of `model` -> the checkpoint key it is loaded from, or the conversion that makes it, as
-    transformers' `from_pretrained` renames and groups checkpoint keys (`convert_and_load_state_dict_in_model`)."""
+    transformers' `from_pretrained` renames and groups checkpoint keys (`convert_and_load_state_dict_in_model`),
+    `key_mapping` first."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, dot_natural_key, rename_source_key
 
-    transforms = get_model_conversion_mapping(model)
+    transforms = get_model_conversion_mapping(model, key_mapping)
     converters = [transform for transform in transforms if isinstance(transform, WeightConverter)]
     renamings = [transform for transform in transforms if not isinstance(transform, WeightConverter)]
     by_pattern = {pattern: converter for converter in converters for pattern in converter.source_patterns}

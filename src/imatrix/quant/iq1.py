@@ -30,7 +30,7 @@ from imatrix.errors import ImatrixError
 from imatrix.quant.base import QuantType
 from imatrix.quant.blocks import F32, fp16_bytes, nearest, steps, sum_groups
 from imatrix.quant.grids import Lattice, best_neighbours, lattice
-from imatrix.quant.iq3 import weights_of
+from imatrix.quant.kquants import imatrix_weights
 
 Q = gguf.GGMLQuantizationType
 QK_K = 256
@@ -38,6 +38,17 @@ GROUP = 8  # values per grid point
 DELTA = F32(0.125)  # IQ1S_DELTA = IQ1M_DELTA
 # level values with a positive / negative shift (x_p / x_m in ggml-quants.c)
 SHIFTED = {1: np.array([-1, 0, 1], dtype=F32) + DELTA, -1: np.array([-1, 0, 1], dtype=F32) - DELTA}
+# relative margin below the running record score under which a candidate is skipped (`best_candidate`)
+NEAR_RECORD = 1e-3
+RECORD_CHUNK = 8
+# Super-blocks per step: `blocks.steps` with this many copies (a sub-block's candidate sums hold ~20-35
+# values per input value; larger steps amortise the candidate scan's per-candidate overhead)
+STEP_COPIES = 16
+
+
+def weights_of(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    """Per-value weights of super-blocks `x [n, 256]`: `qw*sqrt(sigma2 + x^2)` with an imatrix, else `x^2`."""
+    return x * x if qw is None else imatrix_weights(x, qw, 2.0)
 
 
 def grid() -> Lattice:
@@ -59,12 +70,18 @@ class Split:
 # ----------------------------------------------------------------------------- sorted prefix sums
 
 
+def sort_order(x: np.ndarray) -> np.ndarray:
+    """Per column of `x [size, n]`, the indices sorting it ascending, equal values in index order (glibc's
+    qsort here; implementation-defined in C, see the module docstring)."""
+    return np.argsort(x, axis=0, kind="stable")
+
+
 def sorted_prefix_sums(x: np.ndarray, w: np.ndarray, part: np.ndarray | None = None
                        ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
     """Values `x [size, n]` sorted per column (stable, see the module docstring): the order and, per part
     of the sub-block (`part [size]` names each value's part; None: one part), the prefix sums of `w*x`
     and of `w` over the sorted values from 0.0f, `[size+1, n]` each (C's `sumx` / `sumw`, `px` / `pw`)."""
-    order = np.argsort(x, axis=0, kind="stable")
+    order = sort_order(x)
     wx = np.take_along_axis(w * x, order, axis=0)
     ws = np.take_along_axis(w, order, axis=0)
     parts = [None] if part is None else sorted(set(part.tolist()))
@@ -93,22 +110,48 @@ def split_levels(order: np.ndarray, i1: np.ndarray, i2: np.ndarray) -> np.ndarra
 
 def best_candidate(sumqx: np.ndarray, sumq2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """C's scan over candidates `[k, n]` in order, from best = -FLT_MAX: a candidate is taken when
-    `sumq2 > 0 && sumqx^2 > best*sumq2`. Returns the last taken index (-1: none) and its scale."""
+    `sumq2 > 0 && sumqx^2 > best*sumq2` (best becomes `sumqx/sumq2*sumqx`). Returns the last taken
+    index (-1: none) and its scale.
+
+    Only candidates near a running record can be taken: the running best never falls more than a few
+    ulps (per candidate taken) below any earlier candidate's score, so a score clearly below an earlier
+    one cannot beat it. The exact scan runs over the remaining few dozen per column, not all of them.
+    """
     n = sumqx.shape[1]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        score = np.where(sumq2 > 0, sumqx / sumq2 * sumqx, -np.inf).astype(F32)
+        near = (sumq2 > 0) & ~(score < _earlier_bound(score) * F32(1 - NEAR_RECORD))
+    col, cand = np.nonzero(near.T)  # by column, then candidate order
+    counts = np.bincount(col, minlength=n)
+    slot = np.arange(col.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    width = int(counts.max()) if col.size else 0
+    qxs, q2s = np.zeros((width, n), dtype=F32), np.zeros((width, n), dtype=F32)  # q2 = 0: never taken
+    index = np.full((width, n), -1)
+    qxs[slot, col], q2s[slot, col], index[slot, col] = sumqx[cand, col], sumq2[cand, col], cand
     best = np.full(n, -np.finfo(F32).max, dtype=F32)
     taken = np.full(n, -1)
     scale = np.zeros(n, dtype=F32)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        for k in range(sumqx.shape[0]):
-            qx, q2 = sumqx[k], sumq2[k]
+        for k in range(width):
+            qx, q2 = qxs[k], q2s[k]
             better = (q2 > 0) & (qx * qx > best * q2)
-            if better.any():
-                cols = np.flatnonzero(better)
-                s = qx[cols] / q2[cols]
-                scale[cols] = s
-                best[cols] = s * qx[cols]
-                taken[cols] = k
+            scale = np.where(better, qx / np.where(better, q2, F32(1)), scale)
+            best = np.where(better, scale * qx, best)
+            taken = np.where(better, index[k], taken)
     return taken, scale
+
+
+def _earlier_bound(score: np.ndarray) -> np.ndarray:
+    """A lower bound of the best score among each candidate's predecessors `[k, n]`: the best of the
+    earlier chunks of `RECORD_CHUNK` candidates (a full running maximum costs more than it prunes)."""
+    k, n = score.shape
+    chunks = -(-k // RECORD_CHUNK)
+    padded = np.full((chunks * RECORD_CHUNK, n), -np.inf, dtype=F32)
+    padded[:k] = score
+    chunk_best = padded.reshape(chunks, RECORD_CHUNK, n).max(axis=1)
+    bound = np.full((chunks, n), -np.inf, dtype=F32)
+    np.maximum.accumulate(chunk_best[:-1], axis=0, out=bound[1:])
+    return np.repeat(bound, RECORD_CHUNK, axis=0)[:k]
 
 
 # ----------------------------------------------------------------------------- grid points
@@ -189,7 +232,8 @@ def iq1s_split(x: np.ndarray, w: np.ndarray) -> Split:
         sumqx.append(parts_x[0] * v[0] + parts_x[1] * v[1] + parts_x[2] * v[2])
         sumq2.append(parts_w[0] * v[0] * v[0] + parts_w[1] * v[1] * v[1] + parts_w[2] * v[2] * v[2])
     # candidate 2*pair + (0: positive shift, 1: negative)
-    taken, scale = best_candidate(np.stack(sumqx, 1).reshape(-1, x.shape[1]), np.stack(sumq2, 1).reshape(-1, x.shape[1]))
+    n = x.shape[1]
+    taken, scale = best_candidate(np.stack(sumqx, 1).reshape(-1, n), np.stack(sumq2, 1).reshape(-1, n))
     pair = np.maximum(taken, 0) // 2
     levels = split_levels(order, i1[pair], i2[pair])
     return Split(levels, scale, np.where(taken >= 0, taken % 2, -1), taken >= 0)
@@ -203,7 +247,7 @@ class IQ1_S(QuantType, qtype=Q.IQ1_S):
         if weights is None:  # quantize_iq1_s asserts quant_weights
             raise ImatrixError("IQ1_S needs an importance matrix (llama.cpp's kernel has no weights of its own)")
         return np.concatenate([cls._step(blocks[part], weights[part])
-                               for part in steps(blocks.shape[0], QK_K, copies=64)], axis=0)
+                               for part in steps(blocks.shape[0], QK_K, copies=STEP_COPIES)], axis=0)
 
     @classmethod
     def _step(cls, blocks: np.ndarray, qw: np.ndarray) -> np.ndarray:
@@ -295,7 +339,7 @@ class IQ1_M(QuantType, qtype=Q.IQ1_M):
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
         return np.concatenate([cls._step(blocks[part], None if weights is None else weights[part])
-                               for part in steps(blocks.shape[0], QK_K, copies=64)], axis=0)
+                               for part in steps(blocks.shape[0], QK_K, copies=STEP_COPIES)], axis=0)
 
     @classmethod
     def _step(cls, blocks: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
@@ -330,7 +374,8 @@ class IQ1_M(QuantType, qtype=Q.IQ1_M):
         d = np.where(live, max_scale / F32(15), F32(1))
         codes = np.where(live[:, None], scale_codes(scale, d), 0)
         # the super-block scale refitted to every value with its stored 3-bit sub-block scale
-        q = grid_values(index, group_values(COMBO_SIGNS[combo.reshape(-1)].T)) * (F32(2) * codes.reshape(-1) + F32(1))
+        steps_of = (F32(2) * codes.reshape(-1) + F32(1)).astype(F32)  # 2l+1 of each sub-block's 3-bit scale
+        q = grid_values(index, group_values(COMBO_SIGNS[combo.reshape(-1)].T)) * steps_of
         wq = (ws * q).T.reshape(n, -1).T  # value order of the super-block, [256, n]
         sumqx = sum_groups(wq * xs.T.reshape(n, -1).T)
         sumq2 = sum_groups(wq * q.T.reshape(n, -1).T)

@@ -48,7 +48,6 @@ QK_K = 256
 Q = gguf.GGMLQuantizationType
 GROUP = 8  # values per grid point
 MAX_LEVEL = 2  # grid levels are 0..2 (kMaxQ - 1)
-LEVEL_VALUES = np.arange(MAX_LEVEL + 1, dtype=F32) * F32(2) + F32(1)  # a level's multiple of the scale
 
 
 # ----------------------------------------------------------------------------- grids and neighbour lists
@@ -66,7 +65,7 @@ class Lattice:
     first: np.ndarray  # [4**8] int32: where a code's neighbours start in `neighbours`
     count: np.ndarray  # [4**8] int32: how many neighbours it has (0 on the grid)
     neighbours: np.ndarray  # flat int32 grid indices, each code's run sorted by (distance, index)
-    neighbour_values: np.ndarray  # [len(neighbours), 8] float32: each neighbour's multiples of the scale, 2l+1
+    neighbour_values: np.ndarray  # [len(neighbours)] int64: each neighbour's 8 multiples of the scale (2l+1) as int8
 
 
 def codes_of(levels: np.ndarray) -> np.ndarray:
@@ -74,7 +73,7 @@ def codes_of(levels: np.ndarray) -> np.ndarray:
     return (levels.astype(np.int32) << (2 * np.arange(GROUP, dtype=np.int32))).sum(axis=-1, dtype=np.int32)
 
 
-def grid_levels(kind: type[gguf.quants.__Quant]) -> np.ndarray:  # type: ignore[name-defined]
+def grid_levels(kind: type) -> np.ndarray:
     """gguf-py's grid (the dequantized magnitudes) as level indices `[grid_size, 8]`."""
     kind.init_grid()
     values = np.asarray(kind.grid, dtype=F32).reshape(-1, GROUP)
@@ -101,7 +100,7 @@ def build_lattice(levels: np.ndarray, n_distances: int) -> Lattice:
     counts[codes] = count
     first[codes] = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int32)
     neighbours = order[cut].astype(np.int32)
-    values = np.ascontiguousarray(LEVEL_VALUES[levels[neighbours]])
+    values = (2 * levels[neighbours] + 1).astype(np.int8).view(np.int64).reshape(-1)
     return Lattice(levels.astype(F32), index_of, first, counts, neighbours, values)
 
 
@@ -115,7 +114,9 @@ def lattice(qtype: Q) -> Lattice:
     return build_lattice(grid_levels(kind), n_distances)
 
 
-def best_neighbours(lat: Lattice, codes: np.ndarray, xval: np.ndarray, waux: np.ndarray, scale: np.ndarray) -> np.ndarray:
+def best_neighbours(
+    lat: Lattice, codes: np.ndarray, xval: np.ndarray, waux: np.ndarray, scale: np.ndarray
+) -> np.ndarray:
     """`iq2_find_best_neighbour` for `m` groups off the grid: the neighbour of each code with the least
     `sum(waux * (scale * (2l+1) - x)^2)`, the first one on ties. `xval`, `waux`: `[m, 8]`; `scale`: `[m]`.
 
@@ -125,16 +126,18 @@ def best_neighbours(lat: Lattice, codes: np.ndarray, xval: np.ndarray, waux: np.
     run_start = np.cumsum(count) - count
     total = int(count.sum())
     where = np.repeat(lat.first[codes] - run_start, count) + np.arange(total, dtype=np.int32)
-    diff = np.take(lat.neighbour_values, where, axis=0)
-    diff *= np.repeat(scale, count)[:, None]
+    # C's scale*q, q as small exact integers: one 8-byte row of int8 per neighbour
+    q = np.take(lat.neighbour_values, where).view(np.int8).reshape(total, GROUP)
+    diff = np.multiply(q, np.repeat(np.broadcast_to(scale[:, None], xval.shape), count, axis=0), dtype=F32)
     diff -= np.repeat(xval, count, axis=0)
     d2 = np.repeat(waux, count, axis=0)
     d2 *= diff  # C's weight*diff*diff is (weight*diff)*diff
     d2 *= diff
-    d2 = sum_blocks(d2)
-    least = np.minimum.reduceat(d2, run_start)
-    position = np.where(d2 == np.repeat(least, count), np.arange(total), total)
-    return lat.neighbours[where[np.minimum.reduceat(position, run_start)]]
+    d2 = sum_blocks(d2) + F32(0)  # + 0: a -0.0 would order below +0.0 as an integer
+    # non-negative float32 order as integers: the smallest (value, position) of each run in one reduction
+    key = (d2.view(np.int32).astype(np.int64) << 32) | np.arange(total, dtype=np.int64)
+    first = np.minimum.reduceat(key, run_start) & 0xFFFFFFFF
+    return lat.neighbours[where[first]]
 
 
 # ----------------------------------------------------------------------------- the scale search
@@ -171,25 +174,32 @@ def _qp_scale(x: np.ndarray, w: np.ndarray, nmax: int) -> np.ndarray:
         wx = w * x
         sumlx = sum_groups(wx * levels.astype(F32))
         suml2 = sum_groups(w * levels.astype(F32) * levels.astype(F32))
-        stored = (levels & 0xFF).astype(F32)
-        for _ in range(5):
-            changed = False
-            for i in range(x.shape[0]):
-                li = stored[i]
-                slx = sumlx - wx[i] * li
-                sl2 = suml2 - w[i] * li * li
-                new = np.minimum(nearest_int(x[i] * sl2 / slx), nmax).astype(F32)
-                new_lx = slx + wx[i] * new
-                new_l2 = sl2 + w[i] * new * new
-                take = (slx > 0) & (sl2 > 0) & (new != li) & (new_lx * new_lx * suml2 > sumlx * sumlx * new_l2)
-                if take.any():
-                    changed = True
-                    stored[i] = np.where(take, (new.astype(np.int32) & 0xFF).astype(F32), li)
-                    sumlx = np.where(take, new_lx, sumlx)
-                    suml2 = np.where(take, new_l2, suml2)
-            if not changed:  # a pass without change leaves the state as it was: C's early exit
-                break
+        sumlx, suml2 = _refine_wrapped(x, w, wx, (levels & 0xFF).astype(F32), sumlx, suml2, nmax)
         return np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, F32(1)), F32(0)).astype(F32)
+
+
+def _refine_wrapped(
+    x: np.ndarray, w: np.ndarray, wx: np.ndarray, stored: np.ndarray, sumlx: np.ndarray, suml2: np.ndarray, nmax: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`make_qp_quants`' 5 passes of moving one level at a time to its best value, `stored` the uint8 levels."""
+    for _ in range(5):
+        changed = False
+        for i in range(x.shape[0]):
+            li = stored[i]
+            slx = sumlx - wx[i] * li
+            sl2 = suml2 - w[i] * li * li
+            new = np.minimum(nearest_int(x[i] * sl2 / slx), nmax).astype(F32)
+            new_lx = slx + wx[i] * new
+            new_l2 = sl2 + w[i] * new * new
+            take = (slx > 0) & (sl2 > 0) & (new != li) & (new_lx * new_lx * suml2 > sumlx * sumlx * new_l2)
+            if take.any():
+                changed = True
+                stored[i] = np.where(take, (new.astype(np.int32) & 0xFF).astype(F32), li)
+                sumlx = np.where(take, new_lx, sumlx)
+                suml2 = np.where(take, new_l2, suml2)
+        if not changed:  # a pass without change leaves the state as it was: C's early exit
+            break
+    return sumlx, suml2
 
 
 @dataclass(frozen=True)
@@ -210,7 +220,7 @@ def _signs(x: np.ndarray, w: np.ndarray, even: bool) -> tuple[np.ndarray, np.nda
     toggles and its magnitude turns negative."""
     negative = x < 0
     xval = np.where(negative, -x, x)
-    shape = (-1, GROUP, x.shape[1])
+    shape = (x.shape[0] // GROUP, GROUP, x.shape[1])
     bits = (1 << np.arange(GROUP, dtype=np.int32))[None, :, None]
     signs = (negative.reshape(shape) * bits).sum(axis=1, dtype=np.int32)
     if even:
@@ -225,30 +235,77 @@ def _signs(x: np.ndarray, w: np.ndarray, even: bool) -> tuple[np.ndarray, np.nda
 
 
 def _snap(
-    lat: Lattice, xval: np.ndarray, waux: np.ndarray, inv_scale: np.ndarray, scale: np.ndarray, only: np.ndarray | None = None
+    lat: Lattice,
+    xval: np.ndarray,
+    waux: np.ndarray,
+    inv_scale: np.ndarray,
+    scale: np.ndarray,
+    only: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Levels `[size, n]` of every group at `inv_scale`, a group off the grid moved to its best neighbour
     at `scale` (only groups in `only [groups, n]`, when given, are searched). Returns (levels, off_grid)."""
     levels = np.clip(nearest(F32(0.5) * (inv_scale * xval - F32(1))), F32(0), F32(MAX_LEVEL))
-    n = xval.shape[1]
-    by_group = levels.reshape(-1, GROUP, n)
+    n_groups, n = xval.shape[0] // GROUP, xval.shape[1]
+    by_group = levels.reshape(n_groups, GROUP, n)
     codes = (by_group * (F32(4) ** np.arange(GROUP, dtype=F32))[None, :, None]).sum(axis=1).astype(np.int32)
     off = lat.index_of[codes] < 0
     if only is not None:
         off &= only
     group, column = np.nonzero(off)
     if group.size:
-        values = xval.reshape(-1, GROUP, n)[group, :, column]
-        weights = waux.reshape(-1, GROUP, n)[group, :, column]
+        values = xval.reshape(n_groups, GROUP, n)[group, :, column]
+        weights = waux.reshape(n_groups, GROUP, n)[group, :, column]
         best = best_neighbours(lat, codes[group, column], values, weights, scale[column])
         by_group[group, :, column] = lat.levels[best]
     return levels, off
 
 
-def _fit(wx: np.ndarray, w: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _sums(wx: np.ndarray, w: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """`sum(w*x*q)` and `sum(w*q*q)` of the values `q = 2 * level + 1`, in C's order."""
     q = F32(2) * levels + F32(1)
     return sum_groups(wx * q), sum_groups(w * q * q)
+
+
+@dataclass
+class _Fit:
+    """The search state of the active sub-blocks: the chosen scale, levels, and which groups were on the grid."""
+
+    scale: np.ndarray  # [n]
+    levels: np.ndarray  # [size, n]
+    on_grid: np.ndarray  # [groups, n]
+
+
+def _try_scales(spec: Search, lat: Lattice, xval: np.ndarray, w: np.ndarray, waux: np.ndarray,
+                anchor: np.ndarray, scale: np.ndarray) -> _Fit:
+    """The candidates `(5 + 0.1 t) / anchor`: the first best fit by `sumqx^2 / sumq2` wins."""
+    wx = w * xval
+    fit = _Fit(scale, np.zeros_like(xval), np.ones((spec.size // GROUP, xval.shape[1]), dtype=bool))
+    best = np.zeros_like(scale)
+    for t in spec.tries:
+        inv = (F32(2 * MAX_LEVEL + 1) + F32(t) * F32(0.1)) / anchor
+        trial, off = _snap(lat, xval, waux, inv, F32(1) / inv)
+        sumqx, sumq2 = _sums(wx, w, trial)
+        better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+        fit.scale = np.where(better, sumqx / np.where(better, sumq2, F32(1)), fit.scale)
+        best = np.where(better, fit.scale * sumqx, best)
+        fit.levels = np.where(better, trial, fit.levels)
+        fit.on_grid = np.where(better, ~off, fit.on_grid)
+    return fit
+
+
+def _refit(spec: Search, lat: Lattice, xval: np.ndarray, w: np.ndarray, waux: np.ndarray, fit: _Fit) -> None:
+    """Round again at the chosen scale, then refit it: every group (IQ2_XXS), or only those that were
+    moved onto the grid (IQ2_XS, IQ2_S)."""
+    positive = fit.scale > 0
+    refit = np.broadcast_to(positive, fit.on_grid.shape) & (True if spec.qp_anchor else ~fit.on_grid)
+    if not refit.any():
+        return
+    inv = np.where(positive, F32(1) / np.where(positive, fit.scale, F32(1)), F32(0))
+    moved, _ = _snap(lat, xval, waux, inv, fit.scale, only=refit)
+    fit.levels = np.where(np.repeat(refit, GROUP, axis=0), moved, fit.levels)
+    sumqx, sumq2 = _sums(w * xval, w, fit.levels)
+    take = refit.any(axis=0) & (sumq2 > 0)
+    fit.scale = np.where(take, sumqx / np.where(take, sumq2, F32(1)), fit.scale)
 
 
 def search_scales(spec: Search, x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -258,51 +315,29 @@ def search_scales(spec: Search, x: np.ndarray, w: np.ndarray) -> tuple[np.ndarra
     n_groups, n = spec.size // GROUP, x.shape[1]
     xval, signs = _signs(x, w, spec.even_signs)
     active = np.flatnonzero(xval.max(axis=0) >= F32(spec.eps))
-    xval, w, signs_active = xval[:, active], w[:, active], signs[:, active]
+    xval, w = xval[:, active], w[:, active]
     if spec.qp_anchor:
         scale = _qp_scale(xval, w, MAX_LEVEL + 2)
         anchor = scale * F32(MAX_LEVEL + 1)
         keep = np.flatnonzero(anchor > 0)
-        active, xval, w, signs_active = active[keep], xval[:, keep], w[:, keep], signs_active[:, keep]
-        scale, anchor = scale[keep], anchor[keep]
+        active, xval, w, scale, anchor = active[keep], xval[:, keep], w[:, keep], scale[keep], anchor[keep]
     else:
         anchor = xval.max(axis=0)
         scale = anchor / F32(2 * MAX_LEVEL + 1)
-    waux, wx = np.sqrt(w), w * xval
-    best = np.zeros_like(scale)
-    levels = np.zeros_like(xval)
-    on_grid = np.ones((n_groups, xval.shape[1]), dtype=bool)
-    for t in spec.tries:
-        inv = (F32(2 * MAX_LEVEL + 1) + F32(t) * F32(0.1)) / anchor
-        trial, off = _snap(lat, xval, waux, inv, F32(1) / inv)
-        sumqx, sumq2 = _fit(wx, w, trial)
-        better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
-        scale = np.where(better, sumqx / np.where(better, sumq2, F32(1)), scale)
-        best = np.where(better, scale * sumqx, best)
-        levels = np.where(better, trial, levels)
-        on_grid = np.where(better, ~off, on_grid)
-    # refit at the chosen scale: every group (IQ2_XXS), or only those that were moved onto the grid
-    refit = np.broadcast_to(scale > 0, on_grid.shape) & (True if spec.qp_anchor else ~on_grid)
-    if refit.any():
-        inv = np.where(scale > 0, F32(1) / np.where(scale > 0, scale, F32(1)), F32(0))
-        moved, _ = _snap(lat, xval, waux, inv, scale, only=refit)
-        group_mask = np.repeat(refit, GROUP, axis=0)
-        levels = np.where(group_mask, moved, levels)
-        sumqx, sumq2 = _fit(wx, w, levels)
-        take = refit.any(axis=0) & (sumq2 > 0)
-        scale = np.where(take, sumqx / np.where(take, sumq2, F32(1)), scale)
-    negative = scale < 0  # never seen, but C handles it: positive scale, every sign flipped
-    sign_mask = 0x7F if spec.even_signs else 0xFF
-    signs_active = np.where(negative, ~signs_active & sign_mask, signs_active)
-    grid = lat.index_of[codes_of(levels.reshape(n_groups, GROUP, -1).transpose(0, 2, 1))]
+    waux = np.sqrt(w)
+    fit = _try_scales(spec, lat, xval, w, waux, anchor, scale)
+    _refit(spec, lat, xval, w, waux, fit)
+    grid = lat.index_of[codes_of(fit.levels.reshape(n_groups, GROUP, active.size).transpose(0, 2, 1))]
     if (grid < 0).any():
         raise AssertionError(f"{spec.qtype.name}: a group ended off the grid")
+    # a negative scale (never seen) is stored positive with every sign flipped, as C does
+    flip = np.where(fit.scale < 0, 0x7F if spec.even_signs else 0xFF, 0)
     out_scale = np.zeros(n, dtype=F32)
     out_grid = np.zeros((n_groups, n), dtype=np.int32)
     out_signs = np.zeros((n_groups, n), dtype=np.int32)
-    out_scale[active] = np.abs(scale)
+    out_scale[active] = np.abs(fit.scale)
     out_grid[:, active] = grid
-    out_signs[:, active] = signs_active
+    out_signs[:, active] = signs[:, active] ^ flip
     return out_scale, out_grid, out_signs
 
 
@@ -340,7 +375,7 @@ class _IQ2(QuantType):
         x = np.asarray(blocks, dtype=F32)
         qw = None if weights is None else np.asarray(weights, dtype=F32)
         size = cls.search.size
-        # every trial holds a few copies of its sub-blocks, and the neighbour search ~30 candidates a group
+        # a trial holds a few copies of its sub-blocks; the neighbour search, ~10-100 values per value
         parts = []
         for part in steps(x.shape[0], QK_K, copies=4):
             w = cls.value_weights(x[part], None if qw is None else qw[part])

@@ -34,6 +34,6 @@ def llama4_config(model_file: GGUFModelFile) -> dict[str, Any]:
 
 ARCHITECTURES = (
     # the checkpoint's experts are `[n_expert, n_in, n_out]`: the converter transposed them
-    Architecture("llama4", "Llama4ForCausalLM", "Llama4TextConfig", llama4_config, ("llama4_text",),
+    Architecture("llama4", "Llama4ForCausalLM", "Llama4TextConfig", llama4_config, ("llama4_text", "llama4"),
                  expert_join=StackJoin(transposed=True)),
 )

@@ -6,7 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 from imatrix.ggufio.reader import GGUFModelFile
-from imatrix.models.architectures.base import Architecture, common_config, rope_parameters, without_sliding_window
+from imatrix.models.architectures.base import (
+    Architecture,
+    Config,
+    common_config,
+    rope_parameters,
+    without_sliding_window,
+)
 
 
 def ministral3_config(model_file: GGUFModelFile) -> dict[str, Any]:
@@ -23,7 +29,16 @@ def ministral3_config(model_file: GGUFModelFile) -> dict[str, Any]:
     return {**config, "rope_parameters": rope, "sliding_window": None}
 
 
+def as_mistral3_runs(config: Config) -> dict[str, Any]:
+    """A Mistral Small 3 checkpoint's text model (`mistral`, no temperature) runs as Ministral 3 with none, as
+    llama.cpp runs the `mistral3` file converted from it."""
+    rope = {"llama_4_scaling_beta": 0.0, "original_max_position_embeddings": config.max_position_embeddings,
+            **config.rope_parameters}
+    return {**without_sliding_window(config), "rope_parameters": rope}
+
+
 ARCHITECTURES = (
-    Architecture("mistral3", "Ministral3ForCausalLM", "Ministral3Config", ministral3_config, ("ministral3",),
-                 permute_qk=True, hf_overrides=without_sliding_window),
+    # "mistral3": Mistral 3's multimodal checkpoints (Ministral 3, Mistral Small 3.1/3.2), converted as `mistral3`
+    Architecture("mistral3", "Ministral3ForCausalLM", "Ministral3Config", ministral3_config, ("ministral3", "mistral3"),
+                 permute_qk=True, hf_overrides=as_mistral3_runs),
 )
