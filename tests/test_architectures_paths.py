@@ -28,8 +28,8 @@ GGUF_NAMES = sorted(path.parent.name for path in HERE.glob("*/model.gguf"))
 CONVERTED_CHECKPOINTS = ["deepseek2", "deepseek2-v2", "ernie4_5-moe", "gpt-oss", "granitemoe", "granitehybrid",
                          "minimax-m2", "mixtral", "phimoe"]
 # multimodal checkpoints, whose text model's tensors are renamed on loading (`models.weights.TEXT_MODEL_KEYS`)
-MULTIMODAL_CHECKPOINTS = ["gemma3-vl", "gemma3n-vl", "gemma4-vl", "llama4-vl", "mistral-small3-vl", "mistral3-vl",
-                          "qwen35-vl"]
+MULTIMODAL_CHECKPOINTS = ["gemma3-vl", "gemma3n-vl", "gemma4-vl", "lfm2-vl", "llama4-vl", "llava-vl",
+                          "mistral-small3-vl", "mistral3-vl", "qwen35-vl"]
 N_CTX, N_CHUNKS = 64, 3
 
 

@@ -116,3 +116,15 @@ def test_a_lock_file_left_by_a_killed_writer_is_no_obstacle(tmp_path: Path) -> N
     (tmp_path / ".out.bin.lock").write_text("12345\n")  # its lock died with the process
     write(tmp_path / "out.bin", b"new")
     assert names(tmp_path) == ["out.bin"]
+
+
+def test_a_file_system_without_locks_is_written_unguarded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fcntl
+
+    def no_locks(*_args: object) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    (tmp_path / ".out.bin.k5t5k2lc.tmp").write_bytes(b"half")  # maybe a live writer's: kept
+    write(tmp_path / "out.bin", b"new")
+    assert names(tmp_path) == [".out.bin.k5t5k2lc.tmp", "out.bin"]

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from imatrix.quant.base import quantize_rows
-from imatrix.quant.grids import lattice
+from imatrix.quant.grids import best_neighbours, lattice
 from quant_golden import random_imatrix, random_rows
 from quant_iq1_iq3.compare import compare_blocks, file_matches
 from quant_iq1_iq3.generate import BLOCK_GOLDENS
@@ -47,6 +47,20 @@ def test_neighbour_lists(qtype: Q, n_distances: int) -> None:
         wanted = np.flatnonzero(dist <= np.unique(dist)[n_distances - 1])
         np.testing.assert_array_equal(listed, wanted[np.argsort(dist[wanted], kind="stable")])
     assert (lat.count[lat.index_of >= 0] == 0).all()
+
+
+def test_best_neighbour_is_the_first_of_equals() -> None:
+    """iq3_find_best_neighbour keeps the first of equal distances (strict <): with zero weights, the first listed."""
+    lat = lattice(Q.IQ3_S, 3)
+    codes = np.flatnonzero(lat.count > 1)[:50]
+    x = np.ones((4, codes.size), np.float32)
+    np.testing.assert_array_equal(best_neighbours(lat, codes, x, np.zeros_like(x), np.ones(codes.size, np.float32)),
+                                  lat.neighbours[lat.first[codes]])
+    # with weights, the nearest one at the given scale: exactly the grid point x / scale is on
+    point = lat.neighbours[lat.first[codes] + 1]
+    scale = np.full(codes.size, 0.5, np.float32)
+    x = (2 * lat.levels[point].T + 1) * scale
+    np.testing.assert_array_equal(best_neighbours(lat, codes, x, np.ones_like(x), scale), point)
 
 
 def test_iq3_s_zero_sub_block_shifts_the_slots() -> None:

@@ -92,9 +92,9 @@ def set_vocabulary_string_length(value: int) -> Callable[[bytearray], None]:
     return edit
 
 
-def set_metadata_u32(key: str, value: int) -> Callable[[bytearray], None]:
+def set_metadata(key: str, value: float, fmt: str = "<I") -> Callable[[bytearray], None]:
     def edit(data: bytearray) -> None:
-        struct.pack_into("<I", data, data.find(length_prefixed(key)) + len(length_prefixed(key)) + 4, value)
+        struct.pack_into(fmt, data, data.find(length_prefixed(key)) + len(length_prefixed(key)) + 4, value)
     return edit
 
 
@@ -213,13 +213,14 @@ LAYOUT_REPROS = {
 # hyperparameters: what building the model refuses (quantization, like llama-quantize, does not build one);
 # found by the fuzz suite at 10x its CI examples, and by setting each hyperparameter to extremes
 HYPERPARAMETER_REPROS = {
-    "odd head size": (set_metadata_u32("llama.attention.key_length", 17),
+    "odd head size": (set_metadata("llama.attention.key_length", 17),
                       r"hyperparameters do not make a llama model: .*even rotary dimension"),
-    "no blocks": (set_metadata_u32("llama.block_count", 0),
+    "no blocks": (set_metadata("llama.block_count", 0),
                   r"tensor 'blk\.0\.[a-z_.]+' lies beyond the 0 blocks that llama\.block_count states"),
-    "a million blocks": (set_metadata_u32("llama.block_count", 2**20), r"block_count is 1048576, more blocks than"),
-    "huge head size": (set_metadata_u32("llama.attention.key_length", 2**31),
+    "a million blocks": (set_metadata("llama.block_count", 2**20), r"block_count is 1048576, more blocks than"),
+    "huge head size": (set_metadata("llama.attention.key_length", 2**31),
                        r"key_length is 2147483648, larger than any tensor dimension"),
+    "rope base NaN": (set_metadata("llama.rope.freq_base", float("nan"), "<f"), r"llama\.rope\.freq_base is nan$"),
 }
 
 
@@ -435,6 +436,16 @@ def test_quantize_killed_with_9_leaves_no_worker_and_no_traceback(tmp_path: Path
     assert main([*map(str, QUANTIZE), str(out), "Q8_0", "1"]) == 0  # and the next run sweeps them
     assert "left by an interrupted run" in capsys.readouterr().err
     assert hidden_files(out.parent) == []
+
+
+def test_a_reader_that_leaves_ends_the_command_quietly(tmp_path: Path) -> None:
+    """`imatrix quantize … | head -1`: a BrokenPipeError on stdout was a traceback, or blamed on the output."""
+    run = subprocess.Popen([sys.executable, "-m", "imatrix.cli.main", *map(str, QUANTIZE), tmp_path / "q.gguf",
+                            "Q8_0", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run.stdout.close()  # the reader is gone before the first line
+    err = run.stderr.read()
+    assert run.wait() == 128 + signal.SIGPIPE and "Traceback" not in err and "error" not in err, err
+    assert hidden_files(tmp_path) == []
 
 
 # --- a full disk, and a second writer ---

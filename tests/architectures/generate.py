@@ -11,7 +11,8 @@ llama.cpp is the copy vendored in the PyPI sdist `llama-cpp-python==0.3.36`, bui
     tar xzf llama_cpp_python-0.3.36.tar.gz
     cmake -S llama_cpp_python-0.3.36/vendor/llama.cpp -B build -DLLAMA_CURL=OFF
     cmake --build build -j2 --target llama-imatrix
-Run with the project's environment plus `sentencepiece` (for the SentencePiece tokenizers):
+Run with the project's environment plus `sentencepiece` (for the SentencePiece tokenizers) and `timm` (Gemma 3n's
+multimodal checkpoint, whose vision tower is a timm model):
     python tests/architectures/generate.py --llama-cpp <vendor/llama.cpp> --bin <build/bin> [name ...]
 
 spec.json keys (all but model_class/config_class optional):

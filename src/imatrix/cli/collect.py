@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="model in memory on the CPU: chunks computed at once, each in its own thread on "
              "threads/N threads (default: 2 with two threads or more)")
     add("--resume", action="store_true",
-        help="continue an interrupted run from its last saved --output-file (same text and -c; the "
-             "perplexity printed covers the chunks computed in this run)")
+        help="continue an interrupted run from its last saved --output-file (the same text by content, "
+             "model, -c and --chunk, or it is refused; the perplexity printed covers the chunks computed in "
+             "this run)")
     add("--chunk", "--from-chunk", dest="from_chunk", type=int, default=0, help="skip the first N chunks")
     add("--chunks", type=int, default=-1, help="maximum number of chunks (default: all)")
     add("--ppl", action=argparse.BooleanOptionalAction, default=True,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -48,6 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         print("imatrix: terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
+    except BrokenPipeError:
+        # the reader of our stdout left (`| head`): end quietly, as a C tool dies of SIGPIPE
+        _stdout_to_devnull()
+        return 128 + signal.SIGPIPE
+
+
+def _stdout_to_devnull() -> None:
+    """So that flushing stdout at exit does not fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 @contextlib.contextmanager

@@ -118,6 +118,8 @@ def _write_errors(path: str | Path) -> Iterator[None]:
     """An OSError while writing `path` (disk full, read-only file system…) as one line naming it."""
     try:
         yield
+    except BrokenPipeError:
+        raise  # a reader that left our stdout, or the output pipe: the command ends quietly (cli.main)
     except OSError as exc:
         raise ImatrixError(f"{path}: cannot write: {exc.strerror or exc}") from exc
 
@@ -126,6 +128,7 @@ def _write_errors(path: str | Path) -> Iterator[None]:
 
 _claims: dict[Path, tuple[int, int]] = {}  # lock file -> (its descriptor, nesting depth) in this process
 _claims_lock = threading.Lock()
+NOT_LOCKED = -1  # the descriptor of a claim on a file system that has no locks
 
 
 @contextlib.contextmanager
@@ -143,7 +146,7 @@ def claimed_output(path: str | Path | None) -> Iterator[None]:
     with _claims_lock:
         fd, depth = _claims.get(lock_path) or (_lock(lock_path, path), 0)
         _claims[lock_path] = (fd, depth + 1)
-        if not depth:
+        if not depth and fd != NOT_LOCKED:
             _remove_stale_temporaries(target)
     try:
         yield
@@ -158,7 +161,7 @@ def claimed_output(path: str | Path | None) -> Iterator[None]:
 
 def _lock(lock_path: Path, path: str | Path) -> int:
     """An exclusive lock on `lock_path` (created if needed), whose file then holds our pid; raises if another
-    process holds it."""
+    process holds it. `NOT_LOCKED` where the file system has no locks."""
     while True:
         with _write_errors(path):
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -169,6 +172,11 @@ def _lock(lock_path: Path, path: str | Path) -> int:
             os.close(fd)
             raise ImatrixError(f"{path}: another process (pid {holder}) is writing it; two runs writing one "
                                "output would overwrite each other") from None
+        except OSError:  # a file system without locks (some network ones): write unguarded, as before
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(lock_path)
+            return NOT_LOCKED
         # its previous holder may have removed the file between our open and our lock: lock the new one
         if _same_file(fd, lock_path):
             os.ftruncate(fd, 0)
@@ -186,6 +194,8 @@ def _same_file(fd: int, path: Path) -> bool:
 
 
 def _unlock(lock_path: Path, fd: int) -> None:
+    if fd == NOT_LOCKED:
+        return
     # removed while still locked, so that a waiter holding the old file sees it is gone (`_lock`)
     with contextlib.suppress(OSError):
         os.unlink(lock_path)

@@ -64,10 +64,8 @@ def load_hf_weights(opened: OpenedModel, device: str | torch.device, dtype: torc
                 **dequantized(opened.config))
     except (OSError, ValueError, SafetensorError) as exc:
         raise ImatrixError(f"{opened.source}: cannot load checkpoint ({exc})") from exc
-    if key_mapping is not None and loading["missing_keys"]:
-        missing = sorted(loading["missing_keys"])
-        raise ImatrixError(f"{opened.source}: the text model's tensors missing for {', '.join(missing[:5])}"
-                           + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    if key_mapping is not None:
+        _check_text_model(opened, loading)
     model = model.to(device)
     model.eval()
     opened.architecture.fix_graph(model)
@@ -77,16 +75,34 @@ def load_hf_weights(opened: OpenedModel, device: str | torch.device, dtype: torc
 
 @contextlib.contextmanager
 def _other_towers_unreported(multimodal: bool) -> Iterator[None]:
-    """While the text model of a multimodal checkpoint loads, transformers' loading report stays quiet: it would list
-    every tensor of the other towers (vision, audio) as unexpected. Its missing tensors are refused instead."""
+    """While the text model of a multimodal checkpoint loads, transformers' loading report is not printed: it would
+    list every tensor of the other towers (vision, audio) as unexpected. `_check_text_model` reads it instead."""
     report = transformers.utils.logging.get_logger("transformers.modeling_utils")
-    level = report.level
+    without_report = _WithoutLoadReport()
     if multimodal:
-        report.setLevel(logging.ERROR)
+        report.addFilter(without_report)
     try:
         yield
     finally:
-        report.setLevel(level)
+        report.removeFilter(without_report)
+
+
+class _WithoutLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
+def _check_text_model(opened: OpenedModel, loading: dict[str, Any]) -> None:
+    """What the quiet loading report would have said about the text model of a multimodal checkpoint, refused:
+    parameters no tensor made, and text-model tensors (`language_model.`) the model does not take."""
+    text_tensors = set(opened.weights.stored_as)  # their names after `TEXT_MODEL_KEYS`
+    for problem, names in (("has no tensor for", loading["missing_keys"]),
+                           ("has text-model tensors the model does not take:",
+                            loading["unexpected_keys"] & text_tensors)):
+        if names:
+            listed = sorted(names)
+            raise ImatrixError(f"{opened.source}: the checkpoint {problem} {', '.join(listed[:5])}"
+                               + (f" and {len(listed) - 5} more" if len(listed) > 5 else ""))
 
 
 def dequantized(config: Any) -> dict[str, Any]:

@@ -52,7 +52,7 @@ def codes_of(levels: np.ndarray, bits: int) -> np.ndarray:
 def grid_levels(qtype: QType) -> np.ndarray:
     """int32 `[grid_size, dim]`: the level indices of `qtype`'s grid (gguf-py's table, whose hex digits
     pack the indices; its `grid_map` says which value each index stands for)."""
-    quant = gguf.quants._type_traits[qtype]
+    quant = getattr(gguf.quants, qtype.name)  # gguf-py names its classes as ggml names the types
     size, dim = quant.grid_shape
     bits = int(np.ceil(np.log2(len(quant.grid_map))))
     per_byte = 8 // bits

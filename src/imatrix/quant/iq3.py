@@ -150,8 +150,9 @@ def _grid_levels(
     off = lat.index_of[codes] < 0
     g, j = np.nonzero(off)
     if g.size:
-        xg = np.broadcast_to(xval, shape).reshape(SUB // GROUP, GROUP, -1)[g, :, j].T
-        wg = np.broadcast_to(waux, shape).reshape(SUB // GROUP, GROUP, -1)[g, :, j].T
+        col = j % xval.shape[-1]  # the values are the same for every trial: index them, do not broadcast
+        xg = xval.reshape(SUB // GROUP, GROUP, -1)[g, :, col].T
+        wg = waux.reshape(SUB // GROUP, GROUP, -1)[g, :, col].T
         sg = np.broadcast_to(scale, shape[1:]).reshape(-1)[j]
         grouped[g, :, j] = lat.levels[best_neighbours(lat, codes[g, j], xg, wg, sg)]
     return levels.reshape(shape), off.reshape((SUB // GROUP,) + shape[1:])

@@ -35,12 +35,16 @@ class Workers:
         context = multiprocessing.get_context("fork")
         parent_pid = os.getpid()
         self._workers: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
-        for _ in range(n_workers):
-            ours, theirs = context.Pipe()
-            process = context.Process(target=_serve, args=(theirs, function, parent_pid), daemon=True)
-            process.start()
-            theirs.close()
-            self._workers.append((process, ours))
+        try:
+            for _ in range(n_workers):
+                ours, theirs = context.Pipe()
+                process = context.Process(target=_serve, args=(theirs, function, parent_pid), daemon=True)
+                process.start()
+                theirs.close()
+                self._workers.append((process, ours))
+        except OSError as exc:  # out of processes or memory
+            self.__exit__(type(exc))
+            raise ImatrixError(f"cannot start {n_workers} worker processes: {exc.strerror or exc}") from exc
 
     def __enter__(self) -> Workers:
         return self
@@ -69,7 +73,7 @@ class Workers:
         while True:
             while idle and (task := next(pending, _END)) is not _END:
                 connection = idle.pop()
-                connection.send(task)
+                self._send(connection, task)
                 busy[connection] = sent
                 sent += 1
             if returned in done:
@@ -91,11 +95,20 @@ class Workers:
             return results  # a worker that died after sending is found on the next wait
         raise _died(sentinels[next(item for item in ready if item in sentinels)])
 
+    def _send(self, connection: Connection, task: Any) -> None:
+        try:
+            connection.send(task)
+        except (BrokenPipeError, ConnectionResetError):  # it died while idle
+            raise _died(self._process_of(connection)) from None
+
+    def _process_of(self, connection: Connection) -> multiprocessing.process.BaseProcess:
+        return next(process for process, ours in self._workers if ours is connection)
+
     def _result(self, connection: Connection) -> Any:
         try:
             succeeded, value = connection.recv()
         except EOFError:  # it died before it could answer
-            raise _died(next(process for process, ours in self._workers if ours is connection)) from None
+            raise _died(self._process_of(connection)) from None
         if not succeeded:
             raise value
         return value

@@ -26,5 +26,5 @@ def lfm2_config(model_file: GGUFModelFile) -> dict[str, Any]:
 
 
 ARCHITECTURES = (
-    Architecture("lfm2", "Lfm2ForCausalLM", "Lfm2Config", lfm2_config, ("lfm2",)),
+    Architecture("lfm2", "Lfm2ForCausalLM", "Lfm2Config", lfm2_config, ("lfm2", "lfm2_vl")),
 )

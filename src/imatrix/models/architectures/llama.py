@@ -19,7 +19,8 @@ def mixtral_config(model_file: GGUFModelFile) -> dict[str, Any]:
 
 
 ARCHITECTURES = (
-    Architecture("llama", "LlamaForCausalLM", "LlamaConfig", common_config, ("llama", "mistral"), permute_qk=True),
+    Architecture("llama", "LlamaForCausalLM", "LlamaConfig", common_config, ("llama", "mistral", "llava"),
+                 permute_qk=True),
     Architecture("llama", "MixtralForCausalLM", "MixtralConfig", mixtral_config, ("mixtral",), permute_qk=True,
                  applies_to=has_experts, is_variant=True),
 )
