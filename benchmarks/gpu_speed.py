@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import platform
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from collect_speed import flops_per_token, run_cli
+from collect_speed import flops_per_token, timed
 from imatrix.ggufio.reader import GGUFModelFile
 from imatrix.models.bundled import default_calibration_text
 from memory import write_random_q4_0_llama
@@ -73,13 +74,13 @@ def main() -> None:
         rate = gemm_tflops(args.device, DTYPES[dtype_name], args.batch_size, args.hidden, args.intermediate)
         for with_ppl in (True, False):
             extra = [] if with_ppl else ["--no-ppl"]
-            wall, _, log = run_cli(["-m", str(model), "-f", str(default_calibration_text()), "-c", "512",
-                                    "--chunks", str(args.chunks), "-b", str(args.batch_size), "--device",
-                                    args.device, "--dtype", dtype_name, "-o", str(workdir / "imatrix.gguf"),
-                                    *extra])
+            wall, _, log = timed([sys.executable, "-m", "imatrix.cli.main", "-m", str(model), "-f",
+                                  str(default_calibration_text()), "-c", "512", "--chunks", str(args.chunks), "-b",
+                                  str(args.batch_size), "--device", args.device, "--dtype", dtype_name, "-o",
+                                  str(workdir / "imatrix.gguf"), "-lv", "3", *extra])
             tps = float(re.search(r"\(([0-9.]+) tokens/s\)", log).group(1))
             load = re.search(r"loaded .* in ([0-9.]+) s", log)
-            roofline = rate * 1e12 / flops_per_token(model_file, 512, with_ppl)
+            roofline = rate * 1e12 / flops_per_token(model_file, 512)
             print(f"| {dtype_name} | {'yes' if with_ppl else 'no'} | {tps:.0f} | {rate:.2f} | {roofline:.0f} | "
                   f"{100 * tps / roofline:.0f}% | {wall:.1f} | {load.group(1) if load else '–'} |", flush=True)
 

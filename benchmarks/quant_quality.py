@@ -1,7 +1,7 @@
 """Quality of our quantizations of SmolLM2-135M, with and without the imatrix, beside llama.cpp's.
 
     python benchmarks/quant_quality.py --llama-perplexity PATH [--llama-quantize PATH] [--types Q2_K,IQ2_XXS]
-        [--chunks 10] [--threads 2] [--work-dir DIR] [-o table.md]
+        [--chunks 20] [--threads 2] [--work-dir DIR] [-o table.md]
 
 Steps: the F16 model (from the bundled Q4_1, exactly llama-quantize's F16) and its base
 log-probabilities on `eval.txt` (`-c 512 --chunks N`; the imatrix was collected on
@@ -290,7 +290,7 @@ def log(text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--types", default=",".join(TYPES), help=f"comma-separated (default: {','.join(TYPES)})")
-    parser.add_argument("--chunks", type=int, default=10, help="chunks of 512 tokens (default: 10)")
+    parser.add_argument("--chunks", type=int, default=20, help="chunks of 512 tokens (default: 20)")
     parser.add_argument("--work-dir", default="/tmp/imatrix-quant-quality", help="models and base logits live here")
     parser.add_argument("-t", "--threads", type=int, default=2)
     parser.add_argument("--llama-perplexity", metavar="PATH", help="measure with llama.cpp's llama-perplexity")

@@ -14,6 +14,16 @@ settings.register_profile("ci", derandomize=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def float32_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Collections left to choose their compute dtype run in float32: results compared across paths, often bit
+    for bit, must not depend on whether this machine multiplies bf16 natively (tests of bf16 ask for it, and
+    command lines run in subprocesses pass --dtype float32)."""
+    from imatrix.models import precision
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
 SHARED = Path(os.environ.get("IMATRIX_SHARED", REPO.parent / "shared"))
 GOLDEN = SHARED / "golden"
 

@@ -33,7 +33,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
     text.write_bytes(default_calibration_text().read_bytes()[:6_000])
     # 9 chunks in batches of 2: rank 1 has nothing to do in the last step
     flags = ["-m", str(model), "-f", str(text), "-c", str(N_CTX), "-b", str(2 * N_CTX), "--chunks", "9",
-             "--process-output", "-ofreq", "4", "--device", "cpu", "-lv", "3"]
+             "--process-output", "-ofreq", "4", "--device", "cpu", "-lv", "3", "--dtype", "float32"]
     out = tmp_path / "two_ranks.gguf"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
                 "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "imatrix.cli.main"]

@@ -358,7 +358,9 @@ def hidden_files(folder: Path) -> list[str]:
     return sorted(path.name for path in folder.iterdir() if path.name.startswith("."))
 
 
-COLLECT = ["-c", "32", "-b", "32", "--chunks", "6", "-ofreq", "2", "--chunks-in-flight", "1", "-lv", "0"]
+# float32, as the in-process runs compared with it (tests/conftest.py)
+COLLECT = ["-c", "32", "-b", "32", "--chunks", "6", "-ofreq", "2", "--chunks-in-flight", "1", "-lv", "0",
+           "--dtype", "float32"]
 
 
 def test_kill_9_then_resume_gives_the_uninterrupted_result(tiny_gguf: Path, text: Path, tmp_path: Path,

@@ -26,8 +26,7 @@ from imatrix.formats.atomic import check_not_an_input, check_output_path
 from imatrix.matrix import ImportanceMatrix
 from imatrix.models.bundled import default_calibration_text, smollm2_path
 from imatrix.models.heap import keep_freed_memory
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from imatrix.models.precision import DTYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("-tb", "--threads-batch", type=int, default=0,
         help="threads for batches: what llama-imatrix computes with (default: --threads)")
     add_device_flags(parser)
-    add("--dtype", choices=sorted(DTYPES), default="float32",
-        help="compute dtype of the model (statistics always accumulate in float32; default: float32)")
+    add("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+        help="compute dtype of the model (statistics always accumulate in float32; default auto: bfloat16 where "
+             "the CPU or GPU multiplies it natively, else float32)")
     add("--sequential", action=argparse.BooleanOptionalAction, default=None,
         help="run one layer at a time, loading each from the model file (default: only when the "
              "weights would not fit in memory)")
@@ -113,7 +113,7 @@ def main(argv: list[str]) -> int:
         n_ctx=args.ctx_size, n_batch=args.batch_size, from_chunk=args.from_chunk, max_chunks=args.chunks,
         compute_ppl=args.ppl, process_output=args.process_output, parse_special=args.parse_special,
         output_file=output, output_format=output_format, output_frequency=args.output_frequency,
-        save_frequency=args.save_frequency, verbosity=verbosity, dtype=DTYPES[args.dtype],
+        save_frequency=args.save_frequency, verbosity=verbosity, dtype=DTYPES.get(args.dtype),
         sequential=args.sequential, window_chunks=args.window_chunks, resume=args.resume,
         chunks_in_flight=capped_threads(args.chunks_in_flight, "chunks in flight"),
     )

@@ -34,6 +34,7 @@ from imatrix.formats.atomic import check_output_path, claimed_output
 from imatrix.matrix import ImportanceMatrix
 from imatrix.models.loader import LoadedModel, load_model
 from imatrix.models.open import open_model
+from imatrix.models.precision import compute_dtype
 
 
 @dataclass
@@ -52,7 +53,9 @@ class CollectOptions:
     verbosity: int = 1
     dataset_name: str | None = None  # recorded in imatrix.datasets; defaults to the text path
     progress: bool = True
-    dtype: torch.dtype = torch.float32  # compute dtype; statistics accumulate in float32 regardless
+    # compute dtype (None: the device's fastest faithful one, `models.precision`); statistics accumulate in
+    # float32 regardless
+    dtype: torch.dtype | None = None
     sequential: bool | None = None  # layer by layer; None: when the weights would not fit in memory
     window_chunks: int = 64  # sequential: chunks pushed through each loaded layer at most
     resume: bool = False  # continue from output_file's chunk_count
@@ -170,18 +173,19 @@ def open_executor(model: str | Path | LoadedModel | Executor, device: torch.devi
     from imatrix.collect import sequential
 
     path = Path(model)
+    dtype = compute_dtype(options.dtype, device)
     use_sequential = options.sequential
     if use_sequential is None and path.exists():
-        use_sequential = sequential.should_run_sequentially(path, device, options.dtype)
+        use_sequential = sequential.should_run_sequentially(path, device, dtype)
         if use_sequential:
             log(f"load_model: {path}'s weights would not fit in memory: running layer by layer (--sequential)",
                 options.verbosity)
     start = time.perf_counter()
     if use_sequential:
-        executor: Executor = sequential.SequentialExecutor(open_model(path, device), device, options.dtype,
+        executor: Executor = sequential.SequentialExecutor(open_model(path, device), device, dtype,
                                                            options.window_chunks)
     else:
-        executor = InMemoryExecutor(load_model(path, device=device, dtype=options.dtype))
+        executor = InMemoryExecutor(load_model(path, device=device, dtype=dtype))
     log(f"load_model: loaded {path} in {time.perf_counter() - start:.2f} s", options.verbosity)
     return executor
 

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
-
-from imatrix.models.tokenization.splitting import RegexSplit, Split, UnicodeSplit
+from imatrix.models.tokenization.splitting import RegexSplit, Split, TransformersSplit, UnicodeSplit
 
 CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
 
 # llama.cpp's hand-written splitters, as the regexes they implement (transformers has three of them)
 GPT2 = UnicodeSplit(r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+")
-LLAMA3 = UnicodeSplit(GGUF_PRE_TOKENIZER_SPLITS["llama3"])
-QWEN2 = UnicodeSplit(GGUF_PRE_TOKENIZER_SPLITS["qwen2"])
-QWEN35 = UnicodeSplit(GGUF_PRE_TOKENIZER_SPLITS["qwen35"])
+LLAMA3 = TransformersSplit("llama3")
+QWEN2 = TransformersSplit("qwen2")
+QWEN35 = TransformersSplit("qwen35")
 KIMI_K2 = UnicodeSplit(r"\p{Han}+|[^\r\n\p{L}\p{N}]?\p{L-Han}+" + CONTRACTIONS + r"?|\p{N}{1,3}"
                        r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 # digit runs cut in threes from the right; llama.cpp's splitter (`unicode_regex_split_custom_afmoe`)

@@ -44,7 +44,21 @@ class RegexSplit:
         return _compiled_std(self.source)
 
 
-Split = UnicodeSplit | RegexSplit
+@dataclass(frozen=True)
+class TransformersSplit:
+    """A `UnicodeSplit` whose regex is one of transformers' GGUF tokenizer table, read when first used: importing
+    that table loads transformers' weight-conversion machinery, ~1 s of start-up for models that need none of it."""
+
+    name: str  # the `tokenizer.ggml.pre` key of GGUF_PRE_TOKENIZER_SPLITS
+    view = "as is"
+
+    def compiled(self) -> re.Pattern[str]:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+        return _compiled_unicode(GGUF_PRE_TOKENIZER_SPLITS[self.name])
+
+
+Split = UnicodeSplit | RegexSplit | TransformersSplit
 VIEWS = {"as is": str, "folded": unicode.folded, "spaces folded": unicode.spaces_folded}
 
 
