@@ -199,16 +199,12 @@ class Evaluator:
                                         write_base=True)
             assert text is not None, "llama-perplexity cannot load the F16 model"
             return _number(r"Final estimate: PPL = ([0-9.]+)", text)
-        from imatrix.eval.cpu_matmul import emulate_cpu_matmul_inputs
-        from imatrix.eval.perplexity import perplexity
-        from imatrix.models.loader import load_model
+        from imatrix import PerplexityOptions, Reporter, perplexity
 
-        loaded = load_model(self.f16)
-        if self.emulate:
-            emulate_cpu_matmul_inputs(loaded)
-        result = perplexity(loaded, EVAL_TEXT, n_ctx=512, max_chunks=self.n_chunks,
-                            save_base=None if self.base.exists() else self.base, log=log)
-        return result.ppl
+        options = PerplexityOptions(model=self.f16, file=EVAL_TEXT, ctx_size=512, chunks=self.n_chunks,
+                                    kl_divergence_base=None if self.base.exists() else self.base,
+                                    emulate_llama_cpu=self.emulate, device="cpu")
+        return perplexity(options, Reporter(messages=log)).ppl
 
     def measure(self, path: Path) -> Measured:
         if self.llama_perplexity and not self.emulate:
@@ -221,15 +217,12 @@ class Evaluator:
     def _ours(self, path: Path) -> Measured:
         import torch
 
-        from imatrix.eval.cpu_matmul import emulate_cpu_matmul_inputs
-        from imatrix.eval.kld import kl_divergence
-        from imatrix.models.loader import load_model
+        from imatrix import PerplexityOptions, Reporter, perplexity
 
         torch.set_num_threads(self.threads)
-        loaded = load_model(path)
-        if self.emulate:
-            emulate_cpu_matmul_inputs(loaded)
-        result = kl_divergence(loaded, self.base, max_chunks=self.n_chunks, log=log)
+        options = PerplexityOptions(model=path, kl_divergence_base=self.base, kl_divergence=True, chunks=self.n_chunks,
+                                    emulate_llama_cpu=self.emulate, device="cpu")
+        result = perplexity(options, Reporter(messages=log))
         return Measured(result.ppl, result.mean_kld, result.same_top_percent, "ours")
 
 

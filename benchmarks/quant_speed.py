@@ -42,6 +42,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from imatrix.formats import load_imatrix, save_imatrix
 from imatrix.ggufio.reader import GGUFModelFile
 from imatrix.ggufio.writer import ModelWriter
 from imatrix.matrix import ImportanceMatrix, TensorStats
@@ -117,7 +118,7 @@ def write_big_model(f16_path: Path, dst: Path, width: int, n_layers: int) -> Pat
 
 def write_big_imatrix(src: Path, dst: Path, width: int, n_layers: int, n_source_layers: int) -> Path:
     """The golden imatrix tiled as the model: each entry's columns `width` times, blocks repeated."""
-    golden = ImportanceMatrix.load(src)
+    golden = load_imatrix(src)
     big = ImportanceMatrix(chunk_size=golden.chunk_size, chunk_count=golden.chunk_count,
                            datasets=list(golden.datasets))
     for name in golden.names():
@@ -129,7 +130,7 @@ def write_big_imatrix(src: Path, dst: Path, width: int, n_layers: int, n_source_
         for big_layer in range(n_layers):
             stats = golden[f"blk.{source_block(big_layer, n_source_layers)}.{rest}"]
             big.tensors[f"blk.{big_layer}.{rest}"] = TensorStats(np.tile(stats.sums, (1, width)), stats.counts)
-    big.save(dst)
+    save_imatrix(big, dst)
     return dst
 
 

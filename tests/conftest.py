@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+from imatrix.formats import load_imatrix, save_imatrix
+
 # CI (`.ci/run`) replays the same examples every run, so a landing never hangs on a new random draw;
 # developers keep exploring fresh ones (or pass --hypothesis-seed to replay one)
 settings.register_profile("ci", derandomize=True)
@@ -78,8 +80,7 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def moe_dat(golden: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """llama.cpp's tiny Qwen3-MoE imatrix (c256) written as a legacy .dat: its expert stacks become one
     row of per-expert means each."""
-    from imatrix import ImportanceMatrix
 
     path = tmp_path_factory.mktemp("moe-dat") / "moe.dat"
-    ImportanceMatrix.load(golden / "moe" / "tiny-qwen3moe.c256.n8.imatrix.gguf", chunk_size=256).save(path)
+    save_imatrix(load_imatrix(golden / "moe" / "tiny-qwen3moe.c256.n8.imatrix.gguf", chunk_size=256), path)
     return path

@@ -12,6 +12,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from imatrix import ImportanceMatrix
+from imatrix.formats import load_imatrix, save_imatrix
 from imatrix.quant.base import quantize_rows
 
 IMATRIX = "imatrix/smollm2-f16.c512.n40.imatrix.gguf"
@@ -40,7 +41,7 @@ def source_tensors(golden: Path) -> dict[str, np.ndarray]:
 @functools.cache
 def imatrix_rows(golden: Path) -> dict[str, np.ndarray]:
     """Per-column sums/counts, as llama-quantize's `load_imatrix` normalises a GGUF imatrix."""
-    matrix = ImportanceMatrix.load(golden / IMATRIX)
+    matrix = load_imatrix(golden / IMATRIX)
     return {name: matrix[name].mean_sq()[0] for name in matrix}
 
 
@@ -258,7 +259,7 @@ def write_synthetic_imatrix(model: Path, path: Path, seed: int = 1, metadata: bo
         stats[name] = TensorStats(sums, counts)
     matrix = ImportanceMatrix(stats, chunk_size=512, chunk_count=8, datasets=["synthetic.txt"])
     if metadata:
-        matrix.save(path)
+        save_imatrix(matrix, path)
         return path
     writer = gguf.GGUFWriter(path, "")
     writer.kv_data[0].clear()

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imatrix import ImportanceMatrix
-from imatrix.collect.runner import CollectOptions, collect
+from imatrix import CollectOptions, ImportanceMatrix, Reporter, collect
+from imatrix.formats import load_imatrix
 
 HERE = Path(__file__).resolve().parent / "architectures"
 NAMES = sorted(path.parent.name for path in HERE.glob("*/imatrix.gguf"))
@@ -34,9 +34,9 @@ def spec(name: str) -> dict:
 def imatrix_options(args: list[str]) -> dict:
     """llama-imatrix's `-c N --chunks N [-b N]` as collection options."""
     flags = dict(zip(args[::2], args[1::2], strict=True))
-    options = {"n_ctx": int(flags["-c"]), "max_chunks": int(flags["--chunks"])}
+    options = {"ctx_size": int(flags["-c"]), "chunks": int(flags["--chunks"])}
     if "-b" in flags:
-        options["n_batch"] = int(flags["-b"])
+        options["batch_size"] = int(flags["-b"])
     return options
 
 
@@ -79,9 +79,8 @@ def test_collects_what_llama_imatrix_collects(name: str, source: str, calibratio
     info = spec(name)
     options = imatrix_options(info.get("imatrix_args", ["-c", "128", "--chunks", "4"]))
     printed: list[str] = []
-    result = collect(HERE / name / source, calibration_text,
-                     CollectOptions(**options, progress=False, verbosity=0, output_file=tmp_path / "imatrix.gguf"),
-                     stdout=printed.append)
-    theirs = ImportanceMatrix.load(HERE / name / "imatrix.gguf")
+    result = collect(CollectOptions(model=HERE / name / source, file=calibration_text, **options,
+                                    output_file=tmp_path / "imatrix.gguf"), Reporter(output=printed.append))
+    theirs = load_imatrix(HERE / name / "imatrix.gguf")
     assert_matches_llama_cpp(result.matrix, theirs, info.get("count_tolerance", 0.0), info.get("median_rel_l2", 1e-3))
     assert result.ppl.final()[0] == pytest.approx(golden_final_ppl(name), rel=5e-3)

@@ -2,7 +2,8 @@
 
 `test_architectures.py` checks the in-memory collection against llama.cpp; here the same tiny models go
 through the other paths: layer by layer (`--sequential`, from the GGUF file and, where transformers has to
-convert the checkpoint's tensors, from the checkpoint directory) and `imatrix perplexity`.
+convert the checkpoint's tensors, from the checkpoint directory) and `imatrix perplexity`, in memory and layer
+by layer.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import pytest
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from imatrix.collect.runner import CollectOptions, CollectResult, collect, open_executor
-from imatrix.collect.sequential import SequentialExecutor
+from imatrix import CollectOptions, PerplexityOptions, collect, perplexity
+from imatrix.collection.run import CollectResult
 from imatrix.errors import ImatrixError
-from imatrix.eval.perplexity import perplexity
+from imatrix.eval.perplexity import PerplexityResult
+from imatrix.pipeline.executors import open_executor
+from imatrix.pipeline.sequential import SequentialExecutor
 
 HERE = Path(__file__).resolve().parent / "architectures"
 GGUF_NAMES = sorted(path.parent.name for path in HERE.glob("*/model.gguf"))
@@ -36,14 +39,22 @@ N_CTX, N_CHUNKS = 64, 3
 def run(model: object, text: Path, **options: object) -> CollectResult:
     # one chunk per -b batch and two per window: the window's batches take turns in each layer, and the
     # second window loads every layer again
-    settings = {"n_ctx": N_CTX, "n_batch": N_CTX, "max_chunks": N_CHUNKS, "progress": False, "verbosity": 0,
-                **options}
-    return collect(model, text, CollectOptions(**settings), stdout=lambda _: None)
+    settings = {"ctx_size": N_CTX, "batch_size": N_CTX, "chunks": N_CHUNKS, **options}
+    return collect(CollectOptions(model=model, file=text, **settings))
+
+
+def evaluate(model: Path, text: Path, **options: object) -> PerplexityResult:
+    return perplexity(PerplexityOptions(model=model, file=text, ctx_size=N_CTX, chunks=N_CHUNKS, **options))
 
 
 @functools.cache
 def in_memory(model: Path, text: Path) -> CollectResult:
     return run(model, text, sequential=False)
+
+
+@functools.cache
+def perplexity_in_memory(model: Path, text: Path) -> PerplexityResult:
+    return evaluate(model, text, sequential=False)
 
 
 def assert_same(ours: CollectResult, reference: CollectResult) -> None:
@@ -71,10 +82,18 @@ def test_sequential_checkpoint_matches_in_memory(name: str, text: Path) -> None:
 @pytest.mark.parametrize("name", GGUF_NAMES)
 def test_perplexity_matches_collect(name: str, text: Path) -> None:
     model = HERE / name / "model.gguf"
-    result = perplexity(model, text, n_ctx=N_CTX, max_chunks=N_CHUNKS)
+    result = perplexity_in_memory(model, text)
     reference = in_memory(model, text)
     np.testing.assert_allclose(result.chunk_ppl, reference.chunk_ppl, rtol=1e-4)
     assert result.ppl == pytest.approx(reference.ppl.final()[0], rel=1e-4)
+
+
+@pytest.mark.parametrize("name", GGUF_NAMES)
+def test_sequential_perplexity_matches_in_memory(name: str, text: Path) -> None:
+    model = HERE / name / "model.gguf"
+    ours, reference = evaluate(model, text, sequential=True, window_chunks=2), perplexity_in_memory(model, text)
+    np.testing.assert_allclose(ours.chunk_ppl, reference.chunk_ppl, rtol=1e-5)
+    assert (ours.nll, ours.n_tokens) == (pytest.approx(reference.nll, rel=1e-5), reference.n_tokens)
 
 
 def test_a_decoder_that_skips_its_layers_is_refused(text: Path) -> None:
@@ -95,14 +114,13 @@ def test_an_error_in_a_layer_ends_every_forward(text: Path) -> None:
 
     executor.loaded.decoder.layers[1].register_forward_hook(fail)
     with pytest.raises(ValueError, match="broken layer"):
-        run(executor, text, n_batch=4 * N_CTX, max_chunks=4)
+        run(executor, text, batch_size=4 * N_CTX, chunks=4)
     assert not _waiting_forwards()
     assert all(param.is_meta for param in executor.loaded.model.parameters())
 
 
 def sequential_llama() -> SequentialExecutor:
-    return open_executor(HERE / "llama" / "model.gguf", torch.device("cpu"), CollectOptions(sequential=True,
-                                                                                            verbosity=0))
+    return open_executor(HERE / "llama" / "model.gguf", torch.device("cpu"), torch.float32, sequential=True)
 
 
 def _waiting_forwards() -> list[threading.Thread]:

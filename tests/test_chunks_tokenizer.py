@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from imatrix import ImatrixError
-from imatrix.collect.chunks import make_chunks, read_calibration_text
 from imatrix.ggufio.reader import GGUFModelFile
 from imatrix.models.tokenizer import tokenizer_from_gguf
+from imatrix.pipeline.chunks import make_chunks, read_calibration_text
 
 
 def test_chunks_are_consecutive_windows() -> None:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from imatrix import ImportanceMatrix
 from imatrix.cli.main import main
 from imatrix.errors import ImatrixError
+from imatrix.formats import load_imatrix, save_imatrix
 
 C512 = "imatrix/smollm2-f16.c512.n40.imatrix.gguf"
 C512_DAT = "imatrix/smollm2-f16.c512.n40.imatrix.dat"
@@ -83,10 +83,10 @@ def test_corrupt_in_file_keeps_previous_output(capsys: pytest.CaptureFixture[str
 
 
 def test_merging_disagreeing_shapes(capsys: pytest.CaptureFixture[str], golden: Path, tmp_path: Path) -> None:
-    matrix = ImportanceMatrix.load(golden / C256)
+    matrix = load_imatrix(golden / C256)
     stats = matrix.tensors["blk.3.ffn_down.weight"]
     stats.sums = stats.sums[:, :100]
-    matrix.save(tmp_path / "other.gguf")
+    save_imatrix(matrix, tmp_path / "other.gguf")
     fails_cleanly(capsys, ["--in-file", str(golden / C512), "--in-file", str(tmp_path / "other.gguf"),
                            "-o", str(tmp_path / "o.gguf")], "blk.3.ffn_down.weight")
 
@@ -103,7 +103,7 @@ def test_batch_clamped_to_whole_chunks(capsys: pytest.CaptureFixture[str], tiny_
     assert main([*common, "-b", "100", "-o", str(tmp_path / "b100.gguf")]) == 0
     assert "computing over 3 chunks, n_ctx=48, batch_size=96, n_seq=2" in capsys.readouterr().err
     assert main([*common, "-b", "48", "-o", str(tmp_path / "b48.gguf"), "-lv", "0"]) == 0
-    clamped, single = ImportanceMatrix.load(tmp_path / "b100.gguf"), ImportanceMatrix.load(tmp_path / "b48.gguf")
+    clamped, single = load_imatrix(tmp_path / "b100.gguf"), load_imatrix(tmp_path / "b48.gguf")
     for name in single:
         assert clamped[name].sums.tobytes() == single[name].sums.tobytes(), name
 
@@ -149,7 +149,7 @@ def test_cli_end_to_end_on_quantized_model(smollm2_q4_1: Path, calibration_text:
     assert done.returncode == 0, done.stderr
     assert "[8]" in done.stdout and "Final estimate: PPL = " in done.stdout
     assert "Traceback" not in done.stderr
-    matrix = ImportanceMatrix.load(out, chunk_size=256)
+    matrix = load_imatrix(out, chunk_size=256)
     assert len(matrix) == 210 and matrix.chunk_count == 8 and matrix.datasets == [str(calibration_text)]
 
 
@@ -204,7 +204,7 @@ def test_batch_smaller_than_the_context(tiny_gguf: Path, text: Path, tmp_path: P
     common = ["-m", str(tiny_gguf), "-f", str(text), "-c", "64", "--chunks", "3", "-lv", "0"]
     assert main([*common, "-b", "16", "-o", str(tmp_path / "b16.gguf")]) == 0
     assert main([*common, "-b", "64", "-o", str(tmp_path / "b64.gguf")]) == 0
-    small, whole = ImportanceMatrix.load(tmp_path / "b16.gguf"), ImportanceMatrix.load(tmp_path / "b64.gguf")
+    small, whole = load_imatrix(tmp_path / "b16.gguf"), load_imatrix(tmp_path / "b64.gguf")
     assert small.names() == whole.names() and small.chunk_count == whole.chunk_count == 3
     for name in whole:
         assert small[name].counts.tolist() == whole[name].counts.tolist()
@@ -251,16 +251,15 @@ def test_a_context_too_short_to_score_still_saves(capsys: pytest.CaptureFixture[
     assert main(["-m", str(tiny_gguf), "-f", str(text), "-c", "2", "--chunks", "3", "-lv", "0", "-o", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "[1]nan," in printed and "Unexpected negative standard deviation of log(prob)" in printed
-    assert ImportanceMatrix.load(out).chunk_count == 3
+    assert load_imatrix(out).chunk_count == 3
 
 
 def test_python_api_rejects_what_the_cli_rejects(tiny_gguf: Path, text: Path) -> None:
-    from imatrix import ImatrixError
-    from imatrix.collect.runner import CollectOptions, collect
+    from imatrix import CollectOptions, ImatrixError, collect
 
-    for options in (CollectOptions(n_ctx=0), CollectOptions(n_ctx=-5), CollectOptions(max_chunks=0)):
+    for wrong in ({"ctx_size": 0}, {"ctx_size": -5}, {"chunks": 0}, {"chunks_in_flight": -1}):
         with pytest.raises(ImatrixError):
-            collect(tiny_gguf, text, options)
+            collect(CollectOptions(model=tiny_gguf, file=text, **wrong))
 
 
 def test_context_beyond_the_trained_one_is_a_warning(capsys: pytest.CaptureFixture[str], tiny_gguf: Path, text: Path,
@@ -299,10 +298,8 @@ def test_single_dash_flags_are_whole_names(capsys: pytest.CaptureFixture[str], g
 
 
 def test_llama_cpp_device_names() -> None:
-    import argparse
-
     from imatrix.cli.collect import build_parser
-    from imatrix.cli.common import chosen_device
+    from imatrix.pipeline.executors import resolve_device
 
     parser = build_parser()
     assert [parser.parse_args(["-dev", name]).device for name in ("none", "CUDA1", "cuda:0", "Auto")] == [
@@ -310,7 +307,7 @@ def test_llama_cpp_device_names() -> None:
     assert [parser.parse_args(["-ngl", text]).n_gpu_layers for text in ("99", "auto", "all")] == [99, -1, -2]
     with pytest.raises(ImatrixError, match="one device at a time"):
         parser.parse_args(["-dev", "CUDA0,CUDA1"])
-    assert chosen_device(argparse.Namespace(device="cuda", n_gpu_layers=0)).type == "cpu"
+    assert resolve_device("cuda", n_gpu_layers=0).type == "cpu"
 
 
 @pytest.mark.parametrize(("flags", "progress", "warning"), [

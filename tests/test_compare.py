@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from imatrix.cli.main import main
+from imatrix.formats import load_imatrix, save_imatrix
 from imatrix.matrix import ImportanceMatrix, TensorStats
 from imatrix.stats.compare import KL_EPS, compare_matrices
 
@@ -29,7 +30,7 @@ def _reference(va: np.ndarray, vb: np.ndarray) -> tuple[float, float]:
 
 @pytest.fixture(scope="module")
 def pair(golden):
-    return ImportanceMatrix.load(golden / A), ImportanceMatrix.load(golden / B)
+    return load_imatrix(golden / A), load_imatrix(golden / B)
 
 
 def test_file_against_itself(pair):
@@ -89,7 +90,7 @@ def _save(path, tensors, value=1.0):
     matrix = ImportanceMatrix(chunk_size=512)
     for name, cols in tensors.items():
         matrix.tensors[name] = TensorStats(np.full((1, cols), value, np.float32), [512])
-    matrix.save(path)
+    save_imatrix(matrix, path)
     return str(path)
 
 
@@ -108,8 +109,8 @@ def test_shape_mismatch_is_an_error(tmp_path, golden, capsys):
 
 
 def test_moe_gguf_against_its_legacy_dat(golden, moe_dat) -> None:
-    moe = ImportanceMatrix.load(golden / "moe/tiny-qwen3moe.c256.n8.imatrix.gguf", chunk_size=256)
-    result = compare_matrices(moe, ImportanceMatrix.load(moe_dat, chunk_size=256))
+    moe = load_imatrix(golden / "moe/tiny-qwen3moe.c256.n8.imatrix.gguf", chunk_size=256)
+    result = compare_matrices(moe, load_imatrix(moe_dat, chunk_size=256))
     assert len(result.tensors) == len(moe) and not result.only_a and not result.only_b
     assert min(row.cossim for row in result.tensors) > 0.999999
 
@@ -124,7 +125,7 @@ def test_json_has_null_where_a_value_is_not_a_number(golden):
     # files with NaN sums are refused on reading; a matrix built in memory can still hold one
     nan = ImportanceMatrix(chunk_size=512)
     nan.tensors["blk.0.attn_q.weight"] = TensorStats(np.full((1, 576), np.nan, np.float32), [512])
-    row = json.loads(json.dumps(compare_matrices(ImportanceMatrix.load(golden / A), nan).to_dict()))["tensors"][0]
+    row = json.loads(json.dumps(compare_matrices(load_imatrix(golden / A), nan).to_dict()))["tensors"][0]
     assert row["name"] == "blk.0.attn_q.weight" and row["sym_kl"] is None
 
 

@@ -1,4 +1,4 @@
-"""`imatrix.eval`: perplexity and KL divergence scored like llama-perplexity.
+"""`imatrix.perplexity` (`imatrix.eval`): perplexity and KL divergence scored like llama-perplexity.
 
 Fast tests use tiny random llama models and a character tokenizer; the slow one checks the real
 SmolLM2 F16 against llama-perplexity's figure in the golden quality.md.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,13 +18,16 @@ import pytest
 import torch
 import transformers
 
+from imatrix import PerplexityOptions, Reporter, perplexity
 from imatrix.cli.main import main
 from imatrix.errors import ImatrixError
 from imatrix.eval.cpu_matmul import activation_rounding, emulate_cpu_matmul_inputs, q8_0_values, q8_k_values
-from imatrix.eval.kld import KLDResult, kl_divergence
-from imatrix.eval.logits_file import HEADER_BYTES, LogitsFile, dequantize_log_probs, quantize_log_probs, row_width
-from imatrix.eval.perplexity import perplexity
+from imatrix.eval.kld import kld_summary
+from imatrix.eval.logits_file import HEADER_BYTES, LogitsFile, row_width
+from imatrix.eval.perplexity import PerplexityResult
+from imatrix.formats import load_imatrix
 from imatrix.ggufio.reader import GGUFModelFile
+from imatrix.metrics import KLDResult, log_softmax_u16, u16_log_probs
 from imatrix.models.architectures import ALL
 from imatrix.models.loader import LoadedModel, load_model
 
@@ -54,6 +58,17 @@ def tiny_model(seed: int, add_bos: bool = True) -> LoadedModel:
     model.eval()
     llama = next(arch for arch in ALL if arch.model_class == "LlamaForCausalLM")
     return LoadedModel(model, CharTokenizer(add_bos=add_bos), llama, {}, Path("tiny"))
+
+
+def ppl(model: LoadedModel | Path, text: Path, output: Callable[[str], None] | None = None,
+        **options: object) -> PerplexityResult:
+    return perplexity(PerplexityOptions(model=model, file=text, **options), Reporter(output=output))
+
+
+def kld(model: LoadedModel | Path, base: Path, output: Callable[[str], None] | None = None,
+        **options: object) -> KLDResult:
+    return perplexity(PerplexityOptions(model=model, kl_divergence_base=base, kl_divergence=True, **options),
+                      Reporter(output=output))
 
 
 def perturbed(loaded: LoadedModel, seed: int, amount: float = 0.05) -> LoadedModel:
@@ -98,7 +113,7 @@ def test_ppl_is_exp_of_the_mean_nll(model_a: LoadedModel, text: Path) -> None:
     log_probs, targets = exact_log_probs(model_a, text)
     nll = -log_probs.gather(2, targets.unsqueeze(-1)).squeeze(-1)
     printed: list[str] = []
-    result = perplexity(model_a, text, n_ctx=N_CTX, emit=printed.append)
+    result = ppl(model_a, text, ctx_size=N_CTX, output=printed.append)
     assert result.n_tokens == nll.numel() == targets.shape[0] * (N_CTX // 2 - 1)
     assert result.ppl == pytest.approx(math.exp(nll.mean()), rel=1e-5)
     running = [math.exp(nll[: i + 1].mean()) for i in range(nll.shape[0])]
@@ -111,10 +126,10 @@ def test_ppl_is_exp_of_the_mean_nll(model_a: LoadedModel, text: Path) -> None:
 
 
 def test_max_chunks_and_batch_size(model_a: LoadedModel, text: Path) -> None:
-    one_by_one = perplexity(model_a, text, n_ctx=N_CTX, n_batch=N_CTX)
-    batched = perplexity(model_a, text, n_ctx=N_CTX, n_batch=4 * N_CTX)
+    one_by_one = ppl(model_a, text, ctx_size=N_CTX, batch_size=N_CTX)
+    batched = ppl(model_a, text, ctx_size=N_CTX, batch_size=4 * N_CTX)
     np.testing.assert_allclose(one_by_one.chunk_ppl, batched.chunk_ppl, rtol=1e-5)
-    two = perplexity(model_a, text, n_ctx=N_CTX, max_chunks=2)
+    two = ppl(model_a, text, ctx_size=N_CTX, chunks=2)
     assert len(two.chunk_ppl) == 2 and two.chunk_ppl == pytest.approx(batched.chunk_ppl[:2], rel=1e-5)
 
 
@@ -122,29 +137,29 @@ def test_text_too_short(model_a: LoadedModel, tmp_path: Path) -> None:
     short = tmp_path / "short.txt"
     short.write_text("only a few characters")
     with pytest.raises(ImatrixError, match="short.txt.*at least 64"):
-        perplexity(model_a, short, n_ctx=N_CTX)
+        ppl(model_a, short, ctx_size=N_CTX)
     with pytest.raises(ImatrixError, match="short.txt: --chunks 0"):
-        perplexity(model_a, short, n_ctx=N_CTX, max_chunks=0)
+        ppl(model_a, short, ctx_size=N_CTX, chunks=0)
 
 
 def test_kld_of_a_model_against_itself(model_a: LoadedModel, text: Path, tmp_path: Path) -> None:
     base = tmp_path / "base.kld"
-    ppl = perplexity(model_a, text, n_ctx=N_CTX, save_base=base)
-    result = kl_divergence(model_a, base)
-    assert result.count == ppl.n_tokens
+    itself = ppl(model_a, text, ctx_size=N_CTX, kl_divergence_base=base)
+    result = kld(model_a, base)
+    assert result.count == itself.n_tokens
     assert abs(result.mean_kld) < 1e-6 and np.abs(result.kld_values).max() < 1e-4
     assert result.same_top_percent == 100.0
-    assert result.ppl == pytest.approx(ppl.ppl, rel=1e-6)
-    assert result.ppl_base == pytest.approx(ppl.ppl, rel=1e-4)
+    assert result.ppl == pytest.approx(itself.ppl, rel=1e-6)
+    assert result.ppl_base == pytest.approx(itself.ppl, rel=1e-4)
     assert abs(result.log_ppl_ratio()[0]) < 1e-4
 
 
 def test_kld_against_another_model_matches_the_exact_value(model_a: LoadedModel, text: Path, tmp_path: Path) -> None:
     base = tmp_path / "base.kld"
-    perplexity(model_a, text, n_ctx=N_CTX, save_base=base)
+    ppl(model_a, text, ctx_size=N_CTX, kl_divergence_base=base)
     model_b = perturbed(model_a, seed=5)
     printed: list[str] = []
-    result = kl_divergence(model_b, base, n_batch=N_CTX, emit=printed.append)
+    result = kld(model_b, base, batch_size=N_CTX, output=printed.append)
     log_p, targets = exact_log_probs(model_a, text)
     log_q, _ = exact_log_probs(model_b, text)
     exact_kld = (log_p.exp() * (log_p - log_q)).sum(-1)
@@ -160,9 +175,9 @@ def test_kld_against_another_model_matches_the_exact_value(model_a: LoadedModel,
 
 def test_summary_block_like_llama_cpp(model_a: LoadedModel, text: Path, tmp_path: Path) -> None:
     base = tmp_path / "base.kld"
-    perplexity(model_a, text, n_ctx=N_CTX, save_base=base)
+    ppl(model_a, text, ctx_size=N_CTX, kl_divergence_base=base)
     printed: list[str] = []
-    result = kl_divergence(perturbed(model_a, seed=6), base, emit=printed.append)
+    result = kld(perturbed(model_a, seed=6), base, output=printed.append)
     summary = "".join(printed)
     assert result.count >= 100
     for label in ("Mean PPL(Q)", "Mean PPL(base)", "Mean ln(PPL(Q)/PPL(base))", "Mean    KLD:", "Maximum KLD:",
@@ -170,13 +185,13 @@ def test_summary_block_like_llama_cpp(model_a: LoadedModel, text: Path, tmp_path
         assert label in summary, label
     top = float(re.search(r"Same top p: +([0-9.]+) ±", summary).group(1))
     assert top == pytest.approx(result.same_top_percent, abs=1e-3)
-    kld = float(re.search(r"Mean    KLD: +([0-9.]+) ±", summary).group(1))
-    assert kld == pytest.approx(result.mean_kld, abs=1e-6)
+    mean_kld = float(re.search(r"Mean    KLD: +([0-9.]+) ±", summary).group(1))
+    assert mean_kld == pytest.approx(result.mean_kld, abs=1e-6)
 
 
 def test_base_file_layout(model_a: LoadedModel, text: Path, tmp_path: Path) -> None:
     base = tmp_path / "base.kld"
-    perplexity(model_a, text, n_ctx=N_CTX, save_base=base)
+    ppl(model_a, text, ctx_size=N_CTX, kl_divergence_base=base)
     raw = base.read_bytes()
     assert raw[:8] == b"_logits_"
     n_ctx, n_vocab, n_chunk = np.frombuffer(raw[8:20], dtype="<i4")
@@ -209,12 +224,12 @@ def llama_cpp_row(logits: np.ndarray) -> np.ndarray:
 def test_quantized_rows_match_llama_cpps_arithmetic() -> None:
     rng = np.random.default_rng(3)
     logits = (rng.standard_normal((4, VOCAB)) * np.array([[0.5], [3], [8], [20]])).astype(np.float32)
-    rows, nll = quantize_log_probs(torch.from_numpy(logits), torch.tensor([0, 1, 2, 3]))
+    rows, nll = log_softmax_u16(torch.from_numpy(logits), torch.tensor([0, 1, 2, 3]))
     expected = np.stack([llama_cpp_row(row) for row in logits])
     assert (rows.astype(np.int64) - expected.astype(np.int64)).__abs__().max() <= 1
     assert (rows[:, :4] == expected[:, :4]).all()
     exact = torch.log_softmax(torch.from_numpy(logits).double(), dim=-1)
-    decoded = dequantize_log_probs(rows, VOCAB).double()
+    decoded = u16_log_probs(rows, VOCAB).double()
     kept = exact > exact.max(dim=1, keepdim=True).values - 16
     step = torch.from_numpy(rows[:, :4].copy().view(np.float32))[:, :1].double()
     assert ((decoded - exact).abs() <= step * 0.51 + 1e-5)[kept].all()
@@ -223,40 +238,40 @@ def test_quantized_rows_match_llama_cpps_arithmetic() -> None:
 
 def test_truncated_or_foreign_base_file(model_a: LoadedModel, text: Path, tmp_path: Path) -> None:
     base = tmp_path / "base.kld"
-    perplexity(model_a, text, n_ctx=N_CTX, save_base=base)
+    ppl(model_a, text, ctx_size=N_CTX, kl_divergence_base=base)
     cut = tmp_path / "cut.kld"
     cut.write_bytes(base.read_bytes()[:-10])
     with pytest.raises(ImatrixError, match=r"cut\.kld: truncated"):
-        kl_divergence(model_a, cut)
+        kld(model_a, cut)
     foreign = tmp_path / "foreign.kld"
     foreign.write_bytes(b"GGUF" + bytes(100))
     with pytest.raises(ImatrixError, match=r"foreign\.kld: not a file of base log-probabilities"):
-        kl_divergence(model_a, foreign)
+        kld(model_a, foreign)
     with pytest.raises(ImatrixError, match="absent.kld: no such"):
-        kl_divergence(model_a, tmp_path / "absent.kld")
+        kld(model_a, tmp_path / "absent.kld")
 
 
 def test_vocab_mismatch(model_a: LoadedModel, text: Path, tmp_path: Path) -> None:
     base = tmp_path / "base.kld"
-    perplexity(model_a, text, n_ctx=N_CTX, save_base=base)
+    ppl(model_a, text, ctx_size=N_CTX, kl_divergence_base=base)
     raw = bytearray(base.read_bytes())
     raw[12:16] = np.array([VOCAB + 1], dtype="<i4").tobytes()
     other = tmp_path / "other.kld"
     other.write_bytes(bytes(raw))
     with pytest.raises(ImatrixError, match="other.kld"):
-        kl_divergence(model_a, other)
+        kld(model_a, other)
 
 
 def test_base_tokens_outside_the_vocabulary(model_a: LoadedModel, text: Path, tmp_path: Path) -> None:
     base = tmp_path / "base.kld"
-    perplexity(model_a, text, n_ctx=N_CTX, save_base=base)
+    ppl(model_a, text, ctx_size=N_CTX, kl_divergence_base=base)
     for token in (VOCAB, -5):
         raw = bytearray(base.read_bytes())
         raw[HEADER_BYTES + 4 * 7 : HEADER_BYTES + 4 * 8] = np.array([token], dtype="<i4").tobytes()
         bad = tmp_path / "bad.kld"
         bad.write_bytes(bytes(raw))
         with pytest.raises(ImatrixError, match=rf"bad\.kld: token id {token} at position 7 is outside the vocabulary"):
-            kl_divergence(model_a, bad)
+            kld(model_a, bad)
 
 
 def test_base_file_never_replaces_the_text_or_model(text: Path, tmp_path: Path,
@@ -272,13 +287,13 @@ def test_failed_run_leaves_no_base_file(model_a: LoadedModel, tmp_path: Path) ->
     short = tmp_path / "short.txt"
     short.write_text("x" * 10)
     with pytest.raises(ImatrixError):
-        perplexity(model_a, short, n_ctx=N_CTX, save_base=tmp_path / "base.kld")
+        ppl(model_a, short, ctx_size=N_CTX, kl_divergence_base=tmp_path / "base.kld")
     assert not (tmp_path / "base.kld").exists()
 
 
 def test_statistics_helpers_on_an_empty_result() -> None:
     empty = KLDResult()
-    assert empty.summary() == "" and empty.kld() == (0.0, 0.0)
+    assert kld_summary(empty) == "" and empty.kld() == (0.0, 0.0)
 
 
 @pytest.mark.parametrize(("argv", "fragment"), [
@@ -301,7 +316,7 @@ def test_smollm2_f16_matches_llama_perplexity(smollm2_q4_1: Path, eval_text: Pat
     expected = float(re.search(r"F16: PPL = ([0-9.]+) \+/- ([0-9.]+)", quality).group(1))
     loaded = load_model(smollm2_q4_1, round_to_f16=True)
     printed: list[str] = []
-    result = perplexity(loaded, eval_text, n_ctx=512, max_chunks=10, emit=printed.append)
+    result = ppl(loaded, eval_text, ctx_size=512, chunks=10, output=printed.append)
     assert abs(result.ppl / expected - 1) <= 3e-3, (result.ppl, expected)
     assert re.findall(r"\[(\d+)\]", "".join(printed)) == [str(i) for i in range(1, 11)]
 
@@ -379,7 +394,6 @@ def test_our_q2_k_scores_like_llama_cpps_own_under_cpu_emulation(
 ) -> None:
     """Our imatrix Q2_K of SmolLM2, scored with llama.cpp's CPU matmul inputs, within 1% of the PPL
     llama-perplexity gives llama-quantize's Q2_K (golden quality.md)."""
-    from imatrix.matrix import ImportanceMatrix
     from imatrix.models.f16 import write_f16_model
     from imatrix.quant.model import quantize_model
 
@@ -387,9 +401,9 @@ def test_our_q2_k_scores_like_llama_cpps_own_under_cpu_emulation(
     expected = float(re.search(r"\| Q2_K \| yes \| [0-9.]+ \| [0-9.]+ \| ([0-9.]+) \|", quality).group(1))
     f16 = write_f16_model(smollm2_q4_1, tmp_path / "f16.gguf")
     quantized = tmp_path / "q2_k.gguf"
-    imatrix = ImportanceMatrix.load(golden / "imatrix" / "smollm2-f16.c512.n40.imatrix.gguf")
+    imatrix = load_imatrix(golden / "imatrix" / "smollm2-f16.c512.n40.imatrix.gguf")
     quantize_model(f16, quantized, "Q2_K", imatrix, n_threads=2)
     loaded = load_model(quantized)
     emulate_cpu_matmul_inputs(loaded)
-    result = perplexity(loaded, eval_text, n_ctx=512, max_chunks=10)
+    result = ppl(loaded, eval_text, ctx_size=512, chunks=10)
     assert abs(result.ppl / expected - 1) <= 0.01, (result.ppl, expected)

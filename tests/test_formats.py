@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imatrix import ImatrixError, ImportanceMatrix
+from imatrix.formats import load_imatrices, load_imatrix, save_imatrix
 from imatrix.formats.dat_file import dat_bytes, parse_dat
 
 C512_GGUF = "imatrix/smollm2-f16.c512.n40.imatrix.gguf"
@@ -21,7 +22,7 @@ C256_GGUF = "imatrix/smollm2-f16.c256.chunk100.n20.imatrix.gguf"
 
 def test_reads_gguf_values_exactly(golden: Path) -> None:
     path = golden / C512_GGUF
-    matrix = ImportanceMatrix.load(path)
+    matrix = load_imatrix(path)
     reader = gguf.GGUFReader(path)
     assert len(matrix) == 210 and len(reader.tensors) == 420
     assert (matrix.chunk_count, matrix.chunk_size, matrix.datasets) == (40, 512, ["corpus/calibration.txt"])
@@ -50,35 +51,35 @@ def test_reads_dat_values_exactly(golden: Path) -> None:
 
 
 def test_gguf_round_trip_is_byte_identical(golden: Path, tmp_path: Path) -> None:
-    ImportanceMatrix.load(golden / C512_GGUF).save(tmp_path / "copy.gguf")
+    save_imatrix(load_imatrix(golden / C512_GGUF), tmp_path / "copy.gguf")
     assert (tmp_path / "copy.gguf").read_bytes() == (golden / C512_GGUF).read_bytes()
 
 
 def test_dat_written_like_llama_cpp(golden: Path, tmp_path: Path) -> None:
-    ImportanceMatrix.load(golden / C512_GGUF).save(tmp_path / "out.dat", "dat")
+    save_imatrix(load_imatrix(golden / C512_GGUF), tmp_path / "out.dat", "dat")
     ours = (tmp_path / "out.dat").read_bytes()
     assert ours == (golden / C512_DAT).read_bytes()
     assert ours == (golden / "imatrix/from-gguf.imatrix.dat").read_bytes()
 
 
 def test_dat_to_gguf_conversion_is_bit_exact(golden: Path, tmp_path: Path) -> None:
-    ImportanceMatrix.load_many([golden / C512_DAT]).save(tmp_path / "from-dat.gguf")
+    save_imatrix(load_imatrices([golden / C512_DAT]), tmp_path / "from-dat.gguf")
     assert (tmp_path / "from-dat.gguf").read_bytes() == (golden / "imatrix/from-dat.imatrix.gguf").read_bytes()
 
 
 def test_merge_is_bit_exact(golden: Path, tmp_path: Path) -> None:
-    merged = ImportanceMatrix.load_many([golden / C512_GGUF, golden / C256_GGUF], chunk_size=512)
+    merged = load_imatrices([golden / C512_GGUF, golden / C256_GGUF], chunk_size=512)
     assert merged.chunk_count == 50
     assert merged.datasets == ["corpus/calibration.txt", "corpus/calibration.txt"]
-    merged.save(tmp_path / "merged.gguf")
+    save_imatrix(merged, tmp_path / "merged.gguf")
     assert (tmp_path / "merged.gguf").read_bytes() == (golden / "imatrix/merged.imatrix.gguf").read_bytes()
 
 
 def test_gguf_py_reads_our_file(golden: Path, tmp_path: Path) -> None:
-    matrix = ImportanceMatrix.load(golden / C256_GGUF)
-    matrix.tensors["blk.0.ffn_up_exps.weight"] = ImportanceMatrix.load(golden / C256_GGUF)[
+    matrix = load_imatrix(golden / C256_GGUF)
+    matrix.tensors["blk.0.ffn_up_exps.weight"] = load_imatrix(golden / C256_GGUF)[
         "blk.0.ffn_up.weight"].__class__(np.arange(12, dtype=np.float32).reshape(3, 4), [5, 0, 7])
-    matrix.save(tmp_path / "ours.gguf")
+    save_imatrix(matrix, tmp_path / "ours.gguf")
     reader = gguf.GGUFReader(tmp_path / "ours.gguf")
     assert reader.get_field("general.type").contents() == "imatrix"
     assert reader.get_field("imatrix.chunk_count").contents() == matrix.chunk_count
@@ -95,9 +96,9 @@ def test_gguf_py_reads_our_file(golden: Path, tmp_path: Path) -> None:
 
 
 def test_merge_invariants(golden: Path) -> None:
-    a = ImportanceMatrix.load(golden / C512_GGUF)
-    b = ImportanceMatrix.load(golden / C256_GGUF)
-    c = ImportanceMatrix.load_many([golden / C512_DAT])
+    a = load_imatrix(golden / C512_GGUF)
+    b = load_imatrix(golden / C256_GGUF)
+    c = load_imatrices([golden / C512_DAT])
     left, right = a.merge(b).merge(c), a.merge(b.merge(c))
     for name in a:
         assert left[name].counts.tolist() == right[name].counts.tolist() == [20480 + 5120 + 20480]
@@ -105,7 +106,7 @@ def test_merge_invariants(golden: Path) -> None:
 
 
 def test_merge_rejects_shape_mismatch(golden: Path) -> None:
-    a = ImportanceMatrix.load(golden / C512_GGUF)
+    a = load_imatrix(golden / C512_GGUF)
     b = a.copy()
     b.tensors["blk.0.attn_q.weight"].sums = np.ones((1, 5), np.float32)
     with pytest.raises(ImatrixError, match="blk.0.attn_q.weight"):
@@ -118,14 +119,14 @@ def test_truncated_dat_is_a_clear_error(golden: Path, tmp_path: Path, cut: int) 
     broken = tmp_path / "broken.dat"
     broken.write_bytes(raw[:cut] if cut > 0 else raw[: len(raw) // 2 + cut])
     with pytest.raises(ImatrixError, match="broken.dat"):
-        ImportanceMatrix.load(broken)
+        load_imatrix(broken)
 
 
 def test_truncated_gguf_is_a_clear_error(golden: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken.gguf"
     broken.write_bytes((golden / C512_GGUF).read_bytes()[:5000])
     with pytest.raises(ImatrixError, match="broken.gguf"):
-        ImportanceMatrix.load(broken)
+        load_imatrix(broken)
 
 
 names = st.from_regex(r"blk\.[0-9]{1,2}\.[a-z_]{1,12}\.weight", fullmatch=True)
@@ -146,9 +147,9 @@ def test_gguf_write_read_write_is_stable(tmp_path: Path, entries: dict, chunk_si
         matrix.accumulate(name, np.array(values, np.float32).reshape(shape), counts)
     matrix.update_chunk_count()
     first, second = tmp_path / "first.gguf", tmp_path / "second.gguf"
-    matrix.save(first)
-    reread = ImportanceMatrix.load(first)
-    reread.save(second)
+    save_imatrix(matrix, first)
+    reread = load_imatrix(first)
+    save_imatrix(reread, second)
     assert first.read_bytes() == second.read_bytes()
     for name in matrix:
         np.testing.assert_array_equal(reread[name].sums, matrix[name].sums)
@@ -199,8 +200,8 @@ MOE_GGUF = "moe/tiny-qwen3moe.c256.n8.imatrix.gguf"
 
 def test_moe_gguf_and_its_dat_merge_in_either_order(golden: Path, moe_dat: Path) -> None:
     # llama.cpp's load_imatrix: a .dat expert stack (one count) adds its count to every expert
-    moe = ImportanceMatrix.load(golden / MOE_GGUF, chunk_size=256)
-    dat = ImportanceMatrix.load(moe_dat, chunk_size=256)
+    moe = load_imatrix(golden / MOE_GGUF, chunk_size=256)
+    dat = load_imatrix(moe_dat, chunk_size=256)
     stack = "blk.0.ffn_down_exps.weight"
     assert (dat[stack].n_mat, moe[stack].n_mat) == (1, 8)
     dat_first, gguf_first = dat.merge(moe), moe.merge(dat)
@@ -213,7 +214,7 @@ def test_moe_gguf_and_its_dat_merge_in_either_order(golden: Path, moe_dat: Path)
 
 def test_an_empty_matrix_is_not_saved(tmp_path: Path) -> None:
     with pytest.raises(ImatrixError, match="nothing to save"):
-        ImportanceMatrix().save(tmp_path / "empty.gguf")
+        save_imatrix(ImportanceMatrix(), tmp_path / "empty.gguf")
     assert not (tmp_path / "empty.gguf").exists()
 
 
@@ -247,18 +248,18 @@ def test_empty_dataset_list_is_written(tmp_path: Path) -> None:
     # llama-quantize refuses a file without it; gguf-py's add_array would drop it
     matrix = ImportanceMatrix(chunk_size=512, chunk_count=1)
     matrix.accumulate("blk.0.attn_q.weight", np.ones((1, 4), dtype=np.float32), np.array([512]))
-    matrix.save(tmp_path / "no-dataset.gguf")
+    save_imatrix(matrix, tmp_path / "no-dataset.gguf")
     field = gguf.GGUFReader(tmp_path / "no-dataset.gguf").get_field("imatrix.datasets")
     # an array of strings (item type 8) with no items, as llama.cpp's gguf_set_arr_str writes it
     assert field.types == [gguf.GGUFValueType.ARRAY] and [int(part[0]) for part in field.parts[-2:]] == [8, 0]
-    assert ImportanceMatrix.load(tmp_path / "no-dataset.gguf").datasets == []
+    assert load_imatrix(tmp_path / "no-dataset.gguf").datasets == []
 
 
 def test_dataset_name_in_another_encoding(golden: Path, tmp_path: Path) -> None:
     raw = (golden / C512_GGUF).read_bytes().replace(b"corpus/calibration.txt", b"corpus/calibr\xe9tion.txt")
     latin1 = tmp_path / "latin1.gguf"
     latin1.write_bytes(raw)
-    assert ImportanceMatrix.load(latin1).datasets == ["corpus/calibr\ufffdtion.txt"]
+    assert load_imatrix(latin1).datasets == ["corpus/calibr\ufffdtion.txt"]
 
 
 @pytest.mark.parametrize(("tensors", "metadata", "message"), [
@@ -277,30 +278,30 @@ def test_dataset_name_in_another_encoding(golden: Path, tmp_path: Path) -> None:
 def test_inconsistent_gguf_is_one_clear_error(tmp_path: Path, tensors: dict, metadata: dict, message: str) -> None:
     path = write_raw_imatrix(tmp_path / "bad.gguf", tensors, **metadata)
     with pytest.raises(ImatrixError, match=rf"bad\.gguf: .*{message}"):
-        ImportanceMatrix.load(path)
+        load_imatrix(path)
 
 
 def test_datasets_that_are_not_strings_are_ignored(tmp_path: Path) -> None:
     path = write_raw_imatrix(tmp_path / "odd.gguf", one_tensor(np.ones(8), [512.0]), **{"imatrix.datasets": "abc"})
-    assert ImportanceMatrix.load(path).datasets == []
+    assert load_imatrix(path).datasets == []
 
 
 def test_a_model_is_not_an_imatrix(golden: Path) -> None:
     with pytest.raises(ImatrixError, match="tiny-qwen3moe-f16.gguf: a model, not an imatrix"):
-        ImportanceMatrix.load(golden / "moe" / "tiny-qwen3moe-f16.gguf")
+        load_imatrix(golden / "moe" / "tiny-qwen3moe-f16.gguf")
 
 
 def test_merge_error_names_the_file(golden: Path, tmp_path: Path) -> None:
     other = write_raw_imatrix(tmp_path / "narrow.gguf", one_tensor(np.ones(16), [512.0]))
     with pytest.raises(ImatrixError, match=r"narrow\.gguf: cannot merge 'blk\.0\.attn_q\.weight': 576 values vs 16"):
-        ImportanceMatrix.load_many([golden / C512_GGUF, other])
+        load_imatrices([golden / C512_GGUF, other])
 
 
 def test_counts_too_large_for_the_file(tmp_path: Path) -> None:
     matrix = ImportanceMatrix(chunk_size=1, chunk_count=2**32)
     matrix.accumulate("blk.0.attn_q.weight", np.ones((1, 4), dtype=np.float32), np.array([2**32]))
     with pytest.raises(ImatrixError, match=r"big\.gguf: a chunk count of 4294967296 does not fit"):
-        matrix.save(tmp_path / "big.gguf")
+        save_imatrix(matrix, tmp_path / "big.gguf")
     with pytest.raises(ImatrixError, match=r"big\.dat: .* do not fit the \.dat format's 32 bits"):
-        matrix.save(tmp_path / "big.dat")
+        save_imatrix(matrix, tmp_path / "big.dat")
     assert not any(tmp_path.iterdir())

@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imatrix import ImatrixError, ImportanceMatrix
+from imatrix.formats import load_imatrix
 from imatrix.ggufio.reader import GGUFModelFile
 from imatrix.models.loader import load_model
 from imatrix.quant.model import quantize_model
@@ -147,7 +148,7 @@ def test_imatrix_gguf(golden: Path, golden_file: str, tmp_path: Path, data: st.D
     edits = data.draw(mutations(gguf_header_bytes(golden / golden_file)))
     path = tmp_path / "fuzzed.gguf"
     path.write_bytes(mutated(original, edits))
-    loads_or_fails_cleanly(ImportanceMatrix.load, path, valid_statistics)
+    loads_or_fails_cleanly(load_imatrix, path, valid_statistics)
 
 
 @FUZZ
@@ -159,7 +160,7 @@ def test_imatrix_dat(golden: Path, tmp_path: Path, data: st.DataObject) -> None:
         (kind, len(original) - 1 - position % 64, value) for kind, position, value in data.draw(mutations(64))]
     path = tmp_path / "fuzzed.dat"
     path.write_bytes(mutated(original, edits))
-    loads_or_fails_cleanly(ImportanceMatrix.load, path, valid_statistics)
+    loads_or_fails_cleanly(load_imatrix, path, valid_statistics)
 
 
 def runs(loaded: object) -> None:
@@ -237,4 +238,4 @@ def test_a_gguf_without_tensors_parses(tmp_path: Path) -> None:
     writer.close()
     assert GGUFModelFile(tmp_path / "vocab.gguf").tensors == {}
     with pytest.raises(ImatrixError, match="vocab.gguf: a model, not an imatrix"):
-        ImportanceMatrix.load(tmp_path / "vocab.gguf")
+        load_imatrix(tmp_path / "vocab.gguf")

@@ -9,9 +9,9 @@ import pytest
 import torch
 import transformers
 
-from imatrix import ImatrixError
+from imatrix import CollectOptions, ImatrixError, collect
 from imatrix.cli.main import main
-from imatrix.collect.runner import CollectOptions, collect
+from imatrix.formats import load_imatrix
 from imatrix.ggufio.reader import GGUFModelFile
 from imatrix.models.loader import load_model
 from imatrix.models.tokenizer import tokenizer_from_gguf
@@ -56,8 +56,7 @@ def brute_force_sum_sq(model: torch.nn.Module, chunks: np.ndarray) -> dict[str, 
 
 def test_hf_directory_collects_under_gguf_names(tiny_llama_dir: Path, calibration_text: Path) -> None:
     loaded = load_model(tiny_llama_dir)
-    result = collect(loaded, calibration_text, CollectOptions(n_ctx=64, n_batch=128, max_chunks=6, progress=False,
-                                                              verbosity=0, compute_ppl=True), stdout=lambda _: None)
+    result = collect(CollectOptions(model=loaded, file=calibration_text, ctx_size=64, batch_size=128, chunks=6))
     names = sorted(f"blk.{layer}.{kind}.weight" for layer in range(2) for kind in GGUF_KIND.values())
     assert result.matrix.names() == names
     text = calibration_text.read_text()[:-1]
@@ -76,9 +75,8 @@ def test_process_output_collects_untied_output_weight(tiny_llama_dir: Path, cali
     out = tmp_path / "po.gguf"
     assert main(["-m", str(tiny_llama_dir), "-f", str(calibration_text), "-c", "64", "-b", "128", "--chunks", "4",
                  "--process-output", "-o", str(out), "-lv", "0"]) == 0
-    from imatrix import ImportanceMatrix
 
-    matrix = ImportanceMatrix.load(out)
+    matrix = load_imatrix(out)
     assert "output.weight" in matrix and matrix["output.weight"].counts.tolist() == [4 * 64]
     assert matrix["output.weight"].n_cols == 64
 

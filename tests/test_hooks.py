@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imatrix.collect.hooks import ActivationCollector, ReorderedInput
-from imatrix.collect.targets import collection_targets
+from imatrix.collection.hooks import ActivationCollector, ReorderedInput
+from imatrix.collection.targets import collection_targets
 from imatrix.models.loader import load_model
 from tiny_models import write_tiny_llama_gguf
 

@@ -1,8 +1,9 @@
-"""Several chunks through the model at once (`collect.in_flight`): the same statistics and perplexity
+"""Several chunks through the model at once (`pipeline.in_flight`): the same statistics and perplexity
 as one at a time, whichever thread finishes first, and nothing left changed behind."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
 
@@ -10,15 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from imatrix import ImportanceMatrix
+from imatrix import CollectOptions, collect
 from imatrix.cli.main import main
-from imatrix.collect.executors import InMemoryExecutor
-from imatrix.collect.hooks import ActivationCollector
-from imatrix.collect.runner import CollectOptions, CollectResult, chunks_in_flight, collect
-from imatrix.collect.sequential import SequentialExecutor
-from imatrix.collect.targets import collection_targets
+from imatrix.collection.hooks import ActivationCollector
+from imatrix.collection.run import CollectResult
+from imatrix.collection.targets import collection_targets
+from imatrix.formats import load_imatrix
 from imatrix.models.loader import LoadedModel, load_model
 from imatrix.models.open import open_model
+from imatrix.pipeline.executors import InMemoryExecutor
+from imatrix.pipeline.sequential import SequentialExecutor
 
 N_CTX = 32
 
@@ -29,8 +31,8 @@ def model(tiny_gguf: Path) -> LoadedModel:
 
 
 def run(model: LoadedModel, text: Path, **options: object) -> CollectResult:
-    settings = {"n_ctx": N_CTX, "n_batch": 2 * N_CTX, "max_chunks": 11, "progress": False, "verbosity": 0, **options}
-    return collect(model, text, CollectOptions(**settings), stdout=lambda _: None)
+    settings = {"ctx_size": N_CTX, "batch_size": 2 * N_CTX, "chunks": 11, **options}
+    return collect(CollectOptions(model=model, file=text, **settings))
 
 
 @pytest.mark.parametrize("n_slots", [2, 3])
@@ -54,7 +56,7 @@ def test_the_result_does_not_depend_on_thread_timing_or_batch_size(model: Loaded
     runs = []
     for n_batch in (N_CTX, 2 * N_CTX, 4 * N_CTX, N_CTX):
         forward_sizes[n_batch] = []
-        runs.append(run(model, text, chunks_in_flight=2, n_batch=n_batch))
+        runs.append(run(model, text, chunks_in_flight=2, batch_size=n_batch))
     hook.remove()
     # a -b batch's chunks are shared among the slots, at most two per forward: batches of 4, 4 and 3
     assert sorted(forward_sizes[4 * N_CTX]) == [1, 2, 2, 2, 2, 2]
@@ -74,10 +76,10 @@ def test_the_result_does_not_depend_on_thread_timing_or_batch_size(model: Loaded
 
 def test_saves_hold_every_chunk_before_them(model: LoadedModel, text: Path, tmp_path: Path) -> None:
     out = tmp_path / "imatrix.gguf"
-    run(model, text, chunks_in_flight=2, n_batch=N_CTX, output_file=out, output_frequency=3, save_frequency=3,
-        max_chunks=7)
-    reference = run(model, text, chunks_in_flight=1, n_batch=N_CTX, max_chunks=6).matrix
-    saved = ImportanceMatrix.load(tmp_path / "imatrix.gguf.at_6")
+    run(model, text, chunks_in_flight=2, batch_size=N_CTX, output_file=out, output_frequency=3, save_frequency=3,
+        chunks=7)
+    reference = run(model, text, chunks_in_flight=1, batch_size=N_CTX, chunks=6).matrix
+    saved = load_imatrix(tmp_path / "imatrix.gguf.at_6")
     assert saved.chunk_count == 6
     for name in reference:
         assert saved[name].counts.tolist() == reference[name].counts.tolist()
@@ -86,7 +88,7 @@ def test_saves_hold_every_chunk_before_them(model: LoadedModel, text: Path, tmp_
 
 def test_threads_are_given_back(model: LoadedModel, text: Path) -> None:
     before = torch.get_num_threads()
-    run(model, text, chunks_in_flight=2, max_chunks=4)
+    run(model, text, chunks_in_flight=2, chunks=4)
     seen: list[int] = []
     later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
     later.start()
@@ -98,12 +100,12 @@ def test_only_a_model_in_memory_on_the_cpu_runs_several(model: LoadedModel, tiny
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     in_memory = InMemoryExecutor(model)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert chunks_in_flight(in_memory, CollectOptions()) == 2
-    assert chunks_in_flight(in_memory, CollectOptions(chunks_in_flight=3)) == 3
+    assert in_memory.chunks_in_flight(0) == 2
+    assert in_memory.chunks_in_flight(3) == 3
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert chunks_in_flight(in_memory, CollectOptions()) == 1
+    assert in_memory.chunks_in_flight(0) == 1
     layer_by_layer = SequentialExecutor(open_model(tiny_gguf), torch.device("cpu"), torch.float32, 8)
-    assert chunks_in_flight(layer_by_layer, CollectOptions(chunks_in_flight=2)) == 1
+    assert layer_by_layer.chunks_in_flight(2) == 1
 
 
 def test_snapshots_add_every_slot(model: LoadedModel) -> None:
@@ -140,8 +142,7 @@ def test_routed_experts_count_each_threads_own_tokens(golden: Path) -> None:
     # the MoE adapter keeps the routing between the expert call and the down projection per thread
     moe = load_model(golden / "moe" / "tiny-qwen3moe-f16.gguf")
     text = golden.parent / "data" / "calibration.txt"
-    results = [collect(moe, text, CollectOptions(n_ctx=128, max_chunks=8, progress=False, verbosity=0,
-                                                 compute_ppl=False, chunks_in_flight=n), stdout=lambda _: None)
+    results = [collect(CollectOptions(model=moe, file=text, ctx_size=128, chunks=8, ppl=False, chunks_in_flight=n))
                for n in (1, 2)]
     experts = [name for name in results[0].matrix if results[0].matrix[name].n_mat > 1]
     assert len(experts) == 3 * moe.config.num_hidden_layers
@@ -153,8 +154,8 @@ def test_a_moe_models_statistics_do_not_depend_on_batch_size(golden: Path) -> No
     # its routers and experts see the tokens of a forward's sequences flattened together: one per forward
     moe = load_model(golden / "moe" / "tiny-qwen3moe-f16.gguf")
     text = golden.parent / "data" / "calibration.txt"
-    runs = [collect(moe, text, CollectOptions(n_ctx=128, n_batch=n_batch, max_chunks=6, progress=False, verbosity=0,
-                                              chunks_in_flight=2), stdout=lambda _: None)
+    runs = [collect(CollectOptions(model=moe, file=text, ctx_size=128, batch_size=n_batch, chunks=6,
+                                   chunks_in_flight=2))
             for n_batch in (128, 512)]
     for name in runs[0].matrix:
         np.testing.assert_array_equal(runs[1].matrix[name].sums, runs[0].matrix[name].sums, err_msg=name)
@@ -164,8 +165,7 @@ def test_a_moe_models_statistics_do_not_depend_on_batch_size(golden: Path) -> No
 def test_an_error_stops_the_other_slots_after_their_chunk() -> None:
     import time
 
-    from imatrix.collect.hooks import ActivationCollector
-    from imatrix.collect.in_flight import ChunksInFlight
+    from imatrix.pipeline.in_flight import ChunksInFlight
 
     done: list[int] = []
 
@@ -177,6 +177,6 @@ def test_an_error_stops_the_other_slots_after_their_chunk() -> None:
         done.append(chunk)
         return group
 
-    with pytest.raises(KeyboardInterrupt), ChunksInFlight(2, ActivationCollector({}), 2) as pool:
+    with pytest.raises(KeyboardInterrupt), ChunksInFlight(2, lambda slot: contextlib.nullcontext(), 2) as pool:
         pool.map(work, list(range(40)))
     assert 0 < len([chunk for chunk in done if chunk % 2]) < 10  # slot 1 stopped early, not after its 20

@@ -11,13 +11,12 @@ import pytest
 import torch
 import transformers
 
-from imatrix import ImportanceMatrix
+from imatrix import CollectOptions, ImportanceMatrix, Reporter, collect
 from imatrix.cli.main import main
-from imatrix.collect.hooks import ActivationCollector
-from imatrix.collect.moe import ExpertTarget, expert_count_lines, expert_token_counts
-from imatrix.collect.runner import CollectOptions, collect
-from imatrix.collect.targets import collection_targets
-from imatrix.formats import partial_data_warnings
+from imatrix.collection.hooks import ActivationCollector
+from imatrix.collection.moe import ExpertTarget, expert_count_lines, expert_token_counts
+from imatrix.collection.targets import collection_targets
+from imatrix.formats import load_imatrix, partial_data_warnings, save_imatrix
 from imatrix.ggufio.reader import GGUFModelFile
 from imatrix.models.architectures import ALL, Architecture
 from imatrix.models.loader import LoadedModel, load_model
@@ -201,7 +200,7 @@ def test_per_expert_linear_layout_matches_fused() -> None:
         np.testing.assert_allclose(ours[name].sums, expected[name].sums, rtol=1e-4, atol=1e-6)
 
 
-def test_idle_experts_are_reported(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_idle_experts_are_reported(tmp_path: Path) -> None:
     loaded = tiny_moe("qwen3moe")
     matrix = run_collector(loaded, [torch.tensor([[5]])])  # one token: 2 of 8 experts get data
     counts = expert_token_counts(matrix)
@@ -213,8 +212,9 @@ def test_idle_experts_are_reported(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "6 of 8 experts without data" in expert_count_lines(matrix)[0]
     assert np.all(matrix["blk.1.ffn_gate_exps.weight"].mean_sq()[counts["blk.1.ffn_down_exps.weight"] == 0] == 0)
     matrix.chunk_size = 1
-    matrix.save(tmp_path / "partial.gguf")
-    assert warnings[0] in capsys.readouterr().err
+    reported: list[str] = []
+    save_imatrix(matrix, tmp_path / "partial.gguf", reporter=Reporter(verbosity=0, messages=reported.append))
+    assert reported == warnings  # at every verbosity, as before
 
 
 def write_moe_gguf(path: Path, loaded: LoadedModel) -> Path:
@@ -306,9 +306,8 @@ def test_gguf_config_and_experts(moe_model: LoadedModel, moe_gguf: Path) -> None
 
 def test_matches_llama_imatrix(moe_model: LoadedModel, golden: Path) -> None:
     text = golden.parent / "data" / "calibration.txt"
-    result = collect(moe_model, text,
-                     CollectOptions(n_ctx=256, max_chunks=8, progress=False, verbosity=0), stdout=lambda _: None)
-    ours, theirs = result.matrix, ImportanceMatrix.load(golden / "moe" / "tiny-qwen3moe.c256.n8.imatrix.gguf")
+    result = collect(CollectOptions(model=moe_model, file=text, ctx_size=256, chunks=8))
+    ours, theirs = result.matrix, load_imatrix(golden / "moe" / "tiny-qwen3moe.c256.n8.imatrix.gguf")
     golden_ppl = float((golden / "moe" / "tiny-qwen3moe.c256.n8.ppl.txt").read_text().split("PPL = ")[1].split()[0])
     assert abs(result.ppl.ppl / golden_ppl - 1) <= 3e-3
     assert ours.names() == theirs.names()
@@ -335,8 +334,8 @@ def test_cli_on_moe_gguf(moe_gguf: Path, golden: Path, tmp_path: Path) -> None:
     out = tmp_path / "moe.imatrix.gguf"
     text = golden.parent / "data" / "calibration.txt"
     assert main(["-m", str(moe_gguf), "-f", str(text), "-c", "256", "--chunks", "2", "--no-ppl", "-o", str(out)]) == 0
-    saved = ImportanceMatrix.load(out)
-    theirs = ImportanceMatrix.load(golden / "moe" / "tiny-qwen3moe.c256.n8.imatrix.gguf")
+    saved = load_imatrix(out)
+    theirs = load_imatrix(golden / "moe" / "tiny-qwen3moe.c256.n8.imatrix.gguf")
     assert saved.names() == theirs.names()
     assert (saved.chunk_count, saved.chunk_size) == (2, 256)
     for name in theirs:
@@ -344,29 +343,30 @@ def test_cli_on_moe_gguf(moe_gguf: Path, golden: Path, tmp_path: Path) -> None:
         assert saved[name].counts.sum() == 512 * (2 if "_exps" in name else 1)
 
 
-def test_in_file_with_other_expert_count_fails_before_collecting(moe_model: LoadedModel, golden: Path) -> None:
+def test_in_file_with_other_expert_count_fails_before_collecting(moe_model: LoadedModel, golden: Path,
+                                                                 tmp_path: Path) -> None:
     from imatrix import ImatrixError
     from imatrix.matrix import TensorStats
 
-    base = ImportanceMatrix.load(golden / "moe" / "tiny-qwen3moe.c256.n8.imatrix.gguf")
+    base = load_imatrix(golden / "moe" / "tiny-qwen3moe.c256.n8.imatrix.gguf")
     stack = base["blk.1.ffn_up_exps.weight"]
     base.tensors["blk.1.ffn_up_exps.weight"] = TensorStats(stack.sums[:4], stack.counts[:4])
+    save_imatrix(base, tmp_path / "four-experts.gguf")
 
     def no_chunk_expected(line: str) -> None:
         raise AssertionError(f"collection started: {line}")
 
     with pytest.raises(ImatrixError, match="'blk.1.ffn_up_exps.weight' has 4 experts there, 8 experts in the model"):
-        collect(moe_model, golden.parent / "data" / "calibration.txt",
-                CollectOptions(n_ctx=256, max_chunks=1, progress=False, verbosity=0), base=base,
-                stdout=no_chunk_expected)
+        collect(CollectOptions(model=moe_model, file=golden.parent / "data" / "calibration.txt", ctx_size=256,
+                               chunks=1, in_file=[tmp_path / "four-experts.gguf"]),
+                Reporter(output=no_chunk_expected))
 
 
 def test_in_file_from_a_legacy_dat_continues_on_a_moe_model(moe_model: LoadedModel, golden: Path,
                                                             moe_dat: Path) -> None:
     """A .dat flattens each expert stack to one row: llama.cpp merges it into the experts, so do we."""
-    base = ImportanceMatrix.load(moe_dat, chunk_size=256)
-    result = collect(moe_model, golden.parent / "data" / "calibration.txt",
-                     CollectOptions(n_ctx=256, max_chunks=1, progress=False, verbosity=0, compute_ppl=False),
-                     base=base, stdout=lambda _: None)
+    base = load_imatrix(moe_dat, chunk_size=256)
+    result = collect(CollectOptions(model=moe_model, file=golden.parent / "data" / "calibration.txt", ctx_size=256,
+                                    chunks=1, ppl=False, in_file=[moe_dat]))
     stack = result.matrix["blk.1.ffn_up_exps.weight"]
     assert stack.n_mat == 8 and stack.counts.sum() == 8 * base["blk.1.ffn_up_exps.weight"].counts[0] + 256 * 2

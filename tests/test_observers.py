@@ -10,8 +10,8 @@ import pytest
 import torch
 import transformers
 
-from imatrix.collect.hooks import ActivationCollector
-from imatrix.collect.targets import collection_targets
+from imatrix.collection.hooks import ActivationCollector
+from imatrix.collection.targets import collection_targets
 from imatrix.models.architectures import ALL
 from imatrix.models.loader import LoadedModel
 from imatrix.models.names import gguf_name_map

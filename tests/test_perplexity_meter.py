@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from imatrix.collect import perplexity
-from imatrix.collect.perplexity import PerplexityMeter
+from imatrix import metrics
+from imatrix.metrics import PerplexityMeter
 from imatrix.models import storage
 from imatrix.models.loader import load_model
 from tiny_models import tiny_llama_config, write_tiny_llama_gguf
@@ -24,11 +24,11 @@ def test_blockwise_scoring_equals_scoring_the_full_logits(tmp_path: Path, file_d
     generator = torch.Generator().manual_seed(4)
     hidden = 3 * torch.randn(40, config.hidden_size, generator=generator)
     targets = torch.randint(0, config.vocab_size, (40,), generator=generator)
-    monkeypatch.setattr(perplexity, "SCORE_BLOCK_VALUES", 37 * config.hidden_size)  # blocks of 37 tokens
-    assert len(storage.output_blocks(head, perplexity.SCORE_BLOCK_VALUES)) > 5
+    monkeypatch.setattr(metrics, "SCORE_BLOCK_VALUES", 37 * config.hidden_size)  # blocks of 37 tokens
+    assert len(storage.output_blocks(head, metrics.SCORE_BLOCK_VALUES)) > 5
     with torch.inference_mode():
         logits = head(hidden).double()
-        (by_blocks,) = perplexity.projected_partials(head, hidden[None], targets[None])
+        (by_blocks,) = metrics.projected_partials(head, hidden[None], targets[None])
         whole = PerplexityMeter()
         whole.add(head(hidden), targets)
     expected = torch.logsumexp(logits, dim=1) - logits.gather(1, targets.view(-1, 1)).view(-1)
@@ -45,10 +45,10 @@ def test_sequences_scored_together_score_as_each_alone(tmp_path: Path) -> None:
     hidden = 3 * torch.randn(3, 11, config.hidden_size, generator=generator)
     targets = torch.randint(0, config.vocab_size, (3, 11), generator=generator)
     with torch.inference_mode():
-        together = perplexity.projected_partials(head, hidden, targets)
-        alone = [perplexity.projected_partials(head, rows[None], ids[None])[0]
+        together = metrics.projected_partials(head, hidden, targets)
+        alone = [metrics.projected_partials(head, rows[None], ids[None])[0]
                  for rows, ids in zip(hidden, targets, strict=True)]
-        empty = perplexity.projected_partials(head, hidden[:, :0], targets[:, :0])
+        empty = metrics.projected_partials(head, hidden[:, :0], targets[:, :0])
     assert [meter.count for meter in together] == [11, 11, 11]
     for joint, single in zip(together, alone, strict=True):
         # the same rows, in a taller matmul: equal where the sgemm rounds a row alike whatever the height

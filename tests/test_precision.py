@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from imatrix import ImportanceMatrix
-from imatrix.collect.runner import CollectOptions, collect
+from imatrix import CollectOptions, collect
+from imatrix.formats import load_imatrix
 from imatrix.models import precision
 from imatrix.models.loader import load_model
 
@@ -38,9 +38,8 @@ def test_bfloat16_stays_within_the_bounds_of_llama_imatrix(smollm2_q4_1: Path, c
     """Against llama-imatrix's F16 run: cosine >= 0.9999 and median relative L2 <= 2e-3 per tensor, PPL within 0.3%
     (llama.cpp's own BF16 run of the same model lies at 0.99999 and 5e-4)."""
     model = load_model(smollm2_q4_1, round_to_f16=True, dtype=torch.bfloat16)
-    result = collect(model, calibration_text, CollectOptions(n_ctx=512, max_chunks=8, progress=False, verbosity=0,
-                                                             dtype=torch.bfloat16), stdout=lambda _: None)
-    theirs = ImportanceMatrix.load(golden / "imatrix/smollm2-f16.c512.n8.po.imatrix.gguf")
+    result = collect(CollectOptions(model=model, file=calibration_text, ctx_size=512, chunks=8, dtype=torch.bfloat16))
+    theirs = load_imatrix(golden / "imatrix/smollm2-f16.c512.n8.po.imatrix.gguf")
     cosines, rel_l2 = [], []
     for name in theirs:
         ours_mean, their_mean = (m[name].mean_sq().ravel().astype(np.float64) for m in (result.matrix, theirs))

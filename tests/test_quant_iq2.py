@@ -14,8 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from imatrix import ImatrixError, ImportanceMatrix
+from imatrix import ImatrixError
 from imatrix.cli.main import main
+from imatrix.formats import load_imatrix
 from imatrix.quant.base import quantize_rows
 from imatrix.quant.iq2 import GROUP, MAX_LEVEL, codes_of, lattice
 from quant_golden import random_imatrix, random_rows
@@ -30,7 +31,7 @@ IQ2_TYPES = [Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S]
 def test_blocks_match_llama_quantize(golden: Path, stem: str) -> None:
     with_imatrix = GOLDENS[stem][1]
     source = {t.name: np.asarray(t.data).astype(np.float32) for t in gguf.GGUFReader(golden / SOURCE).tensors}
-    matrix = ImportanceMatrix.load(golden / IMATRIX) if with_imatrix else None
+    matrix = load_imatrix(golden / IMATRIX) if with_imatrix else None
     identical = total = 0
     for tensor in gguf.GGUFReader(HERE / f"{stem}.gguf").tensors:
         name = sources(with_imatrix)[tensor.name]

@@ -13,6 +13,7 @@ import pytest
 
 from imatrix import ImatrixError, ImportanceMatrix
 from imatrix.cli.main import main
+from imatrix.formats import load_imatrix, save_imatrix
 from imatrix.ggufio.reader import GGUFModelFile
 from imatrix.matrix import TensorStats
 from imatrix.quant.base import quantize_rows
@@ -404,7 +405,8 @@ def test_cli_bad_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert main(["quantize", str(src), str(q8), "Q8_0"]) == 0
     fails_cleanly(capsys, ["quantize", str(q8), out, "Q4_0"], str(q8), "--allow-requantize")
     other = tmp_path / "other.imatrix.gguf"
-    ImportanceMatrix({"blk.0.ssm_in.weight": TensorStats(np.ones((1, 8)), np.array([1]))}, chunk_size=512).save(other)
+    save_imatrix(ImportanceMatrix({"blk.0.ssm_in.weight": TensorStats(np.ones((1, 8)), np.array([1]))}, chunk_size=512),
+                 other)
     fails_cleanly(capsys, ["quantize", "--imatrix", str(other), str(src), out, "Q4_0"], str(src), "another model")
     fails_cleanly(
         capsys, ["quantize", "--include-weights", "a", "--exclude-weights", "b", str(src), out, "Q4_0"], "together"
@@ -436,7 +438,8 @@ def test_cli_never_overwrites_its_inputs(tmp_path: Path, capsys: pytest.CaptureF
     src = tmp_path / "tiny.gguf"
     tensors = write_tiny_model(src)
     imatrix = tmp_path / "im.gguf"
-    tiny_imatrix([name for name in tensors if name.endswith(("attn_q.weight", "ffn_down.weight"))]).save(imatrix)
+    save_imatrix(tiny_imatrix([name for name in tensors if name.endswith(("attn_q.weight", "ffn_down.weight"))]),
+                 imatrix)
     before = imatrix.read_bytes()
     fails_cleanly(capsys, ["quantize", "--imatrix", str(imatrix), str(src), str(imatrix), "Q4_0"], str(imatrix),
                   "also the imatrix")
@@ -470,7 +473,7 @@ def test_cli_prints_llama_quantize_lines(tmp_path: Path, capsys: pytest.CaptureF
 
 def test_golden_bytes_through_the_whole_pipeline(golden: Path, tmp_path: Path) -> None:
     """`--pure` on the golden F16 tensors gives llama-quantize's bytes (kernels permitting)."""
-    imatrix = ImportanceMatrix.load(golden / IMATRIX)
+    imatrix = load_imatrix(golden / IMATRIX)
     for ftype in ("Q4_K_S", "Q8_0"):
         out = tmp_path / f"{ftype}.gguf"
         quantize_model(golden / "quant" / "source-f16.gguf", out, ftype, imatrix, pure=True)
@@ -485,7 +488,7 @@ def test_moe_experts_use_their_own_imatrix_rows_on_any_number_of_workers(golden:
     """Expert tensors [n_expert, rows, cols]: expert e is quantized with imatrix row e; forked workers
     (spans split at expert boundaries) write the same bytes as one process."""
     source = golden / "moe" / "tiny-qwen3moe-f16.gguf"
-    imatrix = ImportanceMatrix.load(golden / "moe" / "tiny-qwen3moe.c256.n8.imatrix.gguf")
+    imatrix = load_imatrix(golden / "moe" / "tiny-qwen3moe.c256.n8.imatrix.gguf")
     files = {}
     for workers in (1, 2):
         files[workers] = tmp_path / f"q4_k_s-{workers}.gguf"
@@ -524,7 +527,7 @@ def test_smollm2_q4_k_m_with_imatrix(smollm2_q4_1: Path, golden: Path, tmp_path:
     assert f16_reader.fields["general.file_type"].contents() == 1
 
     out = tmp_path / "q4_k_m.gguf"
-    report = quantize_model(f16, out, "Q4_K_M", ImportanceMatrix.load(golden / IMATRIX), n_threads=2)
+    report = quantize_model(f16, out, "Q4_K_M", load_imatrix(golden / IMATRIX), n_threads=2)
     assert abs(out.stat().st_size / MiB - 100.6) <= 0.05  # golden/quant/quality.md
     assert len(report.fallbacks) == 6 * N_LAYER
     assert report.missing_imatrix == ["token_embd.weight"]
@@ -540,7 +543,7 @@ def test_smollm2_q4_k_m_with_imatrix(smollm2_q4_1: Path, golden: Path, tmp_path:
 @pytest.mark.parametrize("weight", [0.0, 1e-45, 3e38])
 def test_degenerate_imatrix_rows_do_not_zero_a_tensor(golden: Path, tmp_path: Path, weight: float) -> None:
     name = "blk.5.ffn_down.weight"
-    imatrix = ImportanceMatrix.load(golden / "imatrix" / "smollm2-f16.c512.n40.imatrix.gguf")
+    imatrix = load_imatrix(golden / "imatrix" / "smollm2-f16.c512.n40.imatrix.gguf")
     imatrix.tensors[name] = TensorStats(np.full_like(imatrix.tensors[name].sums, weight), [1])  # mean: weight
     out = tmp_path / "q4_k.gguf"
     with pytest.warns(UserWarning, match=r"ffn_down.weight'.*would quantize the tensor to zeros"):
@@ -553,7 +556,7 @@ def test_degenerate_imatrix_rows_do_not_zero_a_tensor(golden: Path, tmp_path: Pa
 
 def test_rescaled_imatrix_rows_keep_their_ratios(golden: Path, tmp_path: Path) -> None:
     name = "blk.5.ffn_down.weight"
-    imatrix = ImportanceMatrix.load(golden / "imatrix" / "smollm2-f16.c512.n40.imatrix.gguf")
+    imatrix = load_imatrix(golden / "imatrix" / "smollm2-f16.c512.n40.imatrix.gguf")
     reference, scaled = tmp_path / "reference.gguf", tmp_path / "scaled.gguf"
     quantize_model(golden / "quant" / "source-f16.gguf", reference, "Q4_K_S", imatrix, pure=True)
     imatrix.tensors[name].sums *= np.float32(1e-30) / imatrix.tensors[name].sums.max()

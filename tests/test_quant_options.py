@@ -16,8 +16,9 @@ import gguf
 import numpy as np
 import pytest
 
-from imatrix import ImatrixError, ImportanceMatrix
+from imatrix import ImatrixError
 from imatrix.cli.main import main
+from imatrix.formats import load_imatrix
 from imatrix.ggufio.reader import GGUFModelFile, GGUFModelParts
 from imatrix.quant.mixes import FILE_TYPES, Overrides, plan_types, requires_imatrix
 from imatrix.quant.model import prune_names, quantize_model
@@ -149,7 +150,7 @@ def test_zero_count_experts_weigh_one(tmp_path: Path) -> None:
     from imatrix.quant.model import imatrix_values
 
     source = write_synthetic_llama(tmp_path / "moe.gguf", **MOE)
-    matrix = ImportanceMatrix.load(write_synthetic_imatrix(source, tmp_path / "im.gguf", zero_count_expert=2))
+    matrix = load_imatrix(write_synthetic_imatrix(source, tmp_path / "im.gguf", zero_count_expert=2))
     values = imatrix_values(matrix, (), ())
     experts = values["blk.0.ffn_down_exps.weight"]
     assert np.all(experts[2] == 1.0) and np.all(experts[1] != 1.0)
@@ -157,7 +158,7 @@ def test_zero_count_experts_weigh_one(tmp_path: Path) -> None:
 
 def test_imatrix_keys_as_llama_quantize_writes_them(tmp_path: Path) -> None:
     source = write_synthetic_llama(tmp_path / "dense.gguf", **DENSE)
-    matrix = ImportanceMatrix.load(write_synthetic_imatrix(source, tmp_path / "im.gguf"))
+    matrix = load_imatrix(write_synthetic_imatrix(source, tmp_path / "im.gguf"))
     matrix.datasets = ["é" * 100]  # 200 bytes: cut at 127 bytes, inside a character, as strncpy cuts it
     out = tmp_path / "out.gguf"
     quantize_model(source, out, "Q4_0", matrix, imatrix_file="x" * 200 + ".gguf", n_threads=1)

@@ -26,9 +26,10 @@ import pytest
 
 from imatrix import ImatrixError, ImportanceMatrix
 from imatrix.cli.main import main
-from imatrix.collect.chunks import read_calibration_text
 from imatrix.errors import ImatrixWarning
+from imatrix.formats import load_imatrix, save_imatrix
 from imatrix.ggufio.reader import GGUFModelFile
+from imatrix.pipeline.chunks import read_calibration_text
 
 TINY_MODEL = Path(__file__).resolve().parent / "architectures" / "llama" / "model.gguf"
 C512 = "imatrix/smollm2-f16.c512.n40.imatrix.gguf"
@@ -374,7 +375,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_result(tiny_gguf: Path, text
     with hooked_run([*common, "-o", out], out, tmp_path / "marker", PAUSE_AT_SAVE="2") as run:
         run.kill()  # in its second save: the first is in place, the second's temporary file written
         assert run.wait() == -signal.SIGKILL
-    assert ImportanceMatrix.load(out).chunk_count == 2
+    assert load_imatrix(out).chunk_count == 2
     assert [name for name in hidden_files(out.parent) if name.endswith(".tmp")]
     capsys.readouterr()
     assert main([str(arg) for arg in [*common, "-o", out, "--resume"]]) == 0
@@ -393,7 +394,7 @@ def test_sigterm_cleans_up_like_an_error(tiny_gguf: Path, text: Path, tmp_path: 
     assert run.returncode == 128 + signal.SIGTERM and err.strip().splitlines()[-1] == "imatrix: terminated", err
     assert "Traceback" not in err
     assert hidden_files(out.parent) == []
-    assert ImportanceMatrix.load(out).chunk_count == 2
+    assert load_imatrix(out).chunk_count == 2
 
 
 QUANTIZE = ["quantize", TINY_MODEL]
@@ -456,7 +457,7 @@ def test_a_reader_that_leaves_ends_the_command_quietly(tmp_path: Path) -> None:
 def write_small_output(path: Path) -> bytes:
     matrix = ImportanceMatrix(chunk_size=512, chunk_count=1)
     matrix.accumulate(Q, np.ones((1, 8), dtype=np.float32), np.array([512]))
-    matrix.save(path)
+    save_imatrix(matrix, path)
     return path.read_bytes()
 
 
@@ -464,7 +465,7 @@ def assert_a_full_disk_keeps_the_previous_output(golden: Path, out: Path, capsys
                                                  message: str) -> None:
     before = write_small_output(out)
     with pytest.raises(ImatrixError, match=rf"out\.gguf: cannot write: {message}"):
-        ImportanceMatrix.load(golden / C512).save(out)
+        save_imatrix(load_imatrix(golden / C512), out)
     ends_in_one_line(capsys, ["--in-file", golden / C512, "-o", out], rf"out\.gguf: cannot write: {message}")
     assert out.read_bytes() == before
     assert sorted(path.name for path in out.parent.iterdir()) == ["out.gguf"]
@@ -524,12 +525,12 @@ def test_a_second_writer_of_one_output_is_refused(golden: Path, tmp_path: Path,
             time.sleep(0.05)
         refused = rf"out\.gguf: another process \(pid {holder.pid}\) is writing it"
         with pytest.raises(ImatrixError, match=refused):
-            ImportanceMatrix.load(golden / C512).save(out)
+            save_imatrix(load_imatrix(golden / C512), out)
         ends_in_one_line(capsys, ["--in-file", golden / C512, "-o", out], refused)
         ends_in_one_line(capsys, ["quantize", TINY_MODEL, out, "Q8_0", "1"], refused)
         assert out.read_bytes() == before
     finally:
         holder.kill()
         holder.wait()
-    ImportanceMatrix.load(golden / C512).save(out)  # its lock died with it
+    save_imatrix(load_imatrix(golden / C512), out)  # its lock died with it
     assert hidden_files(tmp_path) == []

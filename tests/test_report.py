@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from imatrix.cli.main import main
+from imatrix.formats import load_imatrix
 from imatrix.matrix import ImportanceMatrix, TensorStats
 from imatrix.stats import compute_statistics
 from imatrix.stats.figures import mean_importance_grid, most_skewed
@@ -25,7 +26,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.fixture(scope="module")
 def moe(golden) -> ImportanceMatrix:
-    return ImportanceMatrix.load(golden / MOE)
+    return load_imatrix(golden / MOE)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,7 @@ def test_expert_heatmap_marks_experts_without_data():
 
 
 def test_dense_file_has_no_expert_figure(golden):
-    matrix = ImportanceMatrix.load(golden / DENSE)
+    matrix = load_imatrix(golden / DENSE)
     layers, kinds, grid = mean_importance_grid(matrix)
     assert len(layers) == 30 and len(kinds) == 7 and np.isfinite(grid).all()
     assert "expert_counts" not in build_figures(matrix)

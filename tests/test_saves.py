@@ -7,9 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from imatrix import ImportanceMatrix
-from imatrix.collect.distributed import Group
-from imatrix.collect.runner import CollectOptions, collect, llama_cpp_saves, plan_windows
+from imatrix import CollectOptions, Reporter, collect
+from imatrix.collection.saves import llama_cpp_saves, save_points, snapshot_cuts
+from imatrix.formats import load_imatrix
+from imatrix.pipeline.distributed import Group
+from imatrix.pipeline.windows import plan_windows
 
 
 def counts(saves: list, kind: str) -> list[int]:
@@ -65,7 +67,8 @@ def test_batch_below_the_context_counts_each_decode() -> None:
 def test_snapshots_cut_batches_output_saves_do_not() -> None:
     saves = llama_cpp_saves(n_chunk=16, n_ctx=512, n_seq=4, n_batch=2048, base_tokens=0, output_frequency=6,
                             save_frequency=10)
-    windows = plan_windows(n_chunk=16, n_seq=4, group=Group(), saves=saves, window_chunks=64)
+    windows = plan_windows(n_chunk=16, n_seq=4, group=Group(), window_chunks=64, cuts=snapshot_cuts(saves),
+                           ends=save_points(saves))
     assert [[batch for step in window for batch in step.batches] for window in windows] == [
         [(0, 4), (4, 4)],  # the output save at 6 waits for the end of its batch
         [(8, 2)],  # the snapshot at 10 holds exactly ten chunks
@@ -75,21 +78,21 @@ def test_snapshots_cut_batches_output_saves_do_not() -> None:
 
 
 def run(model: Path, text: Path, out: Path, printed: list[str] | None = None, **options: object) -> None:
-    settings = {"n_ctx": 32, "n_batch": 128, "progress": False, "verbosity": 1, "dataset_name": "t.txt",
-                "output_file": out, **options}
-    collect(model, text, CollectOptions(**settings), stdout=(printed if printed is not None else []).append)
+    settings = {"ctx_size": 32, "batch_size": 128, "dataset_name": "t.txt", "output_file": out, **options}
+    printed = printed if printed is not None else []
+    collect(CollectOptions(model=model, file=text, **settings), Reporter(output=printed.append))
 
 
 def test_snapshots_hold_exactly_their_chunks(tiny_gguf: Path, text: Path, tmp_path: Path) -> None:
     # -c 128 -b 1024: eight chunks per batch, micro-batches of four: snapshots at 4 (inside the first
     # batch, which is cut there) and 8
-    common = {"n_ctx": 128, "n_batch": 1024}
-    run(tiny_gguf, text, tmp_path / "long.gguf", max_chunks=9, save_frequency=2, output_frequency=100, **common)
+    common = {"ctx_size": 128, "batch_size": 1024}
+    run(tiny_gguf, text, tmp_path / "long.gguf", chunks=9, save_frequency=2, output_frequency=100, **common)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["long.gguf", "long.gguf.at_4", "long.gguf.at_8"]
     for n in (4, 8):
-        run(tiny_gguf, text, tmp_path / f"only{n}.gguf", max_chunks=n, **common)
-        snapshot = ImportanceMatrix.load(tmp_path / f"long.gguf.at_{n}")
-        alone = ImportanceMatrix.load(tmp_path / f"only{n}.gguf")
+        run(tiny_gguf, text, tmp_path / f"only{n}.gguf", chunks=n, **common)
+        snapshot = load_imatrix(tmp_path / f"long.gguf.at_{n}")
+        alone = load_imatrix(tmp_path / f"only{n}.gguf")
         assert snapshot.chunk_count == alone.chunk_count == n
         for name in alone:
             assert snapshot[name].counts.tolist() == alone[name].counts.tolist()
@@ -100,7 +103,7 @@ def test_newlines_where_llama_cpp_prints_them(tiny_gguf: Path, text: Path, tmp_p
     # n_seq = 4, micro-batches of 128 tokens = 4 chunks: saves at 4 (batch 0) and 8 (batch 1); a save's
     # newline comes before the ppl lines of the batch it happens in, each save its own
     printed: list[str] = []
-    run(tiny_gguf, text, tmp_path / "o.gguf", printed, max_chunks=10, output_frequency=4, save_frequency=8)
+    run(tiny_gguf, text, tmp_path / "o.gguf", printed, chunks=10, output_frequency=4, save_frequency=8)
     lines = "".join(printed).split("\n")
     ppl_lines = [re.findall(r"\[(\d+)\]", line) for line in lines[:5]]
     assert ppl_lines == [[], ["1", "2", "3", "4"], [], ["5", "6", "7", "8", "9", "10"], []]

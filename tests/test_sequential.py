@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -10,13 +9,16 @@ import pytest
 import torch
 import transformers
 
-from imatrix import ImportanceMatrix
+from imatrix import CollectOptions, ImportanceMatrix, PerplexityOptions, collect, perplexity
 from imatrix.cli.main import main
-from imatrix.collect import sequential
-from imatrix.collect.executors import InMemoryExecutor
-from imatrix.collect.runner import CollectOptions, CollectResult, collect, open_executor
-from imatrix.collect.sequential import SequentialExecutor
+from imatrix.collection.run import CollectResult
+from imatrix.eval.logits_file import LogitsFile
+from imatrix.formats import load_imatrix
+from imatrix.metrics import u16_log_probs
 from imatrix.models.loader import load_model
+from imatrix.pipeline import sequential
+from imatrix.pipeline.executors import InMemoryExecutor, open_executor
+from imatrix.pipeline.sequential import SequentialExecutor
 from tiny_models import tiny_llama_config, write_tiny_llama_gguf, write_tiny_llama_hf
 
 N_CTX = 32
@@ -28,9 +30,9 @@ def tiny_tied_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run(model: object, text: Path, **options: object) -> CollectResult:
-    settings = {"n_ctx": N_CTX, "n_batch": 2 * N_CTX, "max_chunks": 12, "progress": False, "verbosity": 0,
-                "dataset_name": "calibration.txt", **options}
-    return collect(model, text, CollectOptions(**settings), stdout=lambda _: None)
+    settings = {"ctx_size": N_CTX, "batch_size": 2 * N_CTX, "chunks": 12, "dataset_name": "calibration.txt",
+                **options}
+    return collect(CollectOptions(model=model, file=text, **settings))
 
 
 def assert_same_statistics(ours: ImportanceMatrix, reference: ImportanceMatrix, min_cosine: float = 0.99999) -> None:
@@ -93,25 +95,23 @@ def test_saves_match_in_memory(tiny_gguf: Path, text: Path, tmp_path: Path) -> N
         saved[mode] = sorted(path.name.removeprefix(f"{mode}.gguf") for path in tmp_path.glob(f"{mode}.gguf*"))
         for suffix in saved[mode]:
             if mode:
-                assert_same_statistics(ImportanceMatrix.load(tmp_path / f"True.gguf{suffix}"),
-                                       ImportanceMatrix.load(tmp_path / f"False.gguf{suffix}"))
+                assert_same_statistics(load_imatrix(tmp_path / f"True.gguf{suffix}"),
+                                       load_imatrix(tmp_path / f"False.gguf{suffix}"))
     assert saved[True] == saved[False] == ["", ".at_12", ".at_4", ".at_8"]
 
 
 def test_layers_are_freed_after_use(tiny_gguf: Path, text: Path) -> None:
-    executor = open_executor(tiny_gguf, torch.device("cpu"), CollectOptions(sequential=True))
-    run(executor, text, max_chunks=4)
+    executor = open_executor(tiny_gguf, torch.device("cpu"), torch.float32, sequential=True)
+    run(executor, text, chunks=4)
     assert all(param.is_meta for param in executor.loaded.model.parameters())
 
 
 def test_chosen_automatically_when_weights_do_not_fit(tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    options = CollectOptions(verbosity=0)
-    assert isinstance(open_executor(tiny_gguf, torch.device("cpu"), options), InMemoryExecutor)
-    monkeypatch.setattr(sequential, "available_memory", lambda device: sequential.weight_bytes(tiny_gguf,
-                                                                                               torch.float32))
-    assert isinstance(open_executor(tiny_gguf, torch.device("cpu"), options), SequentialExecutor)
-    assert isinstance(open_executor(tiny_gguf, torch.device("cpu"), dataclasses.replace(options, sequential=False)),
-                      InMemoryExecutor)
+    cpu, float32 = torch.device("cpu"), torch.float32
+    assert isinstance(open_executor(tiny_gguf, cpu, float32), InMemoryExecutor)
+    monkeypatch.setattr(sequential, "available_memory", lambda device: sequential.weight_bytes(tiny_gguf, float32))
+    assert isinstance(open_executor(tiny_gguf, cpu, float32), SequentialExecutor)
+    assert isinstance(open_executor(tiny_gguf, cpu, float32, sequential=False), InMemoryExecutor)
 
 
 def test_weight_bytes_counts_every_value(tiny_gguf: Path) -> None:
@@ -127,7 +127,7 @@ def test_cli_flags(tiny_gguf: Path, text: Path, tmp_path: Path) -> None:
     assert main([*common, "-o", str(tmp_path / "a.gguf"), "--no-sequential"]) == 0
     assert main([*common, "-o", str(tmp_path / "b.gguf"), "--sequential", "--window-chunks", "2",
                  "--dtype", "float32"]) == 0
-    a, b = ImportanceMatrix.load(tmp_path / "a.gguf"), ImportanceMatrix.load(tmp_path / "b.gguf")
+    a, b = load_imatrix(tmp_path / "a.gguf"), load_imatrix(tmp_path / "b.gguf")
     assert a.datasets == b.datasets
     assert_same_statistics(b, a)
 
@@ -142,30 +142,45 @@ def test_hf_moe_experts_stored_apart(tmp_path: Path, text: Path) -> None:
     torch.manual_seed(0)
     transformers.Qwen3MoeForCausalLM(config).save_pretrained(directory)
     in_memory = load_model(directory)
-    reference = run(in_memory, text, max_chunks=4)
-    ours = run(directory, text, sequential=True, max_chunks=4, window_chunks=2)
+    reference = run(in_memory, text, chunks=4)
+    ours = run(directory, text, sequential=True, chunks=4, window_chunks=2)
     assert_same_statistics(ours.matrix, reference.matrix)
     assert_same_ppl(ours, reference)
 
 
 @pytest.mark.slow
 def test_smollm2_matches_in_memory(smollm2_q4_1: Path, calibration_text: Path) -> None:
-    options = {"n_ctx": 128, "n_batch": 256, "max_chunks": 6, "process_output": True}
+    options = {"ctx_size": 128, "batch_size": 256, "chunks": 6, "process_output": True}
     reference = run(smollm2_q4_1, calibration_text, sequential=False, **options)
     ours = run(smollm2_q4_1, calibration_text, sequential=True, window_chunks=4, **options)
     assert_same_statistics(ours.matrix, reference.matrix)
     assert_same_ppl(ours, reference)
 
 
-def test_top_level_collect_after_submodule_imports(tiny_gguf: Path, text: Path) -> None:
-    """`imatrix.collect(...)` stays the collection entry point once `imatrix.collect.runner` is imported."""
-    import imatrix
-
-    assert callable(imatrix.collect)
-    options = CollectOptions(n_ctx=64, max_chunks=3, compute_ppl=False, verbosity=0)
-    via_package = imatrix.collect(tiny_gguf, text, options).matrix
-    direct = collect(tiny_gguf, text, options).matrix
-    assert via_package.names() == direct.names()
-    for name in direct.names():
-        np.testing.assert_array_equal(via_package[name].sums, direct[name].sums)
-        np.testing.assert_array_equal(via_package[name].counts, direct[name].counts)
+@pytest.mark.parametrize("window_chunks", [1, 64])
+def test_perplexity_and_kl_divergence_match_in_memory(tiny_gguf: Path, tiny_tied_gguf: Path, text: Path,
+                                                      tmp_path: Path, window_chunks: int) -> None:
+    """`imatrix perplexity --sequential`: the same PPL, base log-probabilities and KL divergence as in memory."""
+    common = {"ctx_size": N_CTX, "batch_size": 2 * N_CTX, "chunks": 9}
+    results = {}
+    for mode in (False, True):
+        base = tmp_path / f"{mode}.kld"
+        options = PerplexityOptions(model=tiny_gguf, file=text, kl_divergence_base=base, sequential=mode,
+                                    window_chunks=window_chunks, **common)
+        ppl = perplexity(options)
+        # tiny_tied_gguf: another model with the same vocabulary
+        kld = perplexity(PerplexityOptions(model=tiny_tied_gguf, kl_divergence_base=tmp_path / "False.kld",
+                                           kl_divergence=True, sequential=mode, window_chunks=window_chunks,
+                                           **common))
+        results[mode] = ppl, kld, LogitsFile(base)
+    (ppl, kld, base), (reference_ppl, reference_kld, reference_base) = results[True], results[False]
+    np.testing.assert_allclose(ppl.chunk_ppl, reference_ppl.chunk_ppl, rtol=1e-5)
+    assert ppl.n_tokens == reference_ppl.n_tokens == 9 * (N_CTX // 2 - 1)
+    assert base.header == reference_base.header and (base.tokens == reference_base.tokens).all()
+    for chunk in range(9):
+        np.testing.assert_allclose(u16_log_probs(base.chunk_rows(chunk), base.header.n_vocab),
+                                   u16_log_probs(reference_base.chunk_rows(chunk), base.header.n_vocab), atol=1e-4)
+    assert kld.count == reference_kld.count and kld.mean_kld > 1e-3
+    assert kld.mean_kld == pytest.approx(reference_kld.mean_kld, rel=1e-4)
+    assert kld.ppl == pytest.approx(reference_kld.ppl, rel=1e-5)
+    np.testing.assert_allclose(kld.kld_values, reference_kld.kld_values, atol=1e-5)

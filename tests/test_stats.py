@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from imatrix.cli.main import main
+from imatrix.formats import load_imatrix, save_imatrix
 from imatrix.matrix import ImportanceMatrix, TensorStats
 from imatrix.stats import compute_statistics, render
 
@@ -71,14 +72,14 @@ def layer_fields(row) -> list[str]:
 
 @pytest.fixture(scope="module")
 def c512(golden) -> ImportanceMatrix:
-    return ImportanceMatrix.load(golden / f"{C512}.gguf")
+    return load_imatrix(golden / f"{C512}.gguf")
 
 
 @pytest.mark.parametrize(("suffix", "table"), [(".gguf", "stats.txt"), (".dat", "stats-legacy.txt")])
 def test_legacy_statistics_match_llama_cpp(golden, suffix, table):
     gold_tensors, gold_layers = parse_golden((golden / "imatrix" / table).read_text())
     assert len(gold_tensors) == 210 and len(gold_layers) == 30
-    stats = compute_statistics(ImportanceMatrix.load(golden / f"{C512}{suffix}"), "legacy")
+    stats = compute_statistics(load_imatrix(golden / f"{C512}{suffix}"), "legacy")
     assert [tensor_fields(row) for row in stats.tensors] == gold_tensors
     assert [layer_fields(row) for row in stats.layers] == gold_layers
 
@@ -193,9 +194,9 @@ def preferred_case(request, golden):
     if request.param == "synthetic":
         matrix = _synthetic_moe()
     elif request.param == "moe-golden":
-        matrix = ImportanceMatrix.load(golden / "moe" / "tiny-qwen3moe.c256.n8.imatrix.gguf")
+        matrix = load_imatrix(golden / "moe" / "tiny-qwen3moe.c256.n8.imatrix.gguf")
     else:
-        matrix = ImportanceMatrix.load(golden / f"{C512}.gguf")
+        matrix = load_imatrix(golden / f"{C512}.gguf")
     return matrix, compute_statistics(matrix, "preferred")
 
 
@@ -243,7 +244,7 @@ def test_all_zero_counts_is_an_error(tmp_path, capsys):
     matrix = ImportanceMatrix(chunk_size=512)
     matrix.tensors["blk.0.attn_q.weight"] = TensorStats(np.zeros((1, 8), np.float32), [0])
     path = tmp_path / "zero.gguf"
-    matrix.save(path)
+    save_imatrix(matrix, path)
     capsys.readouterr()
     assert main(["--in-file", str(path), "--show-statistics"]) == 1
     err = capsys.readouterr().err.strip()

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from imatrix.collect import sequential
-from imatrix.collect.executors import CPU_SEQS_PER_FORWARD, InMemoryExecutor, forward_in_memory
 from imatrix.ggufio.reader import GGUFModelFile
 from imatrix.models import storage
 from imatrix.models.loader import load_model
 from imatrix.models.open import open_model
 from imatrix.models.storage import WideningEmbedding, WideningLinear
+from imatrix.pipeline import sequential
+from imatrix.pipeline.executors import CPU_SEQS_PER_FORWARD, InMemoryExecutor, forward_in_memory
 from imatrix.quant.model import quantize_model
 from tiny_models import tiny_llama_config, write_tiny_llama_gguf
 

@@ -6,9 +6,8 @@ the number of experts for MoE weights, 1 for dense ones) and `counts` is `[n_mat
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -121,33 +120,6 @@ class ImportanceMatrix:
             list(self.datasets),
             dict(self.run_keys),
         )
-
-    @classmethod
-    def load(cls, path: str | Path, chunk_size: int = 512) -> ImportanceMatrix:
-        """Read a GGUF or legacy `.dat` imatrix; `.dat` values become raw sums via `chunk_size`."""
-        from imatrix.formats import load_imatrix
-
-        return load_imatrix(path, chunk_size=chunk_size)
-
-    @classmethod
-    def load_many(cls, paths: Iterable[str | Path], chunk_size: int = 512) -> ImportanceMatrix:
-        """Read and merge several files in order, as `--in-file a,b` does."""
-        merged = cls(chunk_size=chunk_size)
-        for path in paths:
-            incoming = cls.load(path, chunk_size=chunk_size)
-            try:
-                merged.merge_in(incoming)
-            except ImatrixError as exc:
-                raise ImatrixError(f"{path}: {exc}") from None
-        merged.chunk_size = chunk_size
-        merged.update_chunk_count()
-        return merged
-
-    def save(self, path: str | Path, output_format: str | None = None) -> Path:
-        """Write atomically as GGUF (default) or legacy `.dat` (`output_format="dat"`)."""
-        from imatrix.formats import save_imatrix
-
-        return save_imatrix(self, path, output_format=output_format)
 
 
 def _add_into(name: str, current: TensorStats, incoming: TensorStats) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from imatrix import ImportanceMatrix
 from imatrix.cli.main import main
+from imatrix.formats import load_imatrix
 from imatrix.quant.base import quantize_rows
 from quant_iq1_iq3.generate import BLOCK_GOLDENS, IMATRIX, ROWS, SOURCE, file_inputs, sources
 
@@ -23,7 +23,7 @@ def compare_blocks(golden: Path, stem: str) -> tuple[int, int]:
     with_imatrix = BLOCK_GOLDENS[stem]
     source_file = golden / "quant" / SOURCE.name
     source = {t.name: np.asarray(t.data).astype(np.float32) for t in gguf.GGUFReader(source_file).tensors}
-    matrix = ImportanceMatrix.load(golden / "imatrix" / IMATRIX.name) if with_imatrix else None
+    matrix = load_imatrix(golden / "imatrix" / IMATRIX.name) if with_imatrix else None
     identical = total = 0
     for tensor in gguf.GGUFReader(HERE / f"{stem}.gguf").tensors:
         name = sources(with_imatrix)[tensor.name]

@@ -1,32 +1,26 @@
-"""`imatrix [flags]`: llama-imatrix's command line over `imatrix.collect`."""
+"""`imatrix [flags]`: llama-imatrix's command line over `imatrix.collect` (and `merge`, `convert`)."""
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
+from imatrix import api
 from imatrix.cli.common import (
-    LLAMA_LOG_INFO,
-    LLAMA_LOG_WARN,
     ArgumentParser,
     add_device_flags,
     add_ignored_llama_cpp_flags,
     add_verbosity_flags,
     capped_threads,
-    chosen_device,
+    console_reporter,
+    options_from,
     positive_int,
 )
-from imatrix.collect import distributed
-from imatrix.collect.runner import CollectOptions, collect, log
 from imatrix.errors import ImatrixError
-from imatrix.formats.atomic import check_not_an_input, check_output_path
-from imatrix.matrix import ImportanceMatrix
-from imatrix.models.bundled import default_calibration_text, smollm2_path
 from imatrix.models.heap import keep_freed_memory
 from imatrix.models.precision import DTYPES
+from imatrix.options import CollectOptions, ConvertOptions, MergeOptions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,61 +80,23 @@ def main(argv: list[str]) -> int:
     in_files = [part for value in args.in_file for part in value.split(",") if part]
     if args.in_file and not in_files:
         raise ImatrixError("--in-file names no file")
-    _check_numbers(args)
-    verbosity = 1 if args.verbosity >= LLAMA_LOG_INFO else 0  # the library's levels: 0 results, 1 progress too
     if args.show_statistics:
         from imatrix.cli.report import show_statistics
 
         if not in_files:
             raise ImatrixError("--show-statistics needs --in-file")
         return show_statistics(in_files, args.stats_format, args.stats_mode, args.ctx_size)
-    check_not_an_input(args.output_file, model=args.model, calibration_text=args.file)
-    check_output_path(args.output_file)
-    output = Path(args.output_file)
-    output_format = args.output_format or "gguf"
-    if args.output_format is None:  # llama.cpp warns only when it chose the format itself
-        _warn_suffix(output, args.verbosity >= LLAMA_LOG_WARN)
-    base = ImportanceMatrix.load_many(in_files, chunk_size=args.ctx_size) if in_files else None
+    reporter = console_reporter(args.verbosity)
+    if args.file is None and len(in_files) == 1:
+        api.convert(options_from(ConvertOptions, args, in_file=in_files[0]), reporter)
+        return 0
     if args.file is None and in_files:
-        log(f"combining {len(in_files)} imatrix file(s) into {output}", verbosity)
-        base.save(output, output_format)
+        api.merge(options_from(MergeOptions, args, in_file=in_files), reporter)
         return 0
     keep_freed_memory()
     threads = capped_threads(args.threads_batch or args.threads)
     if threads > 0:
         torch.set_num_threads(threads)
-    options = CollectOptions(
-        n_ctx=args.ctx_size, n_batch=args.batch_size, from_chunk=args.from_chunk, max_chunks=args.chunks,
-        compute_ppl=args.ppl, process_output=args.process_output, parse_special=args.parse_special,
-        output_file=output, output_format=output_format, output_frequency=args.output_frequency,
-        save_frequency=args.save_frequency, verbosity=verbosity, dtype=DTYPES.get(args.dtype),
-        sequential=args.sequential, window_chunks=args.window_chunks, resume=args.resume,
-        chunks_in_flight=capped_threads(args.chunks_in_flight, "chunks in flight"),
-    )
-    model = args.model or _bundled("model", smollm2_path(), verbosity)
-    text = args.file or _bundled("calibration text", default_calibration_text(), verbosity)
-    group, device = distributed.from_environment(chosen_device(args))
-    try:
-        collect(model, text, options, base=base, device=device, group=group)
-    finally:
-        distributed.shutdown(group)
+    chunks_in_flight = capped_threads(args.chunks_in_flight, "chunks in flight")
+    api.collect(options_from(CollectOptions, args, in_file=in_files, chunks_in_flight=chunks_in_flight), reporter)
     return 0
-
-
-def _bundled(what: str, path: Path, verbosity: int) -> Path:
-    log(f"no {what} given: using the bundled {path}", verbosity)
-    return path
-
-
-def _check_numbers(args: argparse.Namespace) -> None:
-    if args.chunks == 0:
-        raise ImatrixError("--chunks 0: no chunk to process")
-    if args.chunks_in_flight < 0:
-        raise ImatrixError(f"--chunks-in-flight must be >= 0 (got {args.chunks_in_flight})")
-
-
-def _warn_suffix(output: Path, shown: bool) -> None:
-    if output.suffix != ".gguf" and shown:
-        print(f"imatrix: warning: saving GGUF to '{output}' without a .gguf suffix "
-              "(use --output-format dat for the legacy format)", file=sys.stderr)
-

@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 from imatrix.errors import ImatrixError
-
-if TYPE_CHECKING:
-    import torch
+from imatrix.reporter import INFO, WARN, ProgressBar, Reporter
 
 # threads or worker processes beyond this many per core only cost memory (and, past the system's limit, crash)
 MAX_THREADS_PER_CORE = 4
 
 # llama.cpp's log levels for -lv (common/log.h): warnings print from 2, progress ("info") lines from 3
-LLAMA_LOG_WARN = 2
-LLAMA_LOG_INFO = 3
+LLAMA_LOG_WARN = WARN
+LLAMA_LOG_INFO = INFO
+
+Options = TypeVar("Options")
 
 # llama.cpp flags that tune only its own runtime (threads' CPU placement, model loading, KV cache, offloading,
 # log decoration) or the sampling these tools never do: (names, how many values: 0, 1 or "?" for optional)
@@ -119,22 +120,6 @@ def add_device_flags(parser: argparse.ArgumentParser) -> None:
                              "none and CUDA<N> mean cpu and cuda:N")
 
 
-def chosen_device(args: argparse.Namespace) -> torch.device:
-    """The device `add_device_flags`'s flags ask for."""
-    import torch
-
-    if args.device == "cpu" or args.n_gpu_layers == 0:
-        return torch.device("cpu")
-    if args.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not torch.cuda.is_available():
-        raise ImatrixError(f"--device {args.device} requested but no CUDA device is available")
-    device = torch.device(args.device)
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise ImatrixError(f"--device {args.device}: there are {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
 def add_verbosity_flags(parser: argparse.ArgumentParser) -> None:
     """llama.cpp's -lv (its levels: results only below 2, warnings from 2, progress from 3) and -v."""
     parser.add_argument("-lv", "--verbosity", "--log-verbosity", type=int, default=LLAMA_LOG_INFO, metavar="N",
@@ -155,3 +140,31 @@ def add_ignored_llama_cpp_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(*names, nargs=None if values == 1 else values, help=argparse.SUPPRESS)
     group.description = ("attention, KV cache, loading, placement, CPU threads, logging: -fa, -ub, -ctk, -ctv, -np, "
                          "-ot, -cmoe, -ncmoe, -sm, -ts, -mg, -fit, --numa, --no-mmap, -s and more (docs/cli.md)")
+
+
+def options_from(options_class: type[Options], args: argparse.Namespace, **changed: Any) -> Options:
+    """The parsed arguments as the library's options: every field of `options_class` (`imatrix.options`) is a
+    flag's `dest` of the same name; `changed` replaces what the command line turns into something else."""
+    names = {field.name for field in dataclasses.fields(options_class)}
+    given = {name: value for name, value in vars(args).items() if name in names}
+    return options_class(**{**given, **changed})
+
+
+def console_reporter(verbosity: int = LLAMA_LOG_INFO) -> Reporter:
+    """The library's messages on the console as llama.cpp's tools print them: results on stdout, the rest on
+    stderr as `-lv` allows, a progress bar with the information lines."""
+    return Reporter(verbosity, output=_to_stdout, messages=_to_stderr, progress_bar=_token_bar)
+
+
+def _to_stdout(text: str) -> None:
+    print(text, end="", flush=True)
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _token_bar(total: int, desc: str) -> ProgressBar:
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="tok", unit_scale=True, file=sys.stderr, desc=desc)

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from imatrix.cli.common import ArgumentParser, positive_int
-from imatrix.matrix import ImportanceMatrix
+from imatrix.formats import load_imatrix
 from imatrix.stats.compare import compare_matrices, render_comparison
 
 
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    a = ImportanceMatrix.load(args.file_a, chunk_size=args.ctx_size)
-    b = ImportanceMatrix.load(args.file_b, chunk_size=args.ctx_size)
+    a = load_imatrix(args.file_a, chunk_size=args.ctx_size)
+    b = load_imatrix(args.file_b, chunk_size=args.ctx_size)
     sys.stdout.write(render_comparison(compare_matrices(a, b, args.file_a, args.file_b), as_json=args.json))
     return 0

@@ -8,10 +8,9 @@ import os
 import signal
 import sys
 import threading
-import warnings
 from collections.abc import Iterator
 
-from imatrix.errors import ImatrixError, ImatrixWarning
+from imatrix.errors import ImatrixError
 
 # subcommand -> module under imatrix.cli exposing `main(argv: list[str]) -> int`
 SUBCOMMANDS = {
@@ -77,20 +76,12 @@ def _terminated_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-@contextlib.contextmanager
-def _warnings_as_lines() -> Iterator[None]:
-    """Our own warnings (`ImatrixWarning`) printed as one `imatrix: warning:` line each."""
-    with warnings.catch_warnings():
-        shown_before = warnings.showwarning
+def _warnings_as_lines() -> contextlib.AbstractContextManager[None]:
+    """Our own warnings (`ImatrixWarning`) printed as one `imatrix: warning:` line each, wherever a sub-command
+    does not report them itself."""
+    from imatrix.cli.common import console_reporter
 
-        def show(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
-            if issubclass(category, ImatrixWarning):
-                print(f"imatrix: warning: {message}", file=sys.stderr)
-            else:
-                shown_before(message, category, *args, **kwargs)
-
-        warnings.showwarning = show  # type: ignore[assignment]
-        yield
+    return console_reporter().warnings_reported()
 
 
 if __name__ == "__main__":

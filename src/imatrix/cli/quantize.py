@@ -1,18 +1,15 @@
-"""`imatrix quantize`: llama-quantize's arguments, parsed into `QuantizeOptions`; the work is
-`imatrix.quant.model.quantize_model`."""
+"""`imatrix quantize`: llama-quantize's arguments, parsed into `QuantizeOptions`, over `imatrix.quantize`."""
 
 from __future__ import annotations
 
 import argparse
-import sys
-import time
-import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from imatrix.cli.common import ArgumentParser, capped_threads
+from imatrix import api
+from imatrix.cli.common import ArgumentParser, capped_threads, console_reporter, options_from
 from imatrix.errors import ImatrixError
+from imatrix.options import QuantizeOptions
 
 
 class _TensorTypeFile(argparse.Action):
@@ -104,51 +101,12 @@ def positionals(input_path: str, rest: list[str], keep_split: bool = False,
     return output, type_text, n_threads
 
 
-def _show_warning(message: Warning | str, *_args: object, **_kwargs: object) -> None:
-    print(f"imatrix: warning: {message}", file=sys.stderr)
-
-
-def _options(args: argparse.Namespace, n_threads: int | None) -> Any:
-    from imatrix.quant.mixes import parse_tensor_type
-    from imatrix.quant.options import QuantizeOptions, parse_override_kv, tensor_type_patterns
-
-    tensor_type: Sequence[str] = args.tensor_type or ()
-    tensor_type_patterns(tensor_type)  # refused here, before the model is opened
-    for text in args.override_kv:
-        parse_override_kv(text)
-    return QuantizeOptions(
-        imatrix=args.imatrix, include_weights=args.include_weights, exclude_weights=args.exclude_weights,
-        output_tensor_type=parse_tensor_type(args.output_tensor_type) if args.output_tensor_type else None,
-        token_embedding_type=parse_tensor_type(args.token_embedding_type) if args.token_embedding_type else None,
-        tensor_type=tuple(tensor_type), prune_layers=args.prune_layers, keep_split=args.keep_split,
-        override_kv=tuple(args.override_kv), dry_run=args.dry_run, max_buffer_size=args.max_buffer_size,
-        allow_requantize=args.allow_requantize, pure=args.pure, leave_output_tensor=args.leave_output_tensor,
-        strict_imatrix=args.strict_imatrix, n_threads=n_threads,
-    )
-
-
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    if args.include_weights and args.exclude_weights:
-        raise ImatrixError("quantize: --include-weights and --exclude-weights cannot be used together")
-    from imatrix.quant.mixes import llama_cpp_type_name, parse_file_type
-    from imatrix.quant.model import quantize_model
-
     output, type_text, n_threads = positionals(args.input, args.rest, args.keep_split, args.dry_run)
     if n_threads:
         n_threads = capped_threads(n_threads, "worker processes")
-    ft = parse_file_type(type_text)
-    options = _options(args, n_threads)
-    started = time.perf_counter()
-    threads = f" using {n_threads} threads" if n_threads and n_threads > 0 else ""
-    named = llama_cpp_type_name(type_text)
-    if args.dry_run:
-        print(f"quantize: calculating quantization size for '{args.input}' as {named}{threads}", file=sys.stderr)
-    else:
-        print(f"quantize: quantizing '{args.input}' to '{output}' as {named}{threads}", file=sys.stderr)
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = _show_warning  # type: ignore[assignment]
-        quantize_model(Path(args.input), output, ft.name, options=options, log=print)
-    print(f"\nquantize: total time = {(time.perf_counter() - started) * 1000:8.2f} ms")
+    options = options_from(QuantizeOptions, args, tensor_type=tuple(args.tensor_type or ()),
+                           override_kv=tuple(args.override_kv), n_threads=n_threads)
+    api.quantize(args.input, output, type_text, options, console_reporter())
     return 0

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from imatrix.cli.common import ArgumentParser, positive_int
 from imatrix.errors import ImatrixError
+from imatrix.formats import load_imatrices, load_imatrix
 from imatrix.formats.atomic import check_output_path
 from imatrix.matrix import ImportanceMatrix
 from imatrix.stats import compute_statistics, render
@@ -22,7 +23,7 @@ def show_statistics(
         raise ImatrixError("--show-statistics needs --in-file")
     if stats_format not in ("table", "json", "csv"):
         raise ImatrixError(f"unknown statistics format '{stats_format}' (expected table, json or csv)")
-    matrix = ImportanceMatrix.load_many(in_files, chunk_size=chunk_size)
+    matrix = load_imatrices(in_files, chunk_size=chunk_size)
     stats = compute_statistics(matrix, stats_mode, ",".join(in_files))
     sys.stdout.write(render(stats, stats_format))
     return 0
@@ -59,5 +60,5 @@ def main(argv: list[str]) -> int:
 def _load(in_files: list[str], chunk_size: int) -> ImportanceMatrix:
     # a single file keeps its own chunk metadata; merging recomputes it as llama.cpp does
     if len(in_files) == 1:
-        return ImportanceMatrix.load(in_files[0], chunk_size=chunk_size)
-    return ImportanceMatrix.load_many(in_files, chunk_size=chunk_size)
+        return load_imatrix(in_files[0], chunk_size=chunk_size)
+    return load_imatrices(in_files, chunk_size=chunk_size)

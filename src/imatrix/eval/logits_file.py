@@ -10,7 +10,8 @@ Both tools read each other's files. All numbers are little-endian:
         q                                        uint16 [n_vocab], padded with zeros to an even count
 
 A log-probability is `scale · q + min_log_prob`; logits more than 16 below the maximum all get
-q = 0. SmolLM2 (49,152 tokens) takes 98 KiB per position: 10 chunks of 512 are about 250 MB.
+q = 0 (the rows are made by `metrics.log_softmax_u16`, read by `metrics.u16_log_probs`).
+SmolLM2 (49,152 tokens) takes 98 KiB per position: 10 chunks of 512 are about 250 MB.
 """
 
 from __future__ import annotations
@@ -21,22 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from imatrix.errors import ImatrixError
 from imatrix.formats.atomic import atomic_path
+from imatrix.metrics import u16_row_width
 
 MAGIC = b"_logits_"
 _HEADER = struct.Struct("<iii")
 HEADER_BYTES = len(MAGIC) + _HEADER.size
-# llama.cpp's `log_softmax(..., uint16_t * log_prob, ...)` keeps 16 nats of range below the top logit
-LOGIT_RANGE = 16.0
-KLD_CUTOFF = -16.0
-
-
-def row_width(n_vocab: int) -> int:
-    """uint16 values per scored position: 4 for the two floats, the vocab rounded up to even."""
-    return 2 * ((n_vocab + 1) // 2) + 4
+row_width = u16_row_width  # uint16 values per scored position
 
 
 def n_scored(n_ctx: int) -> int:
@@ -64,40 +58,6 @@ class LogitsHeader:
     @property
     def file_bytes(self) -> int:
         return self.data_offset + self.n_chunk * self.chunk_bytes
-
-
-def quantize_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
-    """`logits float32 [n, vocab]` → (rows `uint16 [n, row_width]`, nll `float64 [n]` of `targets`).
-
-    Mirrors llama.cpp's `log_softmax` overload that fills a uint16 row, float32 arithmetic included.
-    """
-    logits = logits.float()
-    n, n_vocab = logits.shape
-    max_logit = logits.max(dim=1, keepdim=True).values
-    min_logit = torch.maximum(logits.min(dim=1, keepdim=True).values, max_logit - LOGIT_RANGE)
-    log_sum_exp = torch.exp(logits - max_logit).double().sum(dim=1, keepdim=True).log().float()
-    min_log_prob = (min_logit - max_logit) - log_sum_exp
-    scale = (max_logit - min_logit) / 65535.0
-    inv_scale = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-    # round half to even, like llama.cpp's `nearest_int`
-    q = torch.round(inv_scale * (logits - min_logit)).clamp_(0, 65535)
-    q = torch.where(logits > min_logit, q, torch.zeros_like(q)).to(torch.int32)
-    rows = np.zeros((n, row_width(n_vocab)), dtype=np.uint16)
-    floats = torch.cat([scale, min_log_prob], dim=1).numpy().astype(np.float32)
-    rows[:, :4] = floats.view(np.uint16)
-    rows[:, 4 : 4 + n_vocab] = q.numpy().astype(np.uint16)
-    picked = logits.gather(1, targets.view(-1, 1).long())
-    nll = ((max_logit + log_sum_exp) - picked).view(-1).double()
-    return rows, nll
-
-
-def dequantize_log_probs(rows: np.ndarray, n_vocab: int) -> torch.Tensor:
-    """Rows `uint16 [n, row_width]` → log-probabilities `float32 [n, vocab]`."""
-    rows = np.ascontiguousarray(rows)
-    floats = torch.from_numpy(rows[:, :4].copy().view(np.float32))
-    scale, min_log_prob = floats[:, :1], floats[:, 1:2]
-    q = torch.from_numpy(rows[:, 4 : 4 + n_vocab].astype(np.float32))
-    return scale * q + min_log_prob
 
 
 class LogitsWriter:

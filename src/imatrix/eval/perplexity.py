@@ -2,28 +2,35 @@
 
 Each chunk of n_ctx tokens runs on its own (its first token replaced by BOS when the vocab adds
 one); only the second half is scored: the logits at positions n_ctx/2 … n_ctx−2 predict the
-tokens after them. Chunks go through the model n_seq = n_batch / n_ctx at a time, and the output
-projection runs one chunk at a time, so memory holds one chunk's logits.
+tokens after them (`metrics.log_softmax`). The chunks go through the pipeline (`pipeline.runner`) as a
+collection's do, n_seq = n_batch / n_ctx per batch, in memory, layer by layer or on several ranks; the
+output projection runs one chunk at a time, so memory holds one chunk's logits.
 """
 
 from __future__ import annotations
 
-import sys
-import time
-from collections.abc import Callable, Iterator
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from imatrix.collect.chunks import make_chunks, read_calibration_text
-from imatrix.collect.perplexity import PerplexityMeter
 from imatrix.errors import ImatrixError
-from imatrix.eval.logits_file import LogitsWriter, quantize_log_probs
-from imatrix.models.loader import LoadedModel, load_model
-
-Emit = Callable[[str], None]
+from imatrix.eval.cpu_matmul import emulate_cpu_matmul_inputs
+from imatrix.eval.logits_file import LogitsWriter
+from imatrix.metrics import PerplexityMeter, log_softmax, log_softmax_u16, scored_positions, scored_targets
+from imatrix.models.loader import LoadedModel
+from imatrix.models.precision import compute_dtype
+from imatrix.options import PerplexityOptions
+from imatrix.pipeline import runner
+from imatrix.pipeline.chunks import make_chunks, read_calibration_text
+from imatrix.pipeline.distributed import Group
+from imatrix.pipeline.executors import Executor, open_executor
+from imatrix.pipeline.windows import Window
+from imatrix.reporter import Reporter
 
 
 @dataclass
@@ -42,32 +49,85 @@ class PerplexityResult:
         return f"Final estimate: PPL = {self.ppl:.4f} +/- {self.ppl_error:.5f}"
 
 
-def stdout_emit(text: str) -> None:
-    print(text, end="", flush=True)
-
-
-def stderr_log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-def quiet(_text: str) -> None:
-    pass
-
-
-def as_loaded(model: LoadedModel | str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    return model if isinstance(model, LoadedModel) else load_model(model, device=device)
-
-
 def n_seq_for(n_ctx: int, n_batch: int) -> int:
     return max(1, n_batch // n_ctx)
 
 
+@contextlib.contextmanager
+def evaluated_model(options: PerplexityOptions, device: torch.device, reporter: Reporter) -> Iterator[Executor]:
+    """The executor for `options.model`, with llama.cpp's CPU matmul inputs emulated inside the block if asked."""
+    executor = open_executor(options.model, device, compute_dtype(options.dtype, device), options.sequential,
+                             options.window_chunks, options.round_to_f16, reporter)
+    hooks = emulate_cpu_matmul_inputs(executor.loaded) if options.emulate_llama_cpu else []
+    if options.emulate_llama_cpu:
+        reporter.info(f"perplexity: llama.cpp CPU matmul inputs emulated on {len(hooks)} matmuls")
+    try:
+        yield executor
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def model_input(chunks: np.ndarray, loaded: LoadedModel) -> np.ndarray:
+    """What the model reads: each chunk's first token replaced by BOS when the vocab adds one (llama.cpp swaps
+    it per forward pass; the tokens as tokenized are what a base file stores)."""
+    if not loaded.tokenizer.add_bos:
+        return chunks
+    swapped = chunks.copy()
+    swapped[:, 0] = loaded.tokenizer.bos_id
+    return swapped
+
+
+class EtaLine:
+    """llama.cpp prints the time of the first pass and an estimate for the whole run."""
+
+    def __init__(self, label: str, n_chunk: int, reporter: Reporter) -> None:
+        self.label, self.n_chunk, self.reporter, self.done = label, n_chunk, reporter, False
+
+    def after(self, window: Window, seconds: float) -> None:
+        if self.done:
+            return
+        self.done = True
+        window_chunks = sum(step.n_chunks for step in window)
+        minutes = seconds * self.n_chunk / window_chunks / 60
+        self.reporter.info(f"{self.label}: {seconds / len(window):.2f} seconds per pass - ETA {minutes:.2f} minutes")
+
+
+def perplexity(options: PerplexityOptions, device: torch.device, group: Group, reporter: Reporter) -> PerplexityResult:
+    """llama-perplexity's PPL of `options.model` on `options.file`; with `kl_divergence_base`, also the base
+    log-probabilities for a later `eval.kld.kl_divergence` (llama.cpp's `--kl-divergence-base` file)."""
+    n_ctx, save_base = options.ctx_size, options.kl_divergence_base
+    with evaluated_model(options, device, reporter) as executor:
+        loaded = executor.loaded
+        reporter.info("perplexity: tokenizing the input ..")
+        chunks = eval_chunks(loaded, options.file, n_ctx, options.chunks, options.parse_special)
+        n_chunk, n_seq = chunks.shape[0], n_seq_for(n_ctx, options.batch_size)
+        reporter.info(f"perplexity: calculating perplexity over {n_chunk} chunks, n_ctx={n_ctx}, "
+                      f"batch_size={options.batch_size}, n_seq={n_seq}")
+        if save_base is not None:
+            reporter.info(f"perplexity: saving all logits to {save_base}")
+        with _base_writer(save_base if group.is_main else None, n_ctx, loaded, chunks) as writer:
+            eta = EtaLine("perplexity", n_chunk, reporter)
+            consumer = _Perplexity(loaded, n_ctx, save_base is not None, writer, eta, reporter)
+            runner.run(executor, model_input(chunks, loaded), consumer, n_seq, group, reporter,
+                       options.chunks_in_flight, label=None)
+    result = consumer.result(n_ctx)
+    reporter.result("\n")
+    reporter.result(result.final_line() + "\n")
+    return result
+
+
+def _base_writer(path: str | Path | None, n_ctx: int, loaded: LoadedModel,
+                 chunks: np.ndarray) -> contextlib.AbstractContextManager[LogitsWriter | None]:
+    """The base file's writer (the tokens as tokenized), or nothing where none is written."""
+    if path is None:
+        return contextlib.nullcontext()
+    return LogitsWriter(path, n_ctx, int(loaded.config.vocab_size), chunks)
+
+
 def eval_chunks(loaded: LoadedModel, text_path: str | Path, n_ctx: int, max_chunks: int = -1,
                 parse_special: bool = False) -> np.ndarray:
-    """`int64 [n_chunk, n_ctx]`: the tokenized text (BOS included if the vocab adds it), cut into chunks.
-
-    The tokens are kept as tokenized: the BOS swap happens per forward pass, as in llama.cpp.
-    """
+    """`int64 [n_chunk, n_ctx]`: the tokenized text (BOS included if the vocab adds it), cut into chunks."""
     if max_chunks == 0:
         raise ImatrixError(f"{text_path}: --chunks 0 leaves nothing to score")
     text = read_calibration_text(text_path)
@@ -75,93 +135,45 @@ def eval_chunks(loaded: LoadedModel, text_path: str | Path, n_ctx: int, max_chun
     return make_chunks(tokens, n_ctx, max_chunks=max_chunks, source=text_path)
 
 
-def scored_logits(loaded: LoadedModel, chunks: np.ndarray, n_batch: int = 2048,
-                  on_batch: Callable[[int, float], None] | None = None,
-                  ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Yield (chunk index, logits `float32 [n_scored, vocab]`, targets `int64 [n_scored]`) chunk by chunk.
+class _Perplexity(runner.Unhooked):
+    """The pipeline's consumer: each chunk's −log p (and base rows, when saving them), folded and printed
+    `[i]ppl,` in chunk order."""
 
-    `on_batch(first_chunk, seconds)` is called after each forward pass.
-    """
-    n_chunk, n_ctx = chunks.shape
-    n_seq, first = n_seq_for(n_ctx, n_batch), n_ctx // 2
-    model = loaded.model
-    device = next(model.parameters()).device
-    bos = loaded.tokenizer.bos_id if loaded.tokenizer.add_bos else None
-    with torch.inference_mode():
-        for start in range(0, n_chunk, n_seq):
-            batch = torch.from_numpy(chunks[start : start + n_seq].copy())
-            if bos is not None:
-                batch[:, 0] = bos
-            began = time.perf_counter()
-            hidden = loaded.decoder(input_ids=batch.to(device), use_cache=False).last_hidden_state
-            if on_batch is not None:
-                on_batch(start, time.perf_counter() - began)
-            for seq in range(batch.shape[0]):
-                logits = loaded.finish_logits(loaded.lm_head(hidden[seq, first:-1]).float()).cpu()
-                yield start + seq, logits, torch.from_numpy(chunks[start + seq, first + 1 :])
+    projects_output = True
 
+    def __init__(self, loaded: LoadedModel, n_ctx: int, saving: bool, writer: LogitsWriter | None, eta: EtaLine,
+                 reporter: Reporter) -> None:
+        self.finish, self.saving, self.writer = loaded.finish_logits, saving, writer
+        self.eta, self.reporter = eta, reporter
+        self.positions, self.targets = scored_positions(n_ctx), scored_targets(n_ctx)
+        self.meter, self.chunk_ppl = PerplexityMeter(), []
 
-def eta_logger(n_chunk: int, n_seq: int, log: Emit, label: str) -> Callable[[int, float], None]:
-    """llama.cpp prints the time of the first pass and an estimate for the whole run."""
+    def score(self, chunks: Sequence[int], head: torch.nn.Module, hidden: torch.Tensor,
+              tokens: torch.Tensor) -> list[Any]:
+        """(nll, base rows or None) per sequence."""
+        scored = []
+        for sequence, ids in zip(hidden, tokens, strict=True):
+            logits = self.finish(head(sequence[self.positions]).float()).cpu()
+            targets = ids[self.targets].cpu()
+            if self.saving:
+                rows, nll = log_softmax_u16(logits, targets)
+                scored.append((nll, rows))
+            else:
+                scored.append((log_softmax(logits, targets), None))
+        return scored
 
-    def on_batch(start: int, seconds: float) -> None:
-        if start == 0:
-            minutes = seconds * n_chunk / n_seq / 60
-            log(f"{label}: {seconds:.2f} seconds per pass - ETA {minutes:.2f} minutes")
+    def end_window(self, window: Window, results: dict[int, Any], seconds: float) -> None:
+        self.eta.after(window, seconds)
+        for step in window:
+            for chunk in step.chunks():
+                nll, rows = results[chunk]
+                if self.writer is not None:
+                    self.writer.write_chunk(rows)
+                self.meter.add_nll(nll)
+                self.chunk_ppl.append(self.meter.ppl)
+                self.reporter.result(f"[{chunk + 1}]{self.meter.ppl:.4f},")
 
-    return on_batch
-
-
-def perplexity(model: LoadedModel | str | Path, text_path: str | Path, n_ctx: int = 512, max_chunks: int = -1,
-               save_base: str | Path | None = None, n_batch: int = 2048, parse_special: bool = False,
-               emit: Emit = quiet, log: Emit = quiet, device: str | torch.device = "cpu") -> PerplexityResult:
-    """llama-perplexity's PPL of `model` on `text_path`.
-
-    `save_base` also writes the base log-probabilities for a later `kl_divergence` (llama.cpp's
-    `--kl-divergence-base` file). `emit` receives the `[i]ppl,` progress and the final line,
-    `log` the informational lines.
-    """
-    loaded = as_loaded(model, device)
-    log("perplexity: tokenizing the input ..")
-    chunks = eval_chunks(loaded, text_path, n_ctx, max_chunks, parse_special)
-    n_chunk, n_seq = chunks.shape[0], n_seq_for(n_ctx, n_batch)
-    log(f"perplexity: calculating perplexity over {n_chunk} chunks, n_ctx={n_ctx}, batch_size={n_batch}, "
-        f"n_seq={n_seq}")
-    meter, chunk_ppl = PerplexityMeter(), []
-    logits_iter = scored_logits(loaded, chunks, n_batch, eta_logger(n_chunk, n_seq, log, "perplexity"))
-    if save_base is None:
-        for index, logits, targets in logits_iter:
-            meter.add_nll(_nll(logits, targets))
-            _progress(index, meter, chunk_ppl, emit)
-    else:
-        log(f"perplexity: saving all logits to {save_base}")
-        n_vocab = int(loaded.config.vocab_size)
-        with LogitsWriter(save_base, n_ctx, n_vocab, chunks) as writer:
-            for index, logits, targets in logits_iter:
-                rows, nll = quantize_log_probs(logits, targets)
-                writer.write_chunk(rows)
-                meter.add_nll(nll)
-                _progress(index, meter, chunk_ppl, emit)
-    result = _result(meter, chunk_ppl, n_ctx)
-    emit("\n")
-    emit(result.final_line() + "\n")
-    return result
-
-
-def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """−log p(target), float64; llama.cpp sums exp in double, the rest in float."""
-    max_logit = logits.max(dim=1, keepdim=True).values
-    log_sum_exp = torch.exp(logits - max_logit).double().sum(dim=1).log()
-    picked = logits.gather(1, targets.view(-1, 1)).view(-1) - max_logit.view(-1)
-    return log_sum_exp - picked.double()
-
-
-def _progress(index: int, meter: PerplexityMeter, chunk_ppl: list[float], emit: Emit) -> None:
-    chunk_ppl.append(meter.ppl)
-    emit(f"[{index + 1}]{meter.ppl:.4f},")
-
-
-def _result(meter: PerplexityMeter, chunk_ppl: list[float], n_ctx: int) -> PerplexityResult:
-    estimate = meter.final()
-    ppl, error = estimate if estimate is not None else (meter.ppl, None)
-    return PerplexityResult(ppl, error, chunk_ppl, n_ctx, meter.count, meter.nll, meter.nll2)
+    def result(self, n_ctx: int) -> PerplexityResult:
+        estimate = self.meter.final()
+        ppl, error = estimate if estimate is not None else (self.meter.ppl, None)
+        return PerplexityResult(ppl, error, self.chunk_ppl, n_ctx, self.meter.count, self.meter.nll, self.meter.nll2)

@@ -1,8 +1,12 @@
-"""Translate `ImportanceMatrix` to and from bytes: GGUF (current) and `.dat` (legacy)."""
+"""Translate `ImportanceMatrix` to and from files: GGUF (current) and `.dat` (legacy).
+
+`load_imatrix`, `load_imatrices` and `save_imatrix` are also `imatrix.load`, `imatrix.load_many` and
+`imatrix.save`.
+"""
 
 from __future__ import annotations
 
-import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 from imatrix.errors import ImatrixError
@@ -11,11 +15,13 @@ from imatrix.formats.dat_file import read_dat_imatrix, write_dat_imatrix
 from imatrix.formats.gguf_file import read_gguf_imatrix, write_gguf_imatrix
 from imatrix.ggufio.reader import is_gguf
 from imatrix.matrix import ImportanceMatrix
+from imatrix.reporter import OUTPUT, SILENT, Reporter
 
-__all__ = ["atomic_path", "is_gguf", "load_imatrix", "partial_data_warnings", "save_imatrix"]
+__all__ = ["atomic_path", "is_gguf", "load_imatrices", "load_imatrix", "partial_data_warnings", "save_imatrix"]
 
 
 def load_imatrix(path: str | Path, chunk_size: int = 512) -> ImportanceMatrix:
+    """Read a GGUF or legacy `.dat` imatrix; `.dat` values become raw sums via `chunk_size`."""
     source = Path(path)
     if source.is_dir():
         raise ImatrixError(f"{source}: is a directory, not an imatrix file")
@@ -29,7 +35,25 @@ def load_imatrix(path: str | Path, chunk_size: int = 512) -> ImportanceMatrix:
         raise ImatrixError(f"{source}: cannot read: {exc.strerror}") from exc
 
 
-def save_imatrix(matrix: ImportanceMatrix, path: str | Path, output_format: str | None = None) -> Path:
+def load_imatrices(paths: Iterable[str | Path], chunk_size: int = 512) -> ImportanceMatrix:
+    """Read and merge several files in order, as `--in-file a,b` does (chunk_count recomputed, as llama.cpp
+    does after loading; the merge holds no single run's `run_keys`)."""
+    merged = ImportanceMatrix(chunk_size=chunk_size)
+    for path in paths:
+        incoming = load_imatrix(path, chunk_size=chunk_size)
+        try:
+            merged.merge_in(incoming)
+        except ImatrixError as exc:
+            raise ImatrixError(f"{path}: {exc}") from None
+    merged.chunk_size = chunk_size
+    merged.update_chunk_count()
+    return merged
+
+
+def save_imatrix(matrix: ImportanceMatrix, path: str | Path, output_format: str | None = None,
+                 reporter: Reporter = SILENT) -> Path:
+    """Write atomically as GGUF or legacy `.dat` (`output_format`; None: by the suffix, GGUF but for `.dat`).
+    llama.cpp's warning for expert stacks with experts that got no rows goes to `reporter`."""
     target = Path(path)
     if not len(matrix):
         raise ImatrixError(f"{target}: nothing to save: the imatrix holds no tensors")
@@ -41,7 +65,7 @@ def save_imatrix(matrix: ImportanceMatrix, path: str | Path, output_format: str 
     else:
         raise ImatrixError(f"unknown output format '{output_format}' (expected gguf or dat)")
     for warning in partial_data_warnings(matrix):
-        print(warning, file=sys.stderr)
+        reporter.log(warning, OUTPUT)
     return target
 
 

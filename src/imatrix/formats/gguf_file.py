@@ -17,7 +17,7 @@ KEY_TYPE = "general.type"
 KEY_DATASETS = "imatrix.datasets"
 KEY_CHUNK_COUNT = "imatrix.chunk_count"
 KEY_CHUNK_SIZE = "imatrix.chunk_size"
-KEY_RUN_PREFIX = "imatrix.resume."  # our own: the run that wrote the file (collect.resume); llama.cpp ignores them
+KEY_RUN_PREFIX = "imatrix.resume."  # our own: the run that wrote the file (collection.resume); llama.cpp ignores them
 SUMS_SUFFIX = ".in_sum2"
 COUNTS_SUFFIX = ".counts"
 VT = gguf.GGUFValueType
@@ -101,7 +101,7 @@ def _strings(source: GGUFModelFile, key: str) -> list[str]:
 
 
 def _run_keys(source: GGUFModelFile) -> dict[str, str | int]:
-    """The imatrix.resume.* keys that hold a string or a whole number (collect.resume checks what they say)."""
+    """The imatrix.resume.* keys that hold a string or a whole number (collection.resume checks what they say)."""
     return {key: source.metadata[key] for key, field in source.fields.items()
             if key.startswith(KEY_RUN_PREFIX) and field.value_type in (VT.STRING, *_INTEGER_TYPES)}
 

@@ -41,6 +41,12 @@ def is_batched_experts(module: torch.nn.Module) -> bool:
             and isinstance(down, torch.nn.Parameter) and down.dim() == 3)
 
 
+def routes_to_experts(names: dict[str, tuple[str, ...]]) -> bool:
+    """Whether a model whose parameters have these GGUF names is a MoE one: it has expert stacks
+    (`*_exps`) or routers (`ffn_gate_inp`)."""
+    return any("_exps." in name or ".ffn_gate_inp." in name for gguf_names in names.values() for name in gguf_names)
+
+
 def expert_block(module_path: str, tensor_map: gguf.TensorNameMap | None = None) -> int | None:
     """Block index of the experts module at `module_path` (`model.layers.3.mlp.experts` -> 3)."""
     if tensor_map is not None:

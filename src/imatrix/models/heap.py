@@ -5,7 +5,7 @@ such a block is mmap'ed, or lands on top of the heap and is trimmed back to the 
 so the next activation page-faults its memory in again: on the 2-core VM of the benchmarks, a
 SiLU·mul over [512, 1536] took 2.4 ms that way and 0.8 ms with the memory kept. Peak RSS does not
 change (the memory would be taken again at the next layer anyway); it is only not handed back.
-One arena for all threads: the threads of chunks in flight (`collect.in_flight`) then reuse each
+One arena for all threads: the threads of chunks in flight (`pipeline.in_flight`) then reuse each
 other's freed blocks, ~30 MB less peak RSS for SmolLM2 than an arena each, at the same speed.
 """
 

@@ -17,6 +17,7 @@ import torch
 from imatrix.errors import ImatrixError
 from imatrix.ggufio.reader import MappedPages
 from imatrix.models.architectures.base import Architecture
+from imatrix.models.experts import routes_to_experts
 from imatrix.models.names import GGUFNames
 from imatrix.models.open import OpenedModel, open_model
 from imatrix.models.storage import (
@@ -55,6 +56,11 @@ class LoadedModel:
     @property
     def lm_head(self) -> torch.nn.Module:
         return self.model.lm_head
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether its layers route tokens to experts (it has expert stacks or routers)."""
+        return routes_to_experts({**self.gguf_names, **self.expert_stacks})
 
     def finish_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """What the causal-LM class does to the output projection's values (soft-capping, scaling)."""

@@ -2,7 +2,7 @@
 
 transformers computes `down_proj(act_fn(gate_proj(x)) * up_proj(x))`: the activation and the product
 are two more [n_tokens, n_ff] tensors, allocated while the gate and up projections are still alive.
-For two 512-token SmolLM2 chunks per forward in each of two threads (`collect.executors`), that is
+For two 512-token SmolLM2 chunks per forward in each of two threads (`pipeline.executors`), that is
 4 × 6 MB at the peak of the MLP, held as freed heap afterwards. Applied in place (SiLU, then the
 product), the values are the same bits and the down projection's hook sees the same input.
 """

@@ -1,7 +1,7 @@
 """One way to open a model: GGUF file or Hugging Face directory -> skeleton, GGUF names, tokenizer, weights.
 
 Every path that runs a model starts here: in memory (`models.loader.load_model` fills the skeleton),
-layer by layer (`collect.sequential`), on several ranks, and `imatrix perplexity`.
+layer by layer (`pipeline.sequential`), on several ranks, and `imatrix perplexity`.
 """
 
 from __future__ import annotations

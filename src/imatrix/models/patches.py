@@ -9,11 +9,11 @@ Three kinds, each applied by one function here:
     alive at the MLP's peak; chosen by comparing the forward's bytecode with `LlamaMLP.forward`'s);
   - an adapter's `graph_fixes` (PhiMoE runs as Phi-3, as llama.cpp runs it: `architectures.phi`);
 - `override_attribute`: a method of one module object is replaced while collecting, and restored after
-  (`collect.moe`: llama.cpp counts tokens per expert, which transformers' expert forwards do not expose;
+  (`collection.moe`: llama.cpp counts tokens per expert, which transformers' expert forwards do not expose;
   `models.latent_attention`: DeepSeek's latent attention output, which llama.cpp multiplies);
 - `register_attention`: the blocked causal attention (`models.attention`: torch's CPU kernel is ~30% slower
   on one causal [n, n] call) is registered with `AttentionInterface`, with sdpa's mask function.
-Besides, the layer-by-layer path (`collect.sequential`, `models.weights.SafetensorsWeights`) calls
+Besides, the layer-by-layer path (`pipeline.sequential`, `models.weights.SafetensorsWeights`) calls
 transformers' checkpoint-conversion internals, as `from_pretrained` does.
 
 They lean on transformers internals, so `check_transformers` runs when this module is imported: a release

@@ -34,7 +34,7 @@ import numpy as np
 from imatrix.errors import ImatrixError
 from imatrix.quant.base import QuantType
 from imatrix.quant.blocks import F32, fp16_bytes, nearest, steps, sum_groups
-from imatrix.quant.grids import Lattice, best_neighbours, lattice
+from imatrix.quant.grids import Lattice, best_on_grid, lattice
 from imatrix.quant.kquants import imatrix_weights
 
 Q = gguf.GGMLQuantizationType
@@ -43,9 +43,8 @@ GROUP = 8  # values per grid point
 DELTA = F32(0.125)  # IQ1S_DELTA = IQ1M_DELTA
 # level values with a positive / negative shift (x_p / x_m in ggml-quants.c)
 SHIFTED = {1: np.array([-1, 0, 1], dtype=F32) + DELTA, -1: np.array([-1, 0, 1], dtype=F32) - DELTA}
-# relative margin below the running record score under which a candidate is skipped (`best_candidate`)
+# relative margin below a column's best score under which a candidate is skipped (`best_candidate`)
 NEAR_RECORD = 1e-3
-RECORD_CHUNK = 8
 # Super-blocks per step: `blocks.steps` with this many copies (a sub-block's candidate sums hold ~20-35
 # values per input value; larger steps amortise the candidate scan's per-candidate overhead)
 STEP_COPIES = 16
@@ -118,21 +117,26 @@ def best_candidate(sumqx: np.ndarray, sumq2: np.ndarray) -> tuple[np.ndarray, np
     `sumq2 > 0 && sumqx^2 > best*sumq2` (best becomes `sumqx/sumq2*sumqx`). Returns the last taken
     index (-1: none) and its scale.
 
-    Only candidates near a running record can be taken: the running best never falls more than a few
-    ulps (per candidate taken) below any earlier candidate's score, so a score clearly below an earlier
-    one cannot beat it. The exact scan runs over the remaining few dozen per column, not all of them.
+    Only the last one taken matters, and it scores within a few ulps of the column's best score (once the
+    best is reached nothing clearly below it is taken again). Candidates clearly below that (`NEAR_RECORD`)
+    cannot be it, nor change what happens among the others: the first of those near the top is taken
+    whatever came before. So the exact scan runs over those few per column only.
     """
     n = sumqx.shape[1]
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         score = np.where(sumq2 > 0, sumqx / sumq2 * sumqx, -np.inf).astype(F32)
-        near = (sumq2 > 0) & ~(score < _earlier_bound(score) * F32(1 - NEAR_RECORD))
-    col, cand = np.nonzero(near.T)  # by column, then candidate order
+        top = np.maximum.reduce(score, axis=0)
+        near = (sumq2 > 0) & ~(score < top * F32(1 - NEAR_RECORD))
+    cand, col = np.nonzero(near)
+    order = np.argsort(col, kind="stable")  # by column, then candidate order
+    cand, col = cand[order], col[order]
     counts = np.bincount(col, minlength=n)
     slot = np.arange(col.size) - np.repeat(np.cumsum(counts) - counts, counts)
     width = int(counts.max()) if col.size else 0
     qxs, q2s = np.zeros((width, n), dtype=F32), np.zeros((width, n), dtype=F32)  # q2 = 0: never taken
     index = np.full((width, n), -1)
-    qxs[slot, col], q2s[slot, col], index[slot, col] = sumqx[cand, col], sumq2[cand, col], cand
+    flat = cand * n + col
+    qxs[slot, col], q2s[slot, col], index[slot, col] = np.take(sumqx, flat), np.take(sumq2, flat), cand
     best = np.full(n, -np.finfo(F32).max, dtype=F32)
     taken = np.full(n, -1)
     scale = np.zeros(n, dtype=F32)
@@ -146,19 +150,6 @@ def best_candidate(sumqx: np.ndarray, sumq2: np.ndarray) -> tuple[np.ndarray, np
     return taken, scale
 
 
-def _earlier_bound(score: np.ndarray) -> np.ndarray:
-    """A lower bound of the best score among each candidate's predecessors `[k, n]`: the best of the
-    earlier chunks of `RECORD_CHUNK` candidates (a full running maximum costs more than it prunes)."""
-    k, n = score.shape
-    chunks = -(-k // RECORD_CHUNK)
-    padded = np.full((chunks * RECORD_CHUNK, n), -np.inf, dtype=F32)
-    padded[:k] = score
-    chunk_best = padded.reshape(chunks, RECORD_CHUNK, n).max(axis=1)
-    bound = np.full((chunks, n), -np.inf, dtype=F32)
-    np.maximum.accumulate(chunk_best[:-1], axis=0, out=bound[1:])
-    return np.repeat(bound, RECORD_CHUNK, axis=0)[:k]
-
-
 # ----------------------------------------------------------------------------- grid points
 
 
@@ -170,16 +161,10 @@ def snap_to_grid(
     unsquared). Returns the indices and which groups were off."""
     lat = grid()
     n_groups = levels.shape[0] // GROUP
-    grouped = levels.reshape(n_groups, GROUP, -1)
-    index = lat.index_of[lat.codes_of(np.moveaxis(grouped, 1, -1))]  # [n_groups, n]
-    off = index < 0
-    g, j = np.nonzero(off)
-    if g.size:
-        xg = x.reshape(n_groups, GROUP, -1)[g, :, j].T
-        wg = w.reshape(n_groups, GROUP, -1)[g, :, j].T
-        codes = lat.codes_of(grouped[g, :, j])
-        index[g, j] = best_neighbours(lat, codes, xg, wg, scale[j], values[:, g, j])
-    return index, off
+    codes = lat.codes_of(levels.reshape(n_groups, GROUP, -1), axis=1)  # [n_groups, n]
+    by_value = [np.moveaxis(a.reshape(n_groups, GROUP, -1), 1, 0) for a in (x, w)]  # [8, n_groups, n]
+    index, off = best_on_grid(lat, codes[..., None], *by_value, scale[:, None], values)
+    return index[..., 0], off[..., 0]
 
 
 def grid_fit(index: np.ndarray, x: np.ndarray, w: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -22,14 +22,13 @@ and every search keeps the first best candidate.
 
 from __future__ import annotations
 
-import functools
-import itertools
 from dataclasses import dataclass
 
 import gguf
 import numpy as np
 
 from imatrix.errors import ImatrixError
+from imatrix.quant import grids
 from imatrix.quant.base import QuantType
 from imatrix.quant.blocks import (
     F32,
@@ -37,11 +36,12 @@ from imatrix.quant.blocks import (
     fp16_bytes,
     from_groups,
     nearest,
+    nearest_exact,
     steps,
-    sum_blocks,
     sum_groups,
     to_groups,
 )
+from imatrix.quant.grids import Lattice, best_on_grid, odd_sums, put_levels, value_major
 from imatrix.quant.kquants import block_sigma2
 
 QK_K = 256
@@ -50,104 +50,23 @@ GROUP = 8  # values per grid point
 MAX_LEVEL = 2  # grid levels are 0..2 (kMaxQ - 1)
 
 
-# ----------------------------------------------------------------------------- grids and neighbour lists
+# ----------------------------------------------------------------------------- grids
+
+# iq2xs_init_impl's nwant: neighbours over this many of the nearest distances
+N_DISTANCES = {Q.IQ2_XXS: 2, Q.IQ2_XS: 2, Q.IQ2_S: 1}
 
 
-@dataclass(frozen=True)
-class Lattice:
-    """One type's grid: its points, where each 2-bit code sits on it, and the neighbours of the codes off it.
-
-    A code packs a group's 8 levels, 2 bits each, value i at bits 2i (the `u` of the C kernels).
-    """
-
-    levels: np.ndarray  # [grid_size, 8] float32 levels 0..2 of each grid point
-    index_of: np.ndarray  # [4**8] int32: grid index of a code, -1 off the grid
-    first: np.ndarray  # [4**8] int32: where a code's neighbours start in `neighbours`
-    count: np.ndarray  # [4**8] int32: how many neighbours it has (0 on the grid)
-    neighbours: np.ndarray  # flat int32 grid indices, each code's run sorted by (distance, index)
-    neighbour_values: np.ndarray  # [len(neighbours)] int64: each neighbour's 8 multiples of the scale (2l+1) as int8
-
-
-def codes_of(levels: np.ndarray) -> np.ndarray:
-    """Levels `[n, 8]` (any integer dtype or exact floats) to codes `[n]`."""
-    return (levels.astype(np.int32) << (2 * np.arange(GROUP, dtype=np.int32))).sum(axis=-1, dtype=np.int32)
-
-
-def grid_levels(kind: type) -> np.ndarray:
-    """gguf-py's grid (the dequantized magnitudes) as level indices `[grid_size, 8]`."""
-    kind.init_grid()
-    values = np.asarray(kind.grid, dtype=F32).reshape(-1, GROUP)
-    return np.searchsorted(np.asarray(kind.grid_map, dtype=F32), values).astype(np.int32)
-
-
-def build_lattice(levels: np.ndarray, n_distances: int) -> Lattice:
-    """Grid tables with, for each code off the grid (levels 0..2 only: nothing else is ever looked up),
-    every grid point at one of the `n_distances` smallest squared distances from it (iq2xs_init_impl's
-    `nwant`), nearest first, ties by index."""
-    index_of = np.full(4**GROUP, -1, dtype=np.int32)
-    index_of[codes_of(levels)] = np.arange(levels.shape[0], dtype=np.int32)
-    points = np.array(list(itertools.product(range(MAX_LEVEL + 1), repeat=GROUP)), dtype=np.int32)
-    off = points[index_of[codes_of(points)] < 0]
-    dist = ((off[:, None, :] - levels[None, :, :]) ** 2).sum(axis=-1)
-    order = np.argsort(dist, axis=1, kind="stable")  # stable: equal distances stay in grid order
-    dist_sorted = np.take_along_axis(dist, order, axis=1)
-    distinct = np.concatenate([np.ones((off.shape[0], 1), bool), dist_sorted[:, 1:] != dist_sorted[:, :-1]], axis=1)
-    cut = np.cumsum(distinct, axis=1) <= n_distances
-    count = cut.sum(axis=1).astype(np.int32)
-    first = np.zeros(4**GROUP, dtype=np.int32)
-    counts = np.zeros(4**GROUP, dtype=np.int32)
-    codes = codes_of(off)
-    counts[codes] = count
-    first[codes] = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int32)
-    neighbours = order[cut].astype(np.int32)
-    values = (2 * levels[neighbours] + 1).astype(np.int8).view(np.int64).reshape(-1)
-    return Lattice(levels.astype(F32), index_of, first, counts, neighbours, values)
-
-
-@functools.cache
 def lattice(qtype: Q) -> Lattice:
-    kind, n_distances = {
-        Q.IQ2_XXS: (gguf.quants.IQ2_XXS, 2),
-        Q.IQ2_XS: (gguf.quants.IQ2_XS, 2),
-        Q.IQ2_S: (gguf.quants.IQ2_S, 1),
-    }[qtype]
-    return build_lattice(grid_levels(kind), n_distances)
+    """`qtype`'s grid and neighbour lists (`grids.lattice`, built once)."""
+    return grids.lattice(qtype, N_DISTANCES[qtype])
 
 
-def best_neighbours(
-    lat: Lattice, codes: np.ndarray, xval: np.ndarray, waux: np.ndarray, scale: np.ndarray
-) -> np.ndarray:
-    """`iq2_find_best_neighbour` for `m` groups off the grid: the neighbour of each code with the least
-    `sum(waux * (scale * (2l+1) - x)^2)`, the first one on ties. `xval`, `waux`: `[m, 8]`; `scale`: `[m]`.
-
-    One row per (group, neighbour) pair, every group's run of neighbours in the lattice's order.
-    """
-    count = lat.count[codes]
-    run_start = np.cumsum(count) - count
-    total = int(count.sum())
-    where = np.repeat(lat.first[codes] - run_start, count) + np.arange(total, dtype=np.int32)
-    # C's scale*q, q as small exact integers: one 8-byte row of int8 per neighbour
-    q = np.take(lat.neighbour_values, where).view(np.int8).reshape(total, GROUP)
-    diff = np.multiply(q, np.repeat(np.broadcast_to(scale[:, None], xval.shape), count, axis=0), dtype=F32)
-    diff -= np.repeat(xval, count, axis=0)
-    d2 = np.repeat(waux, count, axis=0)
-    d2 *= diff  # C's weight*diff*diff is (weight*diff)*diff
-    d2 *= diff
-    d2 = sum_blocks(d2) + F32(0)  # + 0: a -0.0 would order below +0.0 as an integer
-    # non-negative float32 order as integers: the smallest (value, position) of each run in one reduction
-    key = (d2.view(np.int32).astype(np.int64) << 32) | np.arange(total, dtype=np.int64)
-    first = np.minimum.reduceat(key, run_start) & 0xFFFFFFFF
-    return lat.neighbours[where[first]]
+def codes_of(levels: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Levels of groups of 8 (the values along `axis`) to their 2-bit codes."""
+    return grids.codes_of(levels, 2, axis)
 
 
 # ----------------------------------------------------------------------------- the scale search
-
-
-def nearest_int(values: np.ndarray) -> np.ndarray:
-    """llama.cpp's `nearest_int` bit for bit, also where it is garbage (|value| >= 2**22 or not finite):
-    float32 values become int32."""
-    shifted = np.asarray(values, dtype=F32) + F32(12582912)
-    return (shifted.view(np.int32) & 0x007FFFFF) - 0x00400000
 
 
 def _qp_scale(x: np.ndarray, w: np.ndarray, nmax: int) -> np.ndarray:
@@ -159,22 +78,22 @@ def _qp_scale(x: np.ndarray, w: np.ndarray, nmax: int) -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         vmax = np.maximum(x.max(axis=0), F32(0))
         iscale = F32(nmax) / vmax
-        stored = (nearest_int(iscale * x) & 0xFF).astype(F32)
+        stored = (nearest_exact(iscale * x).astype(np.int32) & 0xFF).astype(F32)
         diff = x - (F32(1) / iscale) * stored
         best = sum_groups(w * diff * diff)
         for step in (-4, -3, -2, -1, 1, 2, 3, 4):
             trial = (F32(0.1) * F32(step) + F32(nmax)) / vmax
-            levels = np.minimum(nearest_int(trial * x), nmax).astype(F32)
+            levels = np.minimum(nearest_exact(trial * x), F32(nmax))
             diff = x - (F32(1) / trial) * levels
             mse = sum_groups(w * diff * diff)
             better = mse < best
             best = np.where(better, mse, best)
             iscale = np.where(better, trial, iscale)
-        levels = np.minimum(nearest_int(iscale * x), nmax)
+        levels = np.minimum(nearest_exact(iscale * x), F32(nmax))
         wx = w * x
-        sumlx = sum_groups(wx * levels.astype(F32))
-        suml2 = sum_groups(w * levels.astype(F32) * levels.astype(F32))
-        sumlx, suml2 = _refine_wrapped(x, w, wx, (levels & 0xFF).astype(F32), sumlx, suml2, nmax)
+        sumlx = sum_groups(wx * levels)
+        suml2 = sum_groups(w * levels * levels)
+        sumlx, suml2 = _refine_wrapped(x, w, wx, (levels.astype(np.int32) & 0xFF).astype(F32), sumlx, suml2, nmax)
         return np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, F32(1)), F32(0)).astype(F32)
 
 
@@ -188,7 +107,7 @@ def _refine_wrapped(
             li = stored[i]
             slx = sumlx - wx[i] * li
             sl2 = suml2 - w[i] * li * li
-            new = np.minimum(nearest_int(x[i] * sl2 / slx), nmax).astype(F32)
+            new = np.minimum(nearest_exact(x[i] * sl2 / slx), F32(nmax))
             new_lx = slx + wx[i] * new
             new_l2 = sl2 + w[i] * new * new
             take = (slx > 0) & (sl2 > 0) & (new != li) & (new_lx * new_lx * suml2 > sumlx * sumlx * new_l2)
@@ -235,35 +154,26 @@ def _signs(x: np.ndarray, w: np.ndarray, even: bool) -> tuple[np.ndarray, np.nda
 
 
 def _snap(
-    lat: Lattice,
-    xval: np.ndarray,
-    waux: np.ndarray,
-    inv_scale: np.ndarray,
-    scale: np.ndarray,
+    lat: Lattice, xval: np.ndarray, waux: np.ndarray, inv_scale: np.ndarray, scale: np.ndarray,
     only: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Levels `[size, n]` of every group at `inv_scale`, a group off the grid moved to its best neighbour
-    at `scale` (only groups in `only [groups, n]`, when given, are searched). Returns (levels, off_grid)."""
-    levels = np.clip(nearest(F32(0.5) * (inv_scale * xval - F32(1))), F32(0), F32(MAX_LEVEL))
-    n_groups, n = xval.shape[0] // GROUP, xval.shape[1]
-    by_group = levels.reshape(n_groups, GROUP, n)
-    codes = (by_group * (F32(4) ** np.arange(GROUP, dtype=F32))[None, :, None]).sum(axis=1).astype(np.int32)
-    off = lat.index_of[codes] < 0
-    if only is not None:
-        off &= only
-    group, column = np.nonzero(off)
-    if group.size:
-        values = xval.reshape(n_groups, GROUP, n)[group, :, column]
-        weights = waux.reshape(n_groups, GROUP, n)[group, :, column]
-        best = best_neighbours(lat, codes[group, column], values, weights, scale[column])
-        by_group[group, :, column] = lat.levels[best]
+    """Levels `[groups, n, T, 8]` (a group's values in a row) of every group at inverse scales
+    `inv_scale [n, T]`, a group off the grid moved to its best neighbour at `scale [n, T]` (with
+    `only [groups, n]`, and T = 1: only those groups). Returns the levels and which groups were moved."""
+    n_groups = xval.shape[0] // GROUP
+    by_value = [np.moveaxis(a.reshape(n_groups, GROUP, -1), 1, 0) for a in (xval, waux)]  # [8, groups, n]
+    rows = np.ascontiguousarray(by_value[0].transpose(1, 2, 0))[:, :, None, :]  # [groups, n, 1, 8]
+    levels = np.clip(nearest(F32(0.5) * (inv_scale[:, :, None] * rows - F32(1))), F32(0), F32(MAX_LEVEL))
+    codes = codes_of(levels)
+    if only is None:
+        _, off = best_on_grid(lat, codes, *by_value, scale[None], levels=levels)
+    else:
+        group, column = np.nonzero(only)
+        found, moved = best_on_grid(lat, codes[group, column], *(a[:, group, column] for a in by_value), scale[column])
+        off = np.zeros(codes.shape, dtype=bool)
+        off[group, column] = moved
+        put_levels(lat, levels, np.flatnonzero(off), found[moved])
     return levels, off
-
-
-def _sums(wx: np.ndarray, w: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`sum(w*x*q)` and `sum(w*q*q)` of the values `q = 2 * level + 1`, in C's order."""
-    q = F32(2) * levels + F32(1)
-    return sum_groups(wx * q), sum_groups(w * q * q)
 
 
 @dataclass
@@ -278,19 +188,22 @@ class _Fit:
 def _try_scales(spec: Search, lat: Lattice, xval: np.ndarray, w: np.ndarray, waux: np.ndarray,
                 anchor: np.ndarray, scale: np.ndarray) -> _Fit:
     """The candidates `(5 + 0.1 t) / anchor`: the first best fit by `sumqx^2 / sumq2` wins."""
-    wx = w * xval
-    fit = _Fit(scale, np.zeros_like(xval), np.ones((spec.size // GROUP, xval.shape[1]), dtype=bool))
+    n = xval.shape[1]
+    tries = np.array(spec.tries, dtype=F32)
+    inv = (F32(2 * MAX_LEVEL + 1) + tries * F32(0.1))[None, :] / anchor[:, None]  # [n, T]
+    trial, off = _snap(lat, xval, waux, inv, F32(1) / inv)
+    sumqx, sumq2 = (np.ascontiguousarray(a.T) for a in odd_sums(xval, w, trial))  # [T, n]
+    best_try = np.full(n, -1)
     best = np.zeros_like(scale)
-    for t in spec.tries:
-        inv = (F32(2 * MAX_LEVEL + 1) + F32(t) * F32(0.1)) / anchor
-        trial, off = _snap(lat, xval, waux, inv, F32(1) / inv)
-        sumqx, sumq2 = _sums(wx, w, trial)
-        better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
-        fit.scale = np.where(better, sumqx / np.where(better, sumq2, F32(1)), fit.scale)
-        best = np.where(better, fit.scale * sumqx, best)
-        fit.levels = np.where(better, trial, fit.levels)
-        fit.on_grid = np.where(better, ~off, fit.on_grid)
-    return fit
+    for t in range(tries.size):
+        better = (sumq2[t] > 0) & (sumqx[t] * sumqx[t] > best * sumq2[t])
+        scale = np.where(better, sumqx[t] / np.where(better, sumq2[t], F32(1)), scale)
+        best = np.where(better, scale * sumqx[t], best)
+        best_try[better] = t
+    cols, chosen, t_best = np.arange(n), best_try >= 0, np.maximum(best_try, 0)
+    levels = np.where(chosen, value_major(trial[:, cols, t_best]), F32(0))
+    on_grid = np.where(chosen, ~off[:, cols, t_best], True)
+    return _Fit(scale, levels, on_grid)
 
 
 def _refit(spec: Search, lat: Lattice, xval: np.ndarray, w: np.ndarray, waux: np.ndarray, fit: _Fit) -> None:
@@ -301,9 +214,10 @@ def _refit(spec: Search, lat: Lattice, xval: np.ndarray, w: np.ndarray, waux: np
     if not refit.any():
         return
     inv = np.where(positive, F32(1) / np.where(positive, fit.scale, F32(1)), F32(0))
-    moved, _ = _snap(lat, xval, waux, inv, fit.scale, only=refit)
-    fit.levels = np.where(np.repeat(refit, GROUP, axis=0), moved, fit.levels)
-    sumqx, sumq2 = _sums(w * xval, w, fit.levels)
+    moved, _ = _snap(lat, xval, waux, inv[:, None], fit.scale[:, None], only=refit)
+    fit.levels = np.where(np.repeat(refit, GROUP, axis=0), value_major(moved[:, :, 0]), fit.levels)
+    rows = np.moveaxis(fit.levels.reshape(-1, GROUP, fit.levels.shape[1], 1), 1, -1)
+    sumqx, sumq2 = (a[:, 0] for a in odd_sums(xval, w, rows))
     take = refit.any(axis=0) & (sumq2 > 0)
     fit.scale = np.where(take, sumqx / np.where(take, sumq2, F32(1)), fit.scale)
 
@@ -351,7 +265,7 @@ def _scale_codes(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     d = max_scale / F32(31)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         inv = np.where(max_scale > 0, F32(1) / d, F32(0))
-        codes = np.clip(nearest_int(F32(0.5) * (inv[:, None] * scales - F32(1))), 0, 15).astype(np.uint32)
+        codes = np.clip(nearest_exact(F32(0.5) * (inv[:, None] * scales - F32(1))), 0, 15).astype(np.uint32)
     return d, codes, (max_scale > 0)[:, None]
 
 

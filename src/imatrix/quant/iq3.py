@@ -29,8 +29,8 @@ import gguf
 import numpy as np
 
 from imatrix.quant.base import QuantType
-from imatrix.quant.blocks import F32, fp16_bytes, nearest, nearest_exact, steps, sum_groups
-from imatrix.quant.grids import Lattice, best_neighbours, lattice
+from imatrix.quant.blocks import F32, fp16_bytes, nearest, nearest_exact, steps
+from imatrix.quant.grids import Lattice, best_on_grid, lattice, odd_sums, value_major
 from imatrix.quant.kquants import imatrix_weights
 
 Q = gguf.GGMLQuantizationType
@@ -40,7 +40,7 @@ GROUP = 4  # values per grid point
 MAX_LEVEL = 7  # kMaxQ - 1
 # Super-blocks per step: `blocks.steps` with this many copies (the trial levels and neighbour pairs of a
 # super-block hold a few hundred values per input value; measured fastest around here, ~30 MiB per step)
-STEP_COPIES = 16
+STEP_COPIES = 4
 
 
 @dataclass(frozen=True)
@@ -118,50 +118,41 @@ def _search(
     """Levels `[32, n]` and scale `[n]` of sub-blocks with a non-zero maximum."""
     n = xval.shape[1]
     tries = np.arange(-v.n_steps, v.n_steps + 1, dtype=F32)
-    inv = (F32(2 * MAX_LEVEL + 1) + tries * F32(0.2))[:, None] / vmax  # [n_try, n]
-    trial_levels, off_grid = _grid_levels(lat, xval[:, None, :], waux[:, None, :], inv, F32(1) / inv)
-    sumqx, sumq2 = _fit_sums(xval[:, None, :], w[:, None, :], trial_levels)
+    inv = (F32(2 * MAX_LEVEL + 1) + tries * F32(0.2))[None, :] / vmax[:, None]  # [n, n_try]
+    trial_levels, off_grid = _grid_levels(lat, xval, waux, inv, F32(1) / inv)
+    sumqx, sumq2 = (np.ascontiguousarray(a.T) for a in odd_sums(xval, w, trial_levels))  # [n_try, n]
 
     # C's loop over the candidates in order: a later one must beat the best so far strictly
     best_try = np.full(n, -1)
     scale, best = vmax / F32(2 * MAX_LEVEL + 1), np.zeros(n, dtype=F32)
-    for t in range(inv.shape[0]):
+    for t in range(inv.shape[1]):
         better = (sumq2[t] > 0) & (sumqx[t] * sumqx[t] > best * sumq2[t])
         scale = np.where(better, sumqx[t] / np.where(better, sumq2[t], F32(1)), scale)
         best = np.where(better, scale * sumqx[t], best)
         best_try[better] = t
-    cols = np.arange(n)
-    chosen = best_try >= 0
-    levels = np.where(chosen, trial_levels[:, np.maximum(best_try, 0), cols], F32(0))
-    off = np.where(chosen, off_grid[:, np.maximum(best_try, 0), cols], v.unset_off_grid)
+    cols, chosen, t_best = np.arange(n), best_try >= 0, np.maximum(best_try, 0)
+    levels = np.where(chosen, value_major(trial_levels[:, cols, t_best]), F32(0))
+    off = np.where(chosen, off_grid[:, cols, t_best], v.unset_off_grid)
     return _refit(v, lat, xval, w, waux, levels, off, scale)
 
 
 def _grid_levels(
     lat: Lattice, xval: np.ndarray, waux: np.ndarray, inv: np.ndarray, scale: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Round `xval [32, ..., n]` at inverse scales `inv [..., n]` and move each group of 4 off the grid to
-    its best neighbour at `scale`. Returns the levels `[32, ..., n]` and which groups were off `[8, ..., n]`."""
-    shape = np.broadcast_shapes(xval.shape, (1,) + inv.shape)
-    with np.errstate(over="ignore", invalid="ignore"):  # tiny scales: C's nearest_int of inf/nan, then clipped
-        levels = np.clip(nearest_exact(F32(0.5) * (inv * xval - F32(1))), 0, MAX_LEVEL)
-    grouped = levels.reshape(SUB // GROUP, GROUP, -1)  # [8, 4, rest]
-    codes = lat.codes_of(np.moveaxis(grouped, 1, -1))  # [8, rest]
-    off = lat.index_of[codes] < 0
-    g, j = np.nonzero(off)
-    if g.size:
-        col = j % xval.shape[-1]  # the values are the same for every trial: index them, do not broadcast
-        xg = xval.reshape(SUB // GROUP, GROUP, -1)[g, :, col].T
-        wg = waux.reshape(SUB // GROUP, GROUP, -1)[g, :, col].T
-        sg = np.broadcast_to(scale, shape[1:]).reshape(-1)[j]
-        grouped[g, :, j] = lat.levels[best_neighbours(lat, codes[g, j], xg, wg, sg)]
-    return levels.reshape(shape), off.reshape((SUB // GROUP,) + shape[1:])
-
-
-def _fit_sums(xval: np.ndarray, w: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`sum(w*x*q)` and `sum(w*q*q)` over the leading axis, `q = 2l + 1`, in C's order."""
-    q = F32(2) * levels + F32(1)
-    return sum_groups(w * xval * q), sum_groups(w * q * q)
+    """Round `xval [32, n]` at inverse scales `inv [n, T]` and move each group of 4 off the grid to its
+    best neighbour at `scale [n, T]`. Returns the levels `[8 groups, n, T, 4]` (a group's values in a row)
+    and which groups were off `[8, n, T]`."""
+    by_group = np.moveaxis(xval.reshape(SUB // GROUP, GROUP, -1), 1, 0)  # [4, 8, n]
+    rows = np.ascontiguousarray(by_group.transpose(1, 2, 0))[:, :, None, :]  # [8, n, 1, 4]
+    with np.errstate(over="ignore", invalid="ignore"):
+        scaled = F32(0.5) * (inv[:, :, None] * rows - F32(1))
+        # nearest_int is rint below 2**22; past that (tiny scales: inf, nan) C's bits give garbage, kept
+        reach = np.abs(xval).max(axis=0, initial=0) * np.abs(inv).max(axis=1, initial=0)
+        small = bool(np.isfinite(inv).all() and (reach < F32(2**21)).all())
+        levels = np.clip(nearest(scaled) if small else nearest_exact(scaled), F32(0), F32(MAX_LEVEL))
+    _, off = best_on_grid(lat, lat.codes_of(levels), by_group, np.moveaxis(waux.reshape(SUB // GROUP, GROUP, -1), 1, 0),
+                          scale[None], levels=levels)
+    return levels, off
 
 
 def _refit(
@@ -172,14 +163,17 @@ def _refit(
     cols = np.flatnonzero(off.any(axis=0) & (scale > 0))
     if cols.size == 0:
         return levels, scale
-    sc = scale[cols]
-    again, _ = _grid_levels(lat, xval[:, cols], waux[:, cols], F32(1) / sc, sc)
+    sc = scale[cols][:, None]
+    again = _grid_levels(lat, xval[:, cols], waux[:, cols], F32(1) / sc, sc)[0]  # [8, m, 1, 4]
+    sumqx, sumq2 = (a[:, 0] for a in odd_sums(xval[:, cols], w[:, cols], again))
+    again = value_major(again[:, :, 0])
     if not v.refit_all:
         keep = np.repeat(~off[:, cols], GROUP, axis=0)
         again = np.where(keep, levels[:, cols], again)
+        sumqx, sumq2 = (a[:, 0] for a in odd_sums(xval[:, cols], w[:, cols],
+                                                    np.moveaxis(again.reshape(SUB // GROUP, GROUP, -1, 1), 1, -1)))
     levels[:, cols] = again
-    sumqx, sumq2 = _fit_sums(xval[:, cols], w[:, cols], again)
-    scale[cols] = np.where(sumq2 > 0, sumqx / np.where(sumq2 > 0, sumq2, F32(1)), sc)
+    scale[cols] = np.where(sumq2 > 0, sumqx / np.where(sumq2 > 0, sumq2, F32(1)), sc[:, 0])
     return levels, scale
 
 

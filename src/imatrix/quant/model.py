@@ -34,6 +34,7 @@ import numpy as np
 
 import imatrix.quant  # noqa: F401  (registers every kernel)
 from imatrix.errors import ImatrixError, shown
+from imatrix.formats import load_imatrix
 from imatrix.formats.atomic import atomic_path, check_not_an_input, check_output_path
 from imatrix.ggufio.reader import GGUFModelFile, GGUFModelParts, TensorInfo, is_gguf, split_path
 from imatrix.ggufio.types import dequantize, type_sizes
@@ -352,7 +353,7 @@ def load_imatrix_file(path: str | Path, log: Log) -> ImportanceMatrix:
         if missing:
             raise ImatrixError(f"{source}: missing imatrix metadata ({', '.join(missing)}): llama-quantize refuses "
                                "an imatrix without it")
-    matrix = ImportanceMatrix.load(source)
+    matrix = load_imatrix(source)
     if matrix.datasets:
         log("load_imatrix: imatrix datasets=[" + ", ".join(f"'{name}'" for name in matrix.datasets) + "]")
     log(f"load_imatrix: loaded {len(matrix)} importance matrix entries from {path} computed on "

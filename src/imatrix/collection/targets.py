@@ -5,8 +5,8 @@ from __future__ import annotations
 import gguf
 import torch
 
-from imatrix.collect.hooks import ReorderedInput, Target
-from imatrix.collect.moe import expert_targets
+from imatrix.collection.hooks import ReorderedInput, Target
+from imatrix.collection.moe import expert_targets
 from imatrix.models.loader import LoadedModel
 from imatrix.models.observers import observed_targets
 

@@ -1,14 +1,17 @@
 """Several processes (GPUs, machines) over disjoint chunks, with torch.distributed.
 
-Launched with `torchrun`, every rank runs the same schedule: global batch g goes to rank g % world.
-Statistics stay per rank until a save point, where sums and counts are all-reduced; perplexity
-partials are gathered per window so every rank knows the running PPL in chunk order. Rank 0 alone
-prints and writes files. A `Group` of one process does no communication at all.
+Launched with `torchrun`, every rank runs the same schedule (`pipeline.windows`): global batch g goes to
+rank g % world. The consumers' per-chunk results (perplexity partials, KL-divergence values, base
+log-probabilities) are gathered per window, so every rank folds them in chunk order; imatrix statistics
+stay per rank until a save point, where sums and counts are all-reduced. Rank 0 alone reports and writes
+files. A `Group` of one process does no communication at all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +82,19 @@ def from_environment(device: torch.device) -> tuple[Group, torch.device]:
 def shutdown(group: Group) -> None:
     if group.world > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def joined(device: torch.device) -> Iterator[tuple[Group, torch.device]]:
+    """`from_environment` for the block: a process group joined here is left at its end (one the caller
+    had initialized stays)."""
+    joined_here = not dist.is_initialized()
+    group, device = from_environment(device)
+    try:
+        yield group, device
+    finally:
+        if joined_here:
+            shutdown(group)
 
 
 def _union_shapes(per_rank: list[dict[str, tuple[int, ...]]]) -> dict[str, tuple[int, ...]]:

@@ -2,11 +2,11 @@
 
 `ActivationCollector` is a context manager that attaches forward pre-hooks to the modules named in
 `targets` (GGUF name per module: `nn.Linear`s and MoE routers), hooks the routed experts
-(`ExpertTarget`s, see `collect.moe`) and attaches the adapter's observers (`ObservedTarget`s, see
+(`ExpertTarget`s, see `collection.moe`) and attaches the adapter's observers (`ObservedTarget`s, see
 `models.observers`), and removes all of it on exit. Sums and expert counts stay on
 the model's device; nothing is copied to the host until `snapshot()`.
 
-Several chunks may run through the model at once, in threads (`collect.in_flight`): each thread adds
+Several chunks may run through the model at once, in threads (`pipeline.in_flight`): each thread adds
 into the accumulators of the slot it entered (`in_slot`), and snapshots add the slots up in slot
 order, so the result does not depend on which thread ran first.
 """
@@ -21,7 +21,7 @@ from types import TracebackType
 
 import torch
 
-from imatrix.collect.moe import ExpertTarget, Handle, Names, attach_experts
+from imatrix.collection.moe import ExpertTarget, Handle, Names, attach_experts
 from imatrix.errors import ImatrixError
 from imatrix.matrix import ImportanceMatrix
 from imatrix.models.observers import ObservedTarget, attach_observers
@@ -54,7 +54,7 @@ def sequence_sum_sq(activations: torch.Tensor) -> torch.Tensor:
     n_cols]): [n_seq, n_cols].
 
     Added into the accumulator one sequence at a time, a chunk's sums are the same bits whether it ran
-    alone or beside others in a batch, as long as its activations are (`collect.executors`): the
+    alone or beside others in a batch, as long as its activations are (`pipeline.executors`): the
     result does not depend on -b.
     """
     return column_sum_sq(activations.reshape(-1, *activations.shape[-2:]))

@@ -29,13 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imatrix.collect.executors import cpu_seqs_per_forward
 from imatrix.errors import ImatrixError
 from imatrix.ggufio.reader import GGUFModelFile
 from imatrix.models.loader import LoadedModel, loaded_from
 from imatrix.models.open import OpenedModel
 from imatrix.models.storage import storage_dtype
 from imatrix.models.weights import SafetensorsWeights, shaped_as
+from imatrix.pipeline.executors import cpu_seqs_per_forward
 
 # in memory only if the weights take at most this share of what is available: the rest is for
 # activations, logits and the allocator's slack
@@ -110,7 +110,8 @@ class SequentialExecutor:
         self.loaded: LoadedModel = loaded_from(opened, opened.skeleton)
         self.weights, self.device, self.dtype = opened.weights, device, dtype
         self.window_chunks = window_chunks  # chunks whose activations are held while a layer is loaded
-        self.seqs_per_forward = cpu_seqs_per_forward(self.loaded) if device.type == "cpu" else 0  # as in memory
+        # as in memory
+        self.sequences_per_forward = cpu_seqs_per_forward(self.loaded) if device.type == "cpu" else 0
         decoder = self.loaded.decoder
         self._names = {module: name for name, module in self.loaded.model.named_modules()}
         layer_list = decoder_layer_list(decoder, self.loaded.config.num_hidden_layers)
@@ -121,9 +122,14 @@ class SequentialExecutor:
         self._loaded: list[torch.nn.Module] = []  # outside modules loaded for the current step
         self._called: list[torch.nn.Module] = []  # outside modules called in the current step
 
+    def chunks_in_flight(self, requested: int) -> int:
+        """One: the forwards of a window already take turns at each layer."""
+        return 1
+
     def hidden_states(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
         """Final (normed) hidden states of each batch, as `forward_in_memory` returns them."""
-        parts = [batch.split(self.seqs_per_forward) if self.seqs_per_forward else (batch,) for batch in batches]
+        parts = [batch.split(self.sequences_per_forward) if self.sequences_per_forward else (batch,)
+                 for batch in batches]
         forwards = [_PausingForward(partial(_last_hidden_state, self.loaded.decoder, part))
                     for batch_parts in parts for part in batch_parts]
         try:

@@ -3,8 +3,8 @@
 A 512-token forward of a small model does not keep the cores busy with intra-op threads alone: its
 elementwise ops, attention and narrow matmuls split poorly across threads. Two chunks in flight,
 each on half the threads, collect ~10% faster on 2 cores (benchmarks/collect_speed.py compares).
-Chunk c always runs in slot c % n and adds into that slot's accumulators, in chunk order within the
-slot: the result is the same whichever thread finishes first.
+Chunk c always runs in slot c % n and adds into that slot's accumulators (the consumer's `in_slot`), in
+chunk order within the slot: the result is the same whichever thread finishes first.
 """
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import TypeVar
 
 import torch
-
-from imatrix.collect.hooks import ActivationCollector
 
 Result = TypeVar("Result")
 
@@ -28,12 +27,12 @@ def default_chunks_in_flight(threads: int) -> int:
 
 
 class ChunksInFlight:
-    """A pool of `n_slots` threads sharing `threads` intra-op threads; use as a context manager."""
+    """A pool of `n_slots` threads sharing `threads` intra-op threads; use as a context manager. The work of
+    slot i runs inside `in_slot(i)`."""
 
-    def __init__(self, n_slots: int, collector: ActivationCollector, threads: int) -> None:
-        self.n_slots, self.collector, self.threads = n_slots, collector, threads
+    def __init__(self, n_slots: int, in_slot: Callable[[int], AbstractContextManager[None]], threads: int) -> None:
+        self.n_slots, self.in_slot, self.threads = n_slots, in_slot, threads
         self.threads_per_chunk = max(1, threads // n_slots)
-        collector.use_slots(n_slots)
         self._pool: ThreadPoolExecutor | None = None
         self._stopping = threading.Event()  # set on an error or Ctrl-C: workers stop after their forward
 
@@ -64,7 +63,7 @@ class ChunksInFlight:
     def _run_slot(self, slot: int, work: Callable[[list[int]], list[Result]], chunks: list[int],
                   per_call: int) -> dict[int, Result]:
         torch.set_num_threads(self.threads_per_chunk)  # this thread's OpenMP/MKL team
-        with self.collector.in_slot(slot), torch.inference_mode():  # grad mode is per thread
+        with self.in_slot(slot), torch.inference_mode():  # grad mode is per thread
             results = {}
             for first in range(0, len(chunks), per_call):
                 if self._stopping.is_set():
