@@ -10,15 +10,15 @@ log-probabilities on `eval.txt` (`-c 512 --chunks N`; the imatrix was collected 
 `smollm2-f16.c512.n40.imatrix.gguf` (types llama-quantize refuses to make without an imatrix only
 with it): quantize with `imatrix quantize`, measure file size and bits per weight, then PPL, mean
 KLD and same-top-token agreement against the F16 — by llama-perplexity where it loads the file,
-else by our evaluator (`imatrix perplexity`'s code, against the same base; the note says so).
+else by `imatrix perplexity` (its drop-in, against the same base; the note says so).
 
 llama.cpp's figures: with `--llama-quantize`, llama-quantize makes the same file here; when every
 tensor is identical to ours its figures are ours (the note says so), otherwise its file is measured
 the same way. Without it, llama.cpp's figures come from the golden `quality.md` where it has the
 type. Files are kept in the work directory, so a second run only re-measures what is missing.
 
-With `--emulate-llama-cpu` (our evaluator only), models are measured with the inputs of their
-matmuls rounded as llama.cpp's CPU backend rounds them (`imatrix.eval.cpu_matmul`).
+With `--emulate-llama-cpu`, the runs of `imatrix perplexity` round the inputs of the matmuls as
+llama.cpp's CPU backend rounds them, to compare with llama-perplexity's figures like for like.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,19 +91,22 @@ def parse_quality(path: Path) -> dict[tuple[str, bool], dict[str, float]]:
     return rows
 
 
-def run_llama_perplexity(binary: str, model: Path, base: Path, n_chunks: int, threads: int,
-                         write_base: bool) -> str | None:
-    """llama-perplexity's output on eval.txt (writing the base, or measuring KLD against it); None if it
-    could not load the model."""
-    command = [binary, "-m", str(model), "-f", str(EVAL_TEXT), "-c", "512", "--chunks", str(n_chunks),
-               "-t", str(threads), "--kl-divergence-base", str(base)]
+OURS_PERPLEXITY = (sys.executable, "-m", "imatrix.cli.main", "perplexity")
+
+
+def run_perplexity(command: Sequence[str], model: Path, base: Path, n_chunks: int, threads: int,
+                   write_base: bool) -> str | None:
+    """The output of `command` (llama-perplexity, or `imatrix perplexity`, its drop-in) on eval.txt, writing
+    the base or measuring KLD against it; None if it could not load the model."""
+    full = [*command, "-m", str(model), "-f", str(EVAL_TEXT), "-c", "512", "--chunks", str(n_chunks),
+            "-t", str(threads), "--kl-divergence-base", str(base)]
     if not write_base:
-        command.append("--kl-divergence")
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+        full.append("--kl-divergence")
+    done = subprocess.run(full, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         if any(sign in done.stderr for sign in ("failed to load model", "error loading model", "unable to load")):
             return None
-        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{' '.join(full)} failed:\n{done.stderr[-3000:]}")
     return done.stdout + done.stderr
 
 
@@ -111,9 +115,9 @@ def _number(pattern: str, text: str) -> float | None:
     return float(match.group(1)) if match else None
 
 
-def parse_kld_output(text: str) -> Measured:
+def parse_kld_output(text: str, by: str) -> Measured:
     return Measured(_number(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)", text), _number(r"Mean\s+KLD:\s*([0-9.]+)", text),
-                    _number(r"Same top p:\s*([0-9.]+)", text), "llama.cpp")
+                    _number(r"Same top p:\s*([0-9.]+)", text), by)
 
 
 # --- files ---
@@ -183,47 +187,29 @@ def same_tensors(ours: Path, theirs: Path) -> tuple[int, int]:
 
 
 class Evaluator:
-    """Measures a file by llama-perplexity where it loads it, else by our evaluator, against one F16 base."""
+    """Measures a file by llama-perplexity where it loads it, else by `imatrix perplexity`, against one F16 base
+    (llama-perplexity's when it is given)."""
 
     def __init__(self, work: Path, f16: Path, n_chunks: int, threads: int, llama_perplexity: str | None,
                  emulate: bool) -> None:
         self.work, self.f16, self.n_chunks, self.threads = work, f16, n_chunks, threads
-        self.llama_perplexity, self.emulate = llama_perplexity, emulate
+        self.llama = [llama_perplexity] if llama_perplexity else None
+        self.ours = [*OURS_PERPLEXITY, *(["--emulate-llama-cpu"] if emulate else [])]
         by = "llama" if llama_perplexity else "ours-cpu" if emulate else "ours"
         self.base = work / f"f16.c512.n{n_chunks}.{by}.kld"
-        self.f16_ppl = self._make_base()
-
-    def _make_base(self) -> float | None:
-        if self.llama_perplexity:
-            text = run_llama_perplexity(self.llama_perplexity, self.f16, self.base, self.n_chunks, self.threads,
-                                        write_base=True)
-            assert text is not None, "llama-perplexity cannot load the F16 model"
-            return _number(r"Final estimate: PPL = ([0-9.]+)", text)
-        from imatrix import PerplexityOptions, Reporter, perplexity
-
-        options = PerplexityOptions(model=self.f16, file=EVAL_TEXT, ctx_size=512, chunks=self.n_chunks,
-                                    kl_divergence_base=None if self.base.exists() else self.base,
-                                    emulate_llama_cpu=self.emulate, device="cpu")
-        return perplexity(options, Reporter(messages=log)).ppl
+        text = run_perplexity(self.llama or self.ours, f16, self.base, n_chunks, threads, write_base=True)
+        assert text is not None, "the evaluator cannot load the F16 model"
+        self.f16_ppl = _number(r"Final estimate: PPL = ([0-9.]+)", text)
 
     def measure(self, path: Path) -> Measured:
-        if self.llama_perplexity and not self.emulate:
-            text = run_llama_perplexity(self.llama_perplexity, path, self.base, self.n_chunks, self.threads,
-                                        write_base=False)
+        if self.llama:
+            text = run_perplexity(self.llama, path, self.base, self.n_chunks, self.threads, write_base=False)
             if text is not None:
-                return parse_kld_output(text)
-        return self._ours(path)
-
-    def _ours(self, path: Path) -> Measured:
-        import torch
-
-        from imatrix import PerplexityOptions, Reporter, perplexity
-
-        torch.set_num_threads(self.threads)
-        options = PerplexityOptions(model=path, kl_divergence_base=self.base, kl_divergence=True, chunks=self.n_chunks,
-                                    emulate_llama_cpu=self.emulate, device="cpu")
-        result = perplexity(options, Reporter(messages=log))
-        return Measured(result.ppl, result.mean_kld, result.same_top_percent, "ours")
+                return parse_kld_output(text, "llama.cpp")
+        text = run_perplexity(self.ours, path, self.base, self.n_chunks, self.threads, write_base=False)
+        if text is None:
+            raise SystemExit(f"imatrix perplexity cannot load {path}")
+        return parse_kld_output(text, "ours")
 
 
 def measure_type(evaluator: Evaluator, qtype: str, with_imatrix: bool, llama_quantize: str | None,
@@ -248,9 +234,8 @@ def measure_type(evaluator: Evaluator, qtype: str, with_imatrix: bool, llama_qua
     elif (qtype, with_imatrix) in golden:
         ref = golden[(qtype, with_imatrix)]
         row.theirs, row.theirs_mib = Measured(ref["ppl"], ref["kld"], ref["top"], "golden"), ref["mib"]
-    if row.ours.by == "ours":
-        row.note = "ours measured by our evaluator (llama.cpp cannot load the file)" if evaluator.llama_perplexity \
-            else "measured by our evaluator"
+    if row.ours.by == "ours" and evaluator.llama:
+        row.note = "measured by `imatrix perplexity` (llama.cpp cannot load the file)"
     return row
 
 
@@ -296,19 +281,18 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     f16 = make_f16(work)
-    llama_perplexity = None if args.emulate_llama_cpu else args.llama_perplexity
-    evaluator = Evaluator(work, f16, args.chunks, args.threads, llama_perplexity, args.emulate_llama_cpu)
+    evaluator = Evaluator(work, f16, args.chunks, args.threads, args.llama_perplexity, args.emulate_llama_cpu)
     golden = parse_quality(QUALITY_MD)
-    rows = []
+    rows, text = [], ""
     for qtype in [name.strip() for name in args.types.split(",") if name.strip()]:
         for with_imatrix in (True,) if args.no_imatrix_runs else (False, True):
             log(f"--- {qtype} {'with' if with_imatrix else 'without'} imatrix")
             rows.append(measure_type(evaluator, qtype, with_imatrix, args.llama_quantize, golden))
             log(str(rows[-1]))
-    text = table(rows, evaluator.f16_ppl, "llama-perplexity" if llama_perplexity else "ours")
+            text = table(rows, evaluator.f16_ppl, "llama-perplexity" if args.llama_perplexity else "imatrix perplexity")
+            if args.output:  # the table so far, after every row
+                Path(args.output).write_text(text)
     print(text)
-    if args.output:
-        Path(args.output).write_text(text)
     return 0
 
 

@@ -16,6 +16,7 @@ from imatrix.eval.logits_file import LogitsFile
 from imatrix.formats import load_imatrix
 from imatrix.metrics import u16_log_probs
 from imatrix.models.loader import load_model
+from imatrix.models.open import open_model
 from imatrix.pipeline import sequential
 from imatrix.pipeline.executors import InMemoryExecutor, open_executor
 from imatrix.pipeline.sequential import SequentialExecutor
@@ -109,7 +110,8 @@ def test_layers_are_freed_after_use(tiny_gguf: Path, text: Path) -> None:
 def test_chosen_automatically_when_weights_do_not_fit(tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cpu, float32 = torch.device("cpu"), torch.float32
     assert isinstance(open_executor(tiny_gguf, cpu, float32), InMemoryExecutor)
-    monkeypatch.setattr(sequential, "available_memory", lambda device: sequential.weight_bytes(tiny_gguf, float32))
+    tiny_bytes = sequential.weight_bytes(open_model(tiny_gguf), float32)
+    monkeypatch.setattr(sequential, "available_memory", lambda device: tiny_bytes)
     assert isinstance(open_executor(tiny_gguf, cpu, float32), SequentialExecutor)
     assert isinstance(open_executor(tiny_gguf, cpu, float32, sequential=False), InMemoryExecutor)
 
@@ -117,7 +119,7 @@ def test_chosen_automatically_when_weights_do_not_fit(tiny_gguf: Path, monkeypat
 def test_weight_bytes_counts_every_value(tiny_gguf: Path) -> None:
     model = load_model(tiny_gguf).model
     n_values = sum(tensor.numel() for tensor in model.state_dict().values())
-    assert sequential.weight_bytes(tiny_gguf, torch.bfloat16) == 2 * n_values
+    assert sequential.weight_bytes(open_model(tiny_gguf), torch.bfloat16) == 2 * n_values
     assert sequential.available_memory(torch.device("cpu")) > 0
 
 

@@ -81,7 +81,7 @@ def test_weight_bytes_counts_16_bit_matrices_at_2_bytes(tmp_path: Path) -> None:
     path = write_tiny_llama_gguf(tmp_path / "f16.gguf", dtype=np.float16)
     model = load_model(path).model
     in_memory = sum(param.numel() * param.element_size() for param in model.parameters())
-    assert sequential.weight_bytes(path, torch.float32) == in_memory
+    assert sequential.weight_bytes(open_model(path), torch.float32) == in_memory
     matrices = sum(param.numel() for param in model.parameters() if param.dim() == 2)
     vectors = sum(param.numel() for param in model.parameters() if param.dim() == 1)
     assert in_memory == 2 * matrices + 4 * vectors

@@ -68,16 +68,16 @@ class LoadedModel:
         return transform(logits, self.config) if transform else logits
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+def load_model(path: str | Path | OpenedModel, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                round_to_f16: bool = False) -> LoadedModel:
-    """Load `path` (a .gguf file or a Hugging Face checkpoint directory) onto `device`.
+    """Load `path` (a .gguf file or a Hugging Face checkpoint directory, or one opened already) onto `device`.
 
     `round_to_f16` rounds every non-F32 weight to float16 first, which turns a quantized GGUF
     into exactly the F16 model llama-quantize would make from it. Matmul weights stored at 16 bits
     (F16/BF16, or rounded) stay 16-bit in memory and are widened per call (`models.storage`);
     on CPU those the file stores as F16/BF16 are read in place from its mmap.
     """
-    opened = open_model(path, device)
+    opened = path if isinstance(path, OpenedModel) else open_model(path, device)
     if not isinstance(opened.weights, GGUFWeights):
         from imatrix.models.hf_loader import load_hf_weights
 

@@ -103,23 +103,23 @@ def open_executor(model: str | Path | LoadedModel | Executor, device: torch.devi
         return InMemoryExecutor(model)
     if not isinstance(model, str | Path):
         return model
+    from imatrix.models.open import open_model
     from imatrix.pipeline import sequential as layer_by_layer
 
     path = Path(model)
-    if sequential is None and path.exists():
-        sequential = layer_by_layer.should_run_sequentially(path, device, dtype)
+    start = time.perf_counter()
+    opened = open_model(path, device)
+    if sequential is None:
+        sequential = layer_by_layer.should_run_sequentially(opened, device, dtype)
         if sequential:
             reporter.info(f"load_model: {path}'s weights would not fit in memory: running layer by layer "
                           "(--sequential)")
     if sequential and round_to_f16:
         raise ImatrixError("--round-to-f16 rounds the weights of a model loaded whole: not with --sequential")
-    start = time.perf_counter()
     if sequential:
-        from imatrix.models.open import open_model
-
-        executor: Executor = layer_by_layer.SequentialExecutor(open_model(path, device), device, dtype, window_chunks)
+        executor: Executor = layer_by_layer.SequentialExecutor(opened, device, dtype, window_chunks)
     else:
-        executor = InMemoryExecutor(load_model(path, device=device, dtype=dtype, round_to_f16=round_to_f16))
+        executor = InMemoryExecutor(load_model(opened, device=device, dtype=dtype, round_to_f16=round_to_f16))
     reporter.info(f"load_model: loaded {path} in {time.perf_counter() - start:.2f} s")
     return executor
 

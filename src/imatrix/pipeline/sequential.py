@@ -30,11 +30,10 @@ import numpy as np
 import torch
 
 from imatrix.errors import ImatrixError
-from imatrix.ggufio.reader import GGUFModelFile
 from imatrix.models.loader import LoadedModel, loaded_from
 from imatrix.models.open import OpenedModel
 from imatrix.models.storage import storage_dtype
-from imatrix.models.weights import SafetensorsWeights, shaped_as
+from imatrix.models.weights import shaped_as
 from imatrix.pipeline.executors import cpu_seqs_per_forward
 
 # in memory only if the weights take at most this share of what is available: the rest is for
@@ -281,12 +280,11 @@ def _free(module: torch.nn.Module, recurse: bool) -> None:
     module.load_state_dict(empty, strict=False, assign=True)
 
 
-def weight_bytes(path: str | Path, dtype: torch.dtype) -> int:
+def weight_bytes(opened: OpenedModel, dtype: torch.dtype) -> int:
     """Bytes the model's weights take in memory on the in-memory path computing in `dtype`."""
-    source = Path(path)
-    if source.is_dir():
-        return SafetensorsWeights(source).n_values() * dtype.itemsize
-    model_file = GGUFModelFile(source)
+    model_file = opened.model_file
+    if model_file is None:
+        return opened.weights.n_values() * dtype.itemsize
     total = 0
     for info in model_file.tensors.values():
         # matrices of 16-bit files stay 16-bit in memory (models.storage); expert stacks do not
@@ -310,8 +308,8 @@ def available_memory(device: torch.device) -> int:
     return max(0, min(limits))
 
 
-def should_run_sequentially(path: str | Path, device: torch.device, dtype: torch.dtype) -> bool:
-    return weight_bytes(path, dtype) > MEMORY_HEADROOM * available_memory(device)
+def should_run_sequentially(opened: OpenedModel, device: torch.device, dtype: torch.dtype) -> bool:
+    return weight_bytes(opened, dtype) > MEMORY_HEADROOM * available_memory(device)
 
 
 def _host_available() -> int:
