@@ -13,9 +13,10 @@ KLD and same-top-token agreement against the F16 — by llama-perplexity where i
 else by `imatrix perplexity` (its drop-in, against the same base; the note says so).
 
 llama.cpp's figures: with `--llama-quantize`, llama-quantize makes the same file here; when every
-tensor is identical to ours its figures are ours (the note says so), otherwise its file is measured
+tensor is identical to ours (column "same tensors") its figures are ours, otherwise its file is measured
 the same way. Without it, llama.cpp's figures come from the golden `quality.md` where it has the
-type. Files are kept in the work directory, so a second run only re-measures what is missing.
+type (measured with `--chunks 10`: only for runs with as many chunks). Files are kept in the work
+directory: a second run quantizes only what is missing (and measures everything again).
 
 With `--emulate-llama-cpu`, the runs of `imatrix perplexity` round the inputs of the matmuls as
 llama.cpp's CPU backend rounds them, to compare with llama-perplexity's figures like for like.
@@ -46,6 +47,7 @@ TYPES = ("IQ1_S", "IQ1_M", "Q1_0", "TQ1_0", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M
          "Q2_K", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_XS", "IQ4_NL", "Q4_K_M",
          "Q3_K_HIFI")
 MIB = 1024 * 1024
+GOLDEN_CHUNKS = 10  # the golden quality.md's llama-perplexity runs
 
 
 @dataclass
@@ -282,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     f16 = make_f16(work)
     evaluator = Evaluator(work, f16, args.chunks, args.threads, args.llama_perplexity, args.emulate_llama_cpu)
-    golden = parse_quality(QUALITY_MD)
+    golden = parse_quality(QUALITY_MD) if args.chunks == GOLDEN_CHUNKS else {}
     rows, text = [], ""
     for qtype in [name.strip() for name in args.types.split(",") if name.strip()]:
         for with_imatrix in (True,) if args.no_imatrix_runs else (False, True):
