@@ -48,25 +48,11 @@ class MappedPages:
             self._mapping.madvise(mmap.MADV_DONTNEED, start, min(offset + n_bytes, self.size) - start)
 
 
-class GGUFModelFile:
-    fields: dict[str, MetadataField]  # every metadata key with its stored type and raw string bytes, in file order
+class _Metadata:
+    """The metadata accessors of a GGUF file or of a split model's first part."""
 
-    def __init__(self, path: str | Path, allow_split: bool = False) -> None:
-        """`allow_split`: open one part of a split model as it is (`GGUFModelParts` reads all of them)."""
-        self.path = Path(path)
-        _check_gguf(self.path)
-        # copy-on-write, so that weights can be used in place as (writable) tensors; nothing writes to it
-        self.mmap = np.memmap(self.path, dtype=np.uint8, mode="c")
-        self.pages = MappedPages(self.mmap)
-        header = parse_header(memoryview(self.mmap), self.path)
-        self.fields, self.tensors = header.fields, header.tensors
-        self.metadata = {key: decoded(field.value) for key, field in self.fields.items()}
-        n_split = self.metadata.get("split.count") or 1
-        # one shard alone would pass for a model with tensors missing
-        if isinstance(n_split, int) and n_split > 1 and not allow_split:
-            shard = int(self.metadata.get("split.no") or 0) + 1
-            raise ImatrixError(f"{self.path}: part {shard} of a model split in {n_split} files: merge them into "
-                               "one first (llama-gguf-split --merge)")
+    path: Path
+    metadata: dict[str, Any]  # every key, its strings decoded
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
@@ -86,6 +72,27 @@ class GGUFModelFile:
     def require_arch(self, suffix: str) -> Any:
         """The architecture's hyperparameter `suffix` (`block_count`, …), which the model cannot do without."""
         return self.require(f"{self.architecture}.{suffix}")
+
+
+class GGUFModelFile(_Metadata):
+    fields: dict[str, MetadataField]  # every metadata key with its stored type and raw string bytes, in file order
+
+    def __init__(self, path: str | Path, allow_split: bool = False) -> None:
+        """`allow_split`: open one part of a split model as it is (`GGUFModelParts` reads all of them)."""
+        self.path = Path(path)
+        _check_gguf(self.path)
+        # copy-on-write, so that weights can be used in place as (writable) tensors; nothing writes to it
+        self.mmap = np.memmap(self.path, dtype=np.uint8, mode="c")
+        self.pages = MappedPages(self.mmap)
+        header = parse_header(memoryview(self.mmap), self.path)
+        self.fields, self.tensors = header.fields, header.tensors
+        self.metadata = {key: decoded(field.value) for key, field in self.fields.items()}
+        n_split = self.metadata.get("split.count") or 1
+        # one shard alone would pass for a model with tensors missing
+        if isinstance(n_split, int) and n_split > 1 and not allow_split:
+            shard = int(self.metadata.get("split.no") or 0) + 1
+            raise ImatrixError(f"{self.path}: part {shard} of a model split in {n_split} files: merge them into "
+                               "one first (llama-gguf-split --merge)")
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.tensors[name].shape
@@ -119,7 +126,7 @@ def split_path(prefix: str, index: int, count: int) -> Path:
     return Path(f"{prefix}-{index + 1:05d}-of-{count:05d}.gguf")
 
 
-class GGUFModelParts:
+class GGUFModelParts(_Metadata):
     """A model in one GGUF file, or split by gguf-split into `<prefix>-00001-of-0000n.gguf` ... files,
     read as one from the first: metadata from the first file, tensors from all of them, checked as
     llama.cpp's model loader checks them. `part_of[name]` is the index of the file holding a tensor."""
@@ -166,14 +173,6 @@ class GGUFModelParts:
                                    f"expected {index}")
             parts.append(part)
         return parts
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.metadata.get(key, default)
-
-    def require(self, key: str) -> Any:
-        if key not in self.metadata:
-            raise ImatrixError(f"{self.path}: metadata key '{key}' is missing")
-        return self.metadata[key]
 
     def raw(self, name: str) -> np.ndarray:
         """The tensor's bytes in its file's mmap (see `GGUFModelFile.raw`)."""

@@ -201,11 +201,8 @@ class SequentialExecutor:
         boundary_after = len(self._layers)
         handles.append(self._layers[-1].register_forward_hook(
             lambda module, args, output: _current_forward().pause(boundary_after)))
-        try:
+        with _removed_after(handles):
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     @contextmanager
     def _loading_outside_modules(self) -> Iterator[None]:
@@ -216,12 +213,8 @@ class SequentialExecutor:
             if module not in self._called:
                 self._called.append(module)
 
-        handles = [module.register_forward_pre_hook(load) for module in self._outside]
-        try:
+        with _removed_after([module.register_forward_pre_hook(load) for module in self._outside]):
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     @contextmanager
     def _weights_of(self, module: torch.nn.Module) -> Iterator[None]:
@@ -345,3 +338,12 @@ def _cgroup_room() -> int | None:
     except (OSError, ValueError):
         return None
     return None if limit == "max" else int(limit) - used
+
+
+@contextmanager
+def _removed_after(handles: list[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
