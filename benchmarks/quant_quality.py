@@ -42,8 +42,9 @@ SHARED = Path(os.environ.get("IMATRIX_SHARED", REPO.parent / "shared"))
 QUALITY_MD = SHARED / "golden" / "quant" / "quality.md"
 IMATRIX = SHARED / "golden" / "imatrix" / "smollm2-f16.c512.n40.imatrix.gguf"
 EVAL_TEXT = SHARED / "data" / "eval.txt"
-# every llama-quantize type that is not a plain conversion, lowest bits first (MXFP4_MOE is Q8_0 on a dense model)
-TYPES = ("IQ1_S", "IQ1_M", "Q1_0", "TQ1_0", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "TQ2_0", "Q2_0", "Q2_K_S",
+# llama-quantize's types below 5 bits, lowest first, and our Q3_K_HIFI. Not by default: MXFP4_MOE (Q8_0 on
+# a dense model) and Q2_0 (llama-perplexity has no fast CPU kernel for it: ~10 min a run here)
+TYPES = ("IQ1_S", "IQ1_M", "Q1_0", "TQ1_0", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "TQ2_0", "Q2_K_S",
          "Q2_K", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_XS", "IQ4_NL", "Q4_K_M",
          "Q3_K_HIFI")
 MIB = 1024 * 1024
@@ -223,7 +224,7 @@ def measure_type(evaluator: Evaluator, qtype: str, with_imatrix: bool, llama_qua
         row.quantize_s = quantize_ours(evaluator.f16, out, qtype, with_imatrix, evaluator.threads)
     except ImatrixError as exc:
         row.note = "refused without imatrix (as llama-quantize)" if "requires an imatrix" in str(exc) else \
-            f"quantize failed: {str(exc)[:80]}"
+            f"not made: {str(exc)[:110]}"
         return row
     row.mib, row.bpw = out.stat().st_size / MIB, bits_per_weight(out)
     row.ours = evaluator.measure(out)

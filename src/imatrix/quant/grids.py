@@ -168,28 +168,38 @@ def best_neighbours(
     `q` is a level's value: `2l + 1` (`iq2_find_best_neighbour`, `iq3_find_best_neighbour`), or `values`,
     `[n_levels]` or per group `[n_levels, m]` (IQ1's shifted levels, `iq1_find_best_neighbour2`).
     """
-    m, dim, n_levels = codes.size, lat.levels.shape[1], lat.n_levels
     count = lat.count[codes]
-    seg_start = np.cumsum(count) - count
-    total = int(seg_start[-1] + count[-1]) if m else 0
-    if total == 0:
-        return np.zeros(0, dtype=np.int32)
-    entry = np.repeat(lat.first[codes] - seg_start, count) + np.arange(total, dtype=np.int32)
+    owner = np.repeat(np.arange(codes.size), count)
+    starts = np.cumsum(count) - count
+    entry = np.repeat(lat.first[codes] - starts, count) + np.arange(owner.size)
+    return _first_least(lat, lat.neighbours[entry], owner, xval, waux, scale, values)
+
+
+def _first_least(
+    lat: Lattice, points: np.ndarray, owner: np.ndarray, xval: np.ndarray, waux: np.ndarray, scale: np.ndarray,
+    values: np.ndarray | None,
+) -> np.ndarray:
+    """Per group (`xval`, `waux` `[dim, m]`, `scale [m]`, `values` as for `best_neighbours`), the first of
+    its candidate grid points (`points [P]`, `owner [P]`: each one's group, groups in order, each group's
+    candidates in list order) with the least error as C computes it in float32: from 0, value by value,
+    `d2 += (waux * diff) * diff` with `diff = scale * q - x`."""
+    if points.size == 0:
+        return np.zeros(xval.shape[1], dtype=np.int32)
+    levels = lat.levels[points].astype(np.intp)  # [P, dim]
     if values is None:
-        values = np.arange(n_levels, dtype=F32) * F32(2) + F32(1)
-    q = values.reshape(n_levels, -1).T[:, None, :]  # [1 or m, 1, n_levels]
-    # each value's error at every level, once per group: C's (w*diff)*diff; laid out [m, dim, n_levels]
-    diff = scale[:, None, None] * q - xval.T[:, :, None]
-    err = (waux.T[:, :, None] * diff * diff).reshape(-1)
-    owner = np.repeat(np.arange(0, m * dim * n_levels, dim * n_levels, dtype=np.int32), count)
-    terms = err[owner[:, None] + lat.offsets[entry]]  # [total, dim]
-    d2 = terms[:, 0] + F32(0)  # C starts from 0.0f (which also makes a -0 term +0)
-    for i in range(1, dim):
-        d2 += terms[:, i]
-    # d2 >= 0: its bits order like the value, so (bits, position) finds the first minimum in one pass
-    key = (d2.view(np.int32).astype(np.int64) << 32) | np.arange(total, dtype=np.int64)
-    first_best = (np.minimum.reduceat(key, seg_start) & 0xFFFFFFFF).astype(np.intp)
-    return lat.neighbours[entry[first_best]]
+        q = F32(2) * levels.astype(F32) + F32(1)
+    else:
+        table = values.reshape(lat.n_levels, -1).astype(F32)
+        q = table[levels, owner[:, None] if table.shape[1] > 1 else 0]
+    s = np.take(scale, owner)
+    d2 = np.zeros(points.size, dtype=F32)
+    for i in range(levels.shape[1]):
+        diff = s * q[:, i] - np.take(xval[i], owner)
+        d2 += (np.take(waux[i], owner) * diff) * diff
+    # d2 >= 0 (or not a number): its bits order like the value, so (bits, position) finds the first least
+    key = (d2.view(np.int32).astype(np.int64) << 32) | np.arange(points.size, dtype=np.int64)
+    starts = np.flatnonzero(np.concatenate([[True], owner[1:] != owner[:-1]]))
+    return points[np.minimum.reduceat(key, starts) & 0xFFFFFFFF].astype(np.int32)
 
 
 # ----------------------------------------------------------------------------- runs of trials
@@ -197,7 +207,7 @@ def best_neighbours(
 # How far C's float32 `d2` of a neighbour can stray from the real value, in units of u S (u = 2**-24,
 # S = sum(w (s q + |x|)^2) over its values): products, a difference and the sums, each rounded once; and
 # ours, per value of `dim`: float32 sums of `dim` products (plus the normalisation and the few operations
-# after). `_run_winners` wants leads over twice the sum.
+# after). A neighbour leading another by twice the sum (2E) in our numbers leads it in C's.
 _C_ERROR, _OUR_ERROR = 10, 7
 # the sizes of S (in C's units) for which those bounds hold: far from float32's overflow and underflow
 _SPAN = (2.0**-100, 2.0**100)
@@ -217,10 +227,10 @@ def best_on_grid(
 
     A search at every trial is the kernels' cost; but a group keeps its code over several trials in a row
     (a *run*), and over a run the winner rarely changes. Per run, the neighbours' errors in real arithmetic
-    are quadratics in the scale, so the difference of two is `s * (linear in s)`: a neighbour that beats
-    every other by a margin at both ends of a range of scales beats them throughout. Where that margin
-    exceeds twice the bound on C's float32 rounding, C's float32 search finds the same winner at every
-    trial in the range; the other trials (near ties) are searched one by one, as C does.
+    are quadratics in the scale, computed for all of a run's neighbours at once as matrix products: where
+    one wins by a margin over C's float32 rounding at both ends of the run, it wins throughout
+    (`_run_winners`). Elsewhere each trial is looked at on its own, and only the neighbours within that
+    margin of the least are computed as C computes them.
     """
     index = lat.index_of[codes]
     off = index < 0
@@ -230,15 +240,9 @@ def best_on_grid(
     n_trials = codes.shape[-1]
     group, trial = np.divmod(flat, n_trials)
     code = np.take(codes, flat)
-    scale = np.asarray(scale, dtype=F32)
-    shape = (1,) * (codes.ndim - scale.ndim) + scale.shape
-    varies = next((i for i, d in enumerate(shape) if d != 1), codes.ndim)  # scale[...] spans codes' last axes
-    if shape[varies:] == codes.shape[varies:]:
-        s = np.take(np.ascontiguousarray(scale).reshape(-1), flat % scale.size)
-    else:
-        s = np.take(np.ascontiguousarray(np.broadcast_to(scale, codes.shape)), flat)
+    s = _entry_scales(scale, codes.shape, flat)
     with np.errstate(invalid="ignore"):
-        falling = bool((scale[..., 1:] <= scale[..., :-1]).all())  # along the trials, for every group
+        falling = bool((np.asarray(scale)[..., 1:] <= np.asarray(scale)[..., :-1]).all())  # along the trials
     starts = np.ones(flat.size, dtype=bool)
     starts[1:] = (group[1:] != group[:-1]) | (trial[1:] != trial[:-1] + 1) | (code[1:] != code[:-1])
     first = np.flatnonzero(starts)
@@ -252,15 +256,32 @@ def best_on_grid(
             return [*taken, None if values is None else columns[2]]
         return [*taken, np.take(columns[2], group[entries], axis=1)]
 
-    found, clear = _run_winners(lat, code[first], _Groups.of(*of(first)), s, first, falling)
+    runs, sigma, run_of = _run_tables(lat, code[first], _Groups.of(*of(first)), s, first, falling)
+    found, clear = _run_winners(runs, sigma, run_of)
     unclear = np.flatnonzero(~clear)
     if unclear.size:
-        x_u, w_u, v_u = of(unclear)
-        found[unclear] = best_neighbours(lat, code[unclear], x_u, w_u, s[unclear], v_u)
+        tabled = runs.bucket[run_of[unclear]] >= 0
+        near = unclear[tabled]
+        if near.size:
+            candidates, owner = _near_least(runs, run_of[near], sigma[near])
+            found[near] = _first_least(lat, candidates, owner, *of(near)[:2], s[near], of(near)[2])
+        rest = unclear[~tabled]
+        if rest.size:
+            found[rest] = best_neighbours(lat, code[rest], *of(rest)[:2], s[rest], of(rest)[2])
     np.put(index, flat, found)
     if levels is not None:
         put_levels(lat, levels, flat, found)
     return index, off
+
+
+def _entry_scales(scale: np.ndarray, shape: tuple[int, ...], flat: np.ndarray) -> np.ndarray:
+    """The scale of entries `flat` of `codes` (`shape`), `scale` broadcastable to it."""
+    scale = np.asarray(scale, dtype=F32)
+    padded = (1,) * (len(shape) - scale.ndim) + scale.shape
+    varies = next((i for i, d in enumerate(padded) if d != 1), len(shape))
+    if padded[varies:] == shape[varies:]:  # scale spans codes' last axes: no need to broadcast it
+        return np.take(np.ascontiguousarray(scale).reshape(-1), flat % scale.size)
+    return np.take(np.ascontiguousarray(np.broadcast_to(scale, shape)), flat)
 
 
 def put_levels(lat: Lattice, levels: np.ndarray, flat: np.ndarray, points: np.ndarray) -> None:
@@ -348,9 +369,10 @@ def _runs(lat: Lattice, codes: np.ndarray, groups: _Groups, s_hi: np.ndarray, so
     bucket[~sound] = -1
     bound = np.zeros(codes.size, dtype=F32)
     tables: list[list[np.ndarray | None]] = [[], [], [], []]
+    members = []
     for k, table in enumerate(lat.buckets):
         runs = np.flatnonzero(bucket == k)
-        local[runs] = np.arange(runs.size)
+        members.append(runs)
         rows = np.take(lat.row_of, np.take(codes, runs))
         wr, xr = np.take(groups.w, runs, axis=0), np.take(x, runs, axis=0)
         q, largest = _neighbour_values(table, rows, groups, runs)
@@ -360,7 +382,14 @@ def _runs(lat: Lattice, codes: np.ndarray, groups: _Groups, s_hi: np.ndarray, so
         classes = _tie_classes(lat, table, rows, groups, runs)
         for part, value in zip(tables, (a, b, np.take(table.pad, rows, axis=1), classes), strict=True):
             part.append(value)
-    bucket[~np.isfinite(bound)] = -1
+    for k, runs in enumerate(members):  # runs whose bound does not hold leave the tables
+        keep = np.isfinite(bound[runs])
+        if not keep.all():
+            bucket[runs[~keep]] = -1
+            for part in tables:
+                if part[k] is not None:
+                    part[k] = part[k][:, keep]
+        local[runs[keep]] = np.arange(int(keep.sum()))
     return _Runs(lat, codes, bucket, local, *tables, bound)  # type: ignore[arg-type]
 
 
@@ -408,25 +437,12 @@ def _tie_classes(lat: Lattice, table: Bucket, rows: np.ndarray, groups: _Groups,
     return (lat.point_codes[np.take(table.neighbours, rows, axis=0)] & mask[:, None]).T.copy()
 
 
-def _run_winners(
-    lat: Lattice, codes: np.ndarray, groups: _Groups, s: np.ndarray, first: np.ndarray, falling: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The winning neighbour of each entry (a group at one trial scale `s`) of runs `[R]` (codes, their
-    groups; each run's entries start at `first`), and whether it is certain (else: `best_neighbours`).
-
-    C's float32 `d2` (the same float32 inputs; products, a difference and four or eight sums, each rounded
-    once) is within `10 u S` of the real one (S = sum(w (s q + |x|)^2)), and the values here within a
-    little more: E (`_C_ERROR`, `_OUR_ERROR`). In real arithmetic `(d2_n - d2_b) / s` is linear in s: if
-    n trails b by more than 2E at the low end u of a range of scales, and by more than 2E v / u at its
-    high end v, it trails by more than 2E throughout, and C never takes it over b. A range is settled when
-    one neighbour wins at both ends and every other trails it so; or when, split where the lines of the
-    two winners at its ends cross, each winner leads every other neighbour so on its side, and then at
-    each trial the one of the two that leads the other by 2E wins. Other ranges are split there (a third
-    neighbour wins where the two cross) and looked at again, a few times.
-
-    The scales of a run must not increase from one entry to the next (`falling`: known; else checked, and
-    a run where they do is left to `best_neighbours`).
-    """
+def _run_tables(
+    lat: Lattice, codes: np.ndarray, groups: _Groups, s: np.ndarray, first: np.ndarray, falling: bool,
+) -> tuple[_Runs, np.ndarray, np.ndarray]:
+    """The tables of runs `[R]` (codes, their groups; each run's entries start at `first`), each entry's
+    scale in units of its run's largest, `sigma`, and its run. The scales of a run must not increase from
+    one entry to the next (`falling`: known; else checked, and a run where they do gets no tables)."""
     last = np.append(first[1:], s.size) - 1
     s_hi = s[first]
     sound = (s[last] > 0) & np.isfinite(s_hi)
@@ -435,122 +451,90 @@ def _run_winners(
         rising[1:] = s[1:] > s[:-1]
         rising[first] = False
         sound &= np.add.reduceat(rising, first) == 0
-    runs = _runs(lat, codes, groups, s_hi, sound)
     length = last - first + 1
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         sigma = s / np.repeat(s_hi, length)  # 1 at each run's first entry
-    unsound = np.flatnonzero(runs.bucket < 0)
-    pieces = [_Pieces.unsettled(unsound, np.zeros(unsound.size, dtype=F32))]  # below any scale of the run
+    return _runs(lat, codes, groups, s_hi, sound), sigma, np.repeat(np.arange(codes.size), length)
+
+
+def _run_winners(runs: _Runs, sigma: np.ndarray, run_of: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each entry's winner, where its run settles it (else: unclear).
+
+    C's float32 `d2` (the same float32 inputs; products, a difference and four or eight sums, each rounded
+    once) is within `10 u S` of the real one (S = sum(w (s q + |x|)^2)), and the values here within a
+    little more: E (`_C_ERROR`, `_OUR_ERROR`). In real arithmetic `(d2_n - d2_b) / s` is linear in s: if
+    n trails b by more than 2E at the low end u of a range of scales, and by more than 2E v / u at its
+    high end v, it trails by more than 2E throughout, and C never takes it over b. A run is settled when
+    one neighbour wins at both ends and every other trails it so; or when, split where the lines of the two
+    winners at its ends cross, each of them leads every other neighbour so on its side: then at each trial
+    the one of the two that leads the other by 2E wins.
+    """
+    low = sigma[np.append(np.flatnonzero(run_of[1:] != run_of[:-1]), run_of.size - 1)]  # each run's last
+    n_runs = runs.codes.size
+    state = np.zeros(n_runs, dtype=np.int8)  # 0 unsettled, 1 one winner, 2 two
+    winner, second = np.zeros(n_runs, dtype=np.int32), np.zeros(n_runs, dtype=np.int32)
+    gap_a, gap_b = np.zeros(n_runs, dtype=F32), np.zeros(n_runs, dtype=F32)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        for k in range(len(runs.a)):
+        for k, (a, b, pad, classes) in enumerate(zip(runs.a, runs.b, runs.pad, runs.classes, strict=True)):
             here = np.flatnonzero(runs.bucket == k)  # the bucket's table columns, in order
-            if here.size:
-                pieces.extend(_settle(runs, k, here, sigma[last[here]]))
-    return _Pieces.concatenate(pieces).decide(runs, sigma, np.repeat(np.arange(codes.size), length))
+            if here.size == 0:
+                continue
+            u, two_bound = low[here], F32(2) * runs.bound[here]
+            d2_hi, d2_lo = a - F32(2) * b + pad, (u * a - F32(2) * b) * u + pad
+            (top, lead_hi), (bottom, lead_lo) = _least(d2_hi, classes), _least(d2_lo, classes)
+            winner[here] = runs.grid_index(here, top)
+            same = top == bottom
+            state[here[same & (lead_lo > two_bound) & (lead_hi * u > two_bound)]] = 1
+            moving = np.flatnonzero(~same)
+            if moving.size == 0:
+                continue
+            m = np.arange(moving.size)
+            tables = [np.take(t, moving, axis=1) for t in (a, b, pad)]
+            at_hi, at_lo = top[moving] * moving.size + m, bottom[moving] * moving.size + m
+            gaps = [np.take(t, at_hi) - np.take(t, at_lo) for t in tables[:2]]
+            mid = np.clip(np.nan_to_num(F32(2) * gaps[1] / gaps[0], nan=1.0), u[moving], F32(1)).astype(F32)
+            d2_mid = (mid * tables[0] - F32(2) * tables[1]) * mid + tables[2]
+            ok = _two_winners(np.take(d2_hi, moving, axis=1), d2_mid, np.take(d2_lo, moving, axis=1),
+                              top[moving], bottom[moving], mid, u[moving], two_bound[moving],
+                              None if classes is None else np.take(classes, moving, axis=1))
+            two = here[moving[ok]]
+            state[two] = 2
+            second[two] = runs.grid_index(two, bottom[moving[ok]])
+            gap_a[two], gap_b[two] = gaps[0][ok], gaps[1][ok]
+    found = np.take(winner, run_of)
+    entry_state = np.take(state, run_of)
+    clear = entry_state == 1
+    two = np.flatnonzero(entry_state == 2)
+    if two.size:
+        r, sg = np.take(run_of, two), np.take(sigma, two)
+        with np.errstate(over="ignore", invalid="ignore"):
+            diff = (sg * np.take(gap_a, r) - F32(2) * np.take(gap_b, r)) * sg  # the winner's d2 - the second's
+        np.put(found, two, np.where(diff > 0, np.take(second, r), np.take(found, two)))
+        np.put(clear, two, np.abs(diff) > F32(2) * np.take(runs.bound, r))
+    return found, clear
 
 
-@dataclass
-class _Pieces:
-    """Ranges of scales of runs `[lo, hi]`, each settled (state 1: one winner, 2: two, decided per trial
-    by the gap of their lines; 0: unsettled)."""
-
-    run: np.ndarray
-    lo: np.ndarray
-    state: np.ndarray
-    winner: np.ndarray  # grid index (2: the high end's winner)
-    second: np.ndarray  # 2: the low end's winner
-    gap_a: np.ndarray  # 2: A and B of the winner minus the second's
-    gap_b: np.ndarray
-
-    @classmethod
-    def unsettled(cls, run: np.ndarray, lo: np.ndarray) -> _Pieces:
-        zero = np.zeros(run.size, dtype=np.int32)
-        return cls(run, lo, zero.astype(np.int8), zero, zero, zero.astype(F32), zero.astype(F32))
-
-    @classmethod
-    def concatenate(cls, parts: list[_Pieces]) -> _Pieces:
-        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in cls.__dataclass_fields__))
-
-    def decide(self, runs: _Runs, sigma: np.ndarray, run_of: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Each entry's winner and whether it is certain: its run's piece holding its scale (the pieces of a
-        run tile its range; scales are in [0, 1], so `run * 2 + scale` orders both)."""
-        key = self.run * 2.0 + self.lo
-        order = np.argsort(key, kind="stable")
-        count = np.bincount(self.run, minlength=int(run_of[-1]) + 1)
-        place = np.take(np.cumsum(count) - count, run_of)  # a run's first piece, which is all most runs have
-        several = np.flatnonzero(np.take(count > 1, run_of))
-        if several.size:
-            r = np.take(run_of, several)
-            spot = np.searchsorted(key[order], r * 2.0 + np.take(sigma, several), side="right") - 1
-            np.put(place, several, np.where(np.take(self.run[order], np.maximum(spot, 0)) == r, spot, -1))
-        piece = np.take(order, place, mode="clip")
-        state = np.take(self.state, piece)
-        if several.size:  # a scale that is not a number finds no piece
-            np.put(state, several[np.take(place, several) < 0], 0)
-        found = np.take(self.winner, piece)
-        clear = state == 1
-        two = np.flatnonzero(state == 2)
-        if two.size:
-            p, sg = np.take(piece, two), np.take(sigma, two)
-            diff = (sg * np.take(self.gap_a, p) - F32(2) * np.take(self.gap_b, p)) * sg  # winner's d2 - second's
-            np.put(found, two, np.where(diff > 0, np.take(self.second, p), np.take(found, two)))
-            np.put(clear, two, np.abs(diff) > F32(2) * np.take(runs.bound, np.take(run_of, two)))
-        return found, clear
-
-
-# rounds of splitting a range of scales whose ends have different winners
-_MAX_SPLITS = 6
-
-
-def _settle(runs: _Runs, k: int, here: np.ndarray, low: np.ndarray) -> list[_Pieces]:
-    """The pieces of the runs `here` of bucket `k` (all of them, in order; scales from `low` to 1)."""
-    a, b, pad, classes = runs.a[k], runs.b[k], runs.pad[k], runs.classes[k]
-    col = np.arange(here.size)  # each range's column in the bucket's tables
-    hi, lo = np.ones(here.size, dtype=F32), low.astype(F32)
-    d2_hi, d2_lo = a - F32(2) * b + pad, (lo * a - F32(2) * b) * lo + pad
-    (w_hi, lead_hi), (w_lo, lead_lo) = _least(d2_hi, classes), _least(d2_lo, classes)
-    pieces = []
-    for depth in range(_MAX_SPLITS + 1):
-        run, two_bound = here[col], F32(2) * runs.bound[here[col]]
-        same = w_hi == w_lo
-        done = np.flatnonzero(same)
-        sure = (lead_lo[done] > two_bound[done]) & (lead_hi[done] * lo[done] > two_bound[done] * hi[done])
-        pieces.append(_Pieces(run[done], lo[done], sure.astype(np.int8), runs.grid_index(run[done], w_hi[done]),
-                              *(np.zeros(done.size, dtype=t) for t in (np.int32, F32, F32))))
-        moving = np.flatnonzero(~same)
-        if moving.size == 0:
-            break
-        col, hi, lo, w_hi, w_lo, lead_hi, lead_lo = (t[moving] for t in (col, hi, lo, w_hi, w_lo, lead_hi, lead_lo))
-        d2_hi, d2_lo, two_bound, run = (np.take(t, moving, axis=-1) for t in (d2_hi, d2_lo, two_bound, run))
-        tables = [np.take(t, col, axis=1) for t in (a, b, pad)]
-        cls = None if classes is None else np.take(classes, col, axis=1)
-        line = np.arange(col.size)
-        at_hi, at_lo = w_hi * tables[0].shape[1] + line, w_lo * tables[0].shape[1] + line
-        gap_a = np.take(tables[0], at_hi) - np.take(tables[0], at_lo)
-        gap_b = np.take(tables[1], at_hi) - np.take(tables[1], at_lo)
-        mid = np.clip(np.nan_to_num(F32(2) * gap_b / gap_a, nan=1.0), lo, hi).astype(F32)  # where the lines cross
-        d2_mid = (mid * tables[0] - F32(2) * tables[1]) * mid + tables[2]
-        w_mid, lead_mid = _least(d2_mid, cls)
-        ok = _two_winners(d2_hi, d2_mid, d2_lo, w_hi, w_lo, hi, mid, lo, two_bound, cls)
-        last = depth == _MAX_SPLITS
-        two = np.flatnonzero(ok | last)
-        pieces.append(_Pieces(run[two], lo[two], np.where(ok[two], 2, 0).astype(np.int8),
-                              runs.grid_index(run[two], w_hi[two]), runs.grid_index(run[two], w_lo[two]),
-                              gap_a[two], gap_b[two]))
-        split = np.flatnonzero(~ok & ~last & (mid > lo) & (mid < hi))
-        stuck = np.flatnonzero(~ok & ~last & ~((mid > lo) & (mid < hi)))
-        pieces.append(_Pieces.unsettled(run[stuck], lo[stuck]))
-        # the two halves: [mid, hi] (winners w_mid, w_hi) and [lo, mid] (w_lo, w_mid)
-        col = np.concatenate([col[split], col[split]])
-        hi, lo = np.concatenate([hi[split], mid[split]]), np.concatenate([mid[split], lo[split]])
-        w_hi, w_lo = np.concatenate([w_hi[split], w_mid[split]]), np.concatenate([w_mid[split], w_lo[split]])
-        lead_hi = np.concatenate([lead_hi[split], lead_mid[split]])
-        lead_lo = np.concatenate([lead_mid[split], lead_lo[split]])
-        d2_hi = np.concatenate([np.take(d2_hi, split, axis=1), np.take(d2_mid, split, axis=1)], axis=1)
-        d2_lo = np.concatenate([np.take(d2_mid, split, axis=1), np.take(d2_lo, split, axis=1)], axis=1)
-        if col.size == 0:
-            break
-    return pieces
+def _near_least(runs: _Runs, run: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For entries of runs `run` (with tables) at scales `sigma`: their neighbours within 2E of the least
+    there (C's choice is among them: any other is larger in C than each of those), as candidate grid
+    points, and each one's entry (entries in order, each one's candidates in list order)."""
+    points, owner = [], []
+    bucket = runs.bucket[run]
+    with np.errstate(over="ignore", invalid="ignore"):
+        for k in np.flatnonzero(np.bincount(bucket, minlength=len(runs.a))):
+            sel = np.flatnonzero(bucket == k)
+            rows = runs.local[run[sel]]
+            sg = sigma[sel]
+            a, b, pad = (np.take(t, rows, axis=1) for t in (runs.a[k], runs.b[k], runs.pad[k]))
+            d2 = (sg * a - F32(2) * b) * sg + pad
+            least = np.minimum.reduce(d2, axis=0)  # not a number if any is: then every neighbour stays
+            near = (d2 - least <= F32(2) * runs.bound[run[sel]]) | ~np.isfinite(least)
+            entry, slot = np.nonzero(near.T)  # by entry, then slot (list order)
+            points.append(runs.grid_index(run[sel][entry], slot))
+            owner.append(sel[entry])
+    points_all, owner_all = np.concatenate(points), np.concatenate(owner)
+    order = np.argsort(owner_all, kind="stable")
+    return points_all[order], owner_all[order]
 
 
 def _least(d2: np.ndarray, classes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -576,13 +560,13 @@ def _least(d2: np.ndarray, classes: np.ndarray | None) -> tuple[np.ndarray, np.n
 
 def _two_winners(
     d2_hi: np.ndarray, d2_mid: np.ndarray, d2_lo: np.ndarray, w_hi: np.ndarray, w_lo: np.ndarray,
-    hi: np.ndarray, mid: np.ndarray, lo: np.ndarray, two_bound: np.ndarray, classes: np.ndarray | None,
+    mid: np.ndarray, lo: np.ndarray, two_bound: np.ndarray, classes: np.ndarray | None,
 ) -> np.ndarray:
-    """Per range (column of `d2_* [width, m]` at scales `hi`, `mid`, `lo`): whether the winner at `hi`
-    leads every other neighbour by 2E on [mid, hi] and the winner at `lo` does on [lo, mid]."""
+    """Per run (column of `d2_* [width, m]` at scales 1, `mid` and `lo`): whether the winner at 1 leads
+    every other neighbour by 2E on [mid, 1] and the winner at `lo` does on [lo, mid]."""
     n = np.arange(d2_hi.shape[1])
     ok = np.ones(d2_hi.shape, dtype=bool)
-    for slot, (top, top_d2), (bottom, bottom_d2) in ((w_hi, (hi, d2_hi), (mid, d2_mid)),
+    for slot, (top, top_d2), (bottom, bottom_d2) in ((w_hi, (F32(1), d2_hi), (mid, d2_mid)),
                                                       (w_lo, (mid, d2_mid), (lo, d2_lo))):
         flat = slot * d2_hi.shape[1] + n
         trails = ((bottom_d2 - np.take(bottom_d2, flat)) > two_bound) & \

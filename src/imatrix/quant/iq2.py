@@ -5,7 +5,8 @@ Every group of 8 values is stored as signs plus one point of a grid of 8-vectors
 (value `(2 * level + 1) * scale`): 256 points for IQ2_XXS, 512 for IQ2_XS, 1024 for IQ2_S (gguf-py ships
 the grids). Each sub-block (32 values for IQ2_XXS, 16 otherwise) searches its scale over a dozen or so
 candidates; for each, a group whose rounded levels are not a grid point takes the best of that point's
-neighbours on the grid (the neighbour lists are built once, as `iq2xs_init_impl` builds them). The
+neighbours on the grid (the neighbour lists are built once, as `iq2xs_init_impl` builds them). All
+candidates are rounded at once and their neighbour searches done together (`grids.best_on_grid`). The
 sub-block scales are finally stored as 4-bit multiples of one fp16 super-block scale.
 
 IQ2_XXS and IQ2_XS keep 7 sign bits per group: an odd number of negative values flips the value that

@@ -3,9 +3,10 @@ bit-compatible with llama.cpp's `quantize_row_iq3_xxs_impl` and `quantize_row_iq
 
 Each group of 4 magnitudes is one point of a grid of 4-vectors with levels 0..7 (value `(2l+1) * scale`):
 256 points for IQ3_XXS, 512 for IQ3_S (`grids.py`); signs are stored apart. Each sub-block tries a few
-dozen scales; at each, a group whose rounded levels are off the grid takes its best neighbour on the grid,
-and the scale with the best weighted fit wins. The groups still off the grid are then re-rounded at that
-scale and the scale refitted. The sub-block scales become 4-bit multiples of one fp16 super-block scale.
+dozen scales; at each, a group whose rounded levels are off the grid takes its best neighbour on the grid
+(all scales at once: `grids.best_on_grid`), and the scale with the best weighted fit wins. The groups still
+off the grid are then re-rounded at that scale and the scale refitted. The sub-block scales become 4-bit
+multiples of one fp16 super-block scale.
 
 The two kernels differ in small ways, kept as data in `Variant`: IQ3_XXS stores 7 sign bits per 8 values
 (an odd number of negatives flips the value that matters least, which then enters the search as a
@@ -38,9 +39,9 @@ QK_K = 256
 SUB = 32  # values per sub-block (one scale)
 GROUP = 4  # values per grid point
 MAX_LEVEL = 7  # kMaxQ - 1
-# Super-blocks per step: `blocks.steps` with this many copies (the trial levels and neighbour pairs of a
-# super-block hold a few hundred values per input value; measured fastest around here, ~30 MiB per step)
-STEP_COPIES = 4
+# Super-blocks per step: `blocks.steps` with this many copies (the trial levels of a super-block hold a few
+# dozen values per input value; larger steps measured no faster, ~15 MiB per step)
+STEP_COPIES = 16
 
 
 @dataclass(frozen=True)
