@@ -1,13 +1,13 @@
 """Quality of our quantizations of SmolLM2-135M, with and without the imatrix, beside llama.cpp's.
 
     python benchmarks/quant_quality.py --llama-perplexity PATH [--llama-quantize PATH] [--types Q2_K,IQ2_XXS]
-        [--chunks 20] [--threads 2] [--work-dir DIR] [-o table.md]
+        [--chunks 20] [--threads 2] [--work-dir DIR] [--imatrix FILE] [-o table.md]
 
 Steps: the F16 model (from the bundled Q4_1, exactly llama-quantize's F16) and its base
 log-probabilities on `eval.txt` (`-c 512 --chunks N`; the imatrix was collected on
 `calibration.txt`, other text), written by llama-perplexity (`--kl-divergence-base`) or, without
 `--llama-perplexity`, by our evaluator. Then for every type, with and without the golden
-`smollm2-f16.c512.n40.imatrix.gguf` (types llama-quantize refuses to make without an imatrix only
+`smollm2-f16.c512.n40.imatrix.gguf` (or `--imatrix`) (types llama-quantize refuses to make without an imatrix only
 with it): quantize with `imatrix quantize`, measure file size and bits per weight, then PPL, mean
 KLD and same-top-token agreement against the F16 — by llama-perplexity where it loads the file,
 else by `imatrix perplexity` (its drop-in, against the same base; the note says so).
@@ -40,7 +40,7 @@ from imatrix.ggufio.reader import GGUFModelFile
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("IMATRIX_SHARED", REPO.parent / "shared"))
 QUALITY_MD = SHARED / "golden" / "quant" / "quality.md"
-IMATRIX = SHARED / "golden" / "imatrix" / "smollm2-f16.c512.n40.imatrix.gguf"
+GOLDEN_IMATRIX = SHARED / "golden" / "imatrix" / "smollm2-f16.c512.n40.imatrix.gguf"
 EVAL_TEXT = SHARED / "data" / "eval.txt"
 # llama-quantize's types below 5 bits, lowest first, and our Q3_K_HIFI. Not by default: MXFP4_MOE (Q8_0 on
 # a dense model) and Q2_0 (llama-perplexity has no fast CPU kernel for it: ~10 min a run here)
@@ -155,21 +155,21 @@ def _n_elements(ne: tuple[int, ...]) -> int:
     return count
 
 
-def quantize_ours(f16: Path, out: Path, qtype: str, with_imatrix: bool, threads: int) -> float | None:
+def quantize_ours(f16: Path, out: Path, qtype: str, imatrix: Path | None, threads: int) -> float | None:
     """`imatrix quantize` unless `out` exists; seconds taken, or None if it was there."""
     if out.exists():
         return None
     from imatrix.quant.model import quantize_model
 
     start = time.perf_counter()
-    quantize_model(f16, out, qtype, imatrix=IMATRIX if with_imatrix else None, n_threads=threads)
+    quantize_model(f16, out, qtype, imatrix=imatrix, n_threads=threads)
     return time.perf_counter() - start
 
 
-def quantize_theirs(binary: str, f16: Path, out: Path, qtype: str, with_imatrix: bool, threads: int) -> None:
+def quantize_theirs(binary: str, f16: Path, out: Path, qtype: str, imatrix: Path | None, threads: int) -> None:
     if out.exists():
         return
-    extra = ["--imatrix", str(IMATRIX)] if with_imatrix else []
+    extra = ["--imatrix", str(imatrix)] if imatrix else []
     done = subprocess.run([binary, *extra, str(f16), str(out), qtype, str(threads)], capture_output=True, text=True,
                           check=False)
     if done.returncode != 0:
@@ -215,13 +215,14 @@ class Evaluator:
         return parse_kld_output(text, "ours")
 
 
-def measure_type(evaluator: Evaluator, qtype: str, with_imatrix: bool, llama_quantize: str | None,
+def measure_type(evaluator: Evaluator, qtype: str, imatrix: Path | None, llama_quantize: str | None,
                  golden: dict[tuple[str, bool], dict[str, float]]) -> Row:
+    with_imatrix = imatrix is not None
     row = Row(qtype, with_imatrix)
     work, tag = evaluator.work, "im" if with_imatrix else "noim"
     out = work / f"smollm2-{qtype}-{tag}.gguf"
     try:
-        row.quantize_s = quantize_ours(evaluator.f16, out, qtype, with_imatrix, evaluator.threads)
+        row.quantize_s = quantize_ours(evaluator.f16, out, qtype, imatrix, evaluator.threads)
     except ImatrixError as exc:
         row.note = "refused without imatrix (as llama-quantize)" if "requires an imatrix" in str(exc) else \
             f"not made: {str(exc)[:110]}"
@@ -230,7 +231,7 @@ def measure_type(evaluator: Evaluator, qtype: str, with_imatrix: bool, llama_qua
     row.ours = evaluator.measure(out)
     if llama_quantize and qtype != "Q3_K_HIFI":
         theirs = work / f"llama-{qtype}-{tag}.gguf"
-        quantize_theirs(llama_quantize, evaluator.f16, theirs, qtype, with_imatrix, evaluator.threads)
+        quantize_theirs(llama_quantize, evaluator.f16, theirs, qtype, imatrix, evaluator.threads)
         same, total = same_tensors(out, theirs)
         row.same, row.theirs_mib = f"{same}/{total}", theirs.stat().st_size / MIB
         row.theirs = row.ours if same == total else evaluator.measure(theirs)
@@ -276,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-t", "--threads", type=int, default=2)
     parser.add_argument("--llama-perplexity", metavar="PATH", help="measure with llama.cpp's llama-perplexity")
     parser.add_argument("--llama-quantize", metavar="PATH", help="make llama.cpp's files here to compare with")
+    parser.add_argument("--imatrix", type=Path, default=GOLDEN_IMATRIX,
+                        help="the imatrix of the runs with one (default: the golden, llama-imatrix's on the F16; "
+                             "give each imatrix its own --work-dir)")
     parser.add_argument("--no-imatrix-runs", action="store_true", help="only the runs with the imatrix")
     parser.add_argument("-o", "--output", help="also write the table (markdown) here")
     parser.add_argument("--emulate-llama-cpu", action="store_true",
@@ -285,12 +289,13 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     f16 = make_f16(work)
     evaluator = Evaluator(work, f16, args.chunks, args.threads, args.llama_perplexity, args.emulate_llama_cpu)
-    golden = parse_quality(QUALITY_MD) if args.chunks == GOLDEN_CHUNKS else {}
+    golden = parse_quality(QUALITY_MD) if args.chunks == GOLDEN_CHUNKS and args.imatrix == GOLDEN_IMATRIX else {}
     rows, text = [], ""
     for qtype in [name.strip() for name in args.types.split(",") if name.strip()]:
         for with_imatrix in (True,) if args.no_imatrix_runs else (False, True):
             log(f"--- {qtype} {'with' if with_imatrix else 'without'} imatrix")
-            rows.append(measure_type(evaluator, qtype, with_imatrix, args.llama_quantize, golden))
+            imatrix = args.imatrix if with_imatrix else None
+            rows.append(measure_type(evaluator, qtype, imatrix, args.llama_quantize, golden))
             log(str(rows[-1]))
             text = table(rows, evaluator.f16_ppl, "llama-perplexity" if args.llama_perplexity else "imatrix perplexity")
             if args.output:  # the table so far, after every row
