@@ -179,6 +179,28 @@ MOE = {"n_layer": 2, "d": 64, "ff": 32, "n_head": 4, "n_head_kv": 2, "vocab": 64
        "file_type": None}
 
 
+def write_smollm2_like(path: Path, tensors: dict[str, np.ndarray], context_length: int = 8192) -> None:
+    """An F16 llama GGUF of `tensors` with SmolLM2-135M's hyperparameters, which llama-quantize reads
+    before it quantizes (the quantization goldens' sources)."""
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_context_length(context_length)
+    writer.add_embedding_length(576)
+    writer.add_block_count(30)
+    writer.add_feed_forward_length(1536)
+    writer.add_head_count(9)
+    writer.add_head_count_kv(3)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(64)
+    writer.add_vocab_size(49152)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    for name, data in tensors.items():
+        writer.add_tensor(name, np.ascontiguousarray(data, dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def write_synthetic_llama(
     path: Path, n_layer: int, d: int, ff: int, n_head: int, n_head_kv: int, vocab: int, tied: bool,
     n_expert: int = 0, file_type: int | None = 1, seed: int = 0,

@@ -32,7 +32,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from quant_golden import DENSE, write_synthetic_imatrix, write_synthetic_llama  # noqa: E402
+from quant_golden import DENSE, write_smollm2_like, write_synthetic_imatrix, write_synthetic_llama  # noqa: E402
 
 GOLDEN = Path(os.environ.get("IMATRIX_SHARED", HERE.parent.parent.parent / "shared")) / "golden"
 SOURCE = "quant/source-f16.gguf"  # in GOLDEN
@@ -56,26 +56,9 @@ def sources(with_imatrix: bool) -> dict[str, str]:
 
 
 def write_source(path: Path, names: dict[str, str]) -> None:
-    """An F16 llama GGUF holding `ROWS` rows of each source tensor, with the hyperparameters llama-quantize
-    reads (SmolLM2-135M's)."""
+    """An F16 llama GGUF holding `ROWS` rows of each source tensor."""
     tensors = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(GOLDEN / SOURCE).tensors}
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_context_length(8192)
-    writer.add_embedding_length(576)
-    writer.add_block_count(30)
-    writer.add_feed_forward_length(1536)
-    writer.add_head_count(9)
-    writer.add_head_count_kv(3)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_dimension_count(64)
-    writer.add_vocab_size(49152)
-    writer.add_file_type(1)
-    for name, source in names.items():
-        writer.add_tensor(name, np.ascontiguousarray(tensors[source][:ROWS], dtype=np.float16))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_smollm2_like(path, {name: tensors[source][:ROWS] for name, source in names.items()})
 
 
 def sha256(path: Path) -> str:

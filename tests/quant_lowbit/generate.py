@@ -44,7 +44,7 @@ from imatrix.quant.base import ggml_type
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from quant_golden import DENSE, MOE, write_synthetic_imatrix, write_synthetic_llama  # noqa: E402
+from quant_golden import DENSE, MOE, write_smollm2_like, write_synthetic_imatrix, write_synthetic_llama  # noqa: E402
 
 SHARED = Path(os.environ.get("IMATRIX_SHARED", HERE.parent.parent.parent / "shared")) / "golden"
 SOURCE = SHARED / "quant" / "source-f16.gguf"
@@ -98,29 +98,14 @@ def edge_rows(n_cols: int) -> np.ndarray:
 
 
 def write_source(path: Path) -> None:
-    reader = gguf.GGUFReader(SOURCE)
-    writer = gguf.GGUFWriter(path, "llama")
-    # SmolLM2-135M's hyperparameters: llama-quantize loads them before it quantizes
-    writer.add_context_length(2048)
-    writer.add_embedding_length(576)
-    writer.add_block_count(30)
-    writer.add_feed_forward_length(1536)
-    writer.add_head_count(9)
-    writer.add_head_count_kv(3)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_dimension_count(64)
-    writer.add_vocab_size(49152)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    for tensor in reader.tensors:
+    tensors = {}
+    for tensor in gguf.GGUFReader(SOURCE).tensors:
         data = np.asarray(tensor.data)
         data = data[np.linspace(0, data.shape[0] - 1, ROWS).round().astype(int)]
         if tensor.name == EDGE_TENSOR:
             data = np.concatenate([data, edge_rows(data.shape[1])])
-        writer.add_tensor(tensor.name, np.ascontiguousarray(data, dtype=np.float16))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        tensors[tensor.name] = data
+    write_smollm2_like(path, tensors, context_length=2048)
 
 
 def only_columns(source: Path, path: Path, n_cols: int) -> None:
