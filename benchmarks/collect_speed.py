@@ -9,8 +9,11 @@ bf16 matmul rates measured in the same run on the model's own shapes (best repet
 model's FLOPs per token.
 
     python benchmarks/collect_speed.py --llama-imatrix PATH [--chunks 40] [--threads 2] [--repeat 3]
+        [--compare-src DIR]
 
-Without --llama-imatrix only our runs are made.
+Without --llama-imatrix only our runs are made. With `--compare-src DIR` (another checkout, e.g. a
+`git worktree` of an earlier commit) its `imatrix` runs on the F16 model in the same rounds, beside ours
+with `--dtype float32` (what that code computed in, before `--dtype auto`): before and after, like for like.
 """
 
 from __future__ import annotations
@@ -35,11 +38,12 @@ from imatrix.models.precision import cpu_has_bf16_dot
 from imatrix.quant.model import quantize_model
 
 MODES = (("with PPL", []), ("--no-ppl", ["--no-ppl"]))
+FLOAT32 = "imatrix --dtype float32"
 
 
 @dataclass
 class Run:
-    tool: str  # "llama-imatrix" or "imatrix"
+    tool: str  # "llama-imatrix", "imatrix", "imatrix --dtype float32" or "imatrix at DIR"
     model: str  # F16, BF16, Q8_0
     mode: str
     walls: list[float] = field(default_factory=list)
@@ -69,11 +73,12 @@ def flops_per_token(model: GGUFModelFile, n_ctx: int) -> float:
     return 2 * block + n_layer * 4 * d_model * (n_ctx / 2) + 2 * vocab_rows * d_model
 
 
-def timed(command: list[str]) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS (GB) and output of one process."""
+def timed(command: list[str], source: Path | None = None) -> tuple[float, float, str]:
+    """Wall seconds, peak RSS (GB) and output of one process (importing the package from `source`/src)."""
+    env = {**os.environ, "PYTHONPATH": str(source / "src")} if source else None
     with tempfile.TemporaryFile("w+") as log:
         start = time.perf_counter()
-        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
         _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage
         wall = time.perf_counter() - start
         log.seek(0)
@@ -98,21 +103,26 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3, help="rounds, interleaved (default 3)")
+    parser.add_argument("--compare-src", type=Path, metavar="DIR",
+                        help="another checkout whose imatrix runs beside ours (--dtype float32) on the F16 model")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="imatrix-bench-"))
     files = models(workdir)
     common = ["-f", str(default_calibration_text()), "-c", "512", "--chunks", str(args.chunks),
               "-t", str(args.threads), "-o", str(workdir / "out.gguf")]
     plan = [Run("imatrix", name, mode) for name in ("F16", "BF16") for mode, _ in MODES]
+    if args.compare_src:
+        plan += [Run(tool, "F16", mode) for tool in (FLOAT32, f"imatrix at {args.compare_src}") for mode, _ in MODES]
     if args.llama_imatrix:
         plan += [Run("llama-imatrix", name, mode) for name in files for mode, _ in MODES]
     rates = {dtype: [] for dtype in (torch.float32, torch.bfloat16)}
     for _ in range(args.repeat):
         for run in plan:
-            extra = dict(MODES)[run.mode]
+            extra = dict(MODES)[run.mode] + (["--dtype", "float32"] if run.tool == FLOAT32 else [])
             command = ([str(args.llama_imatrix)] if run.tool == "llama-imatrix"
                        else [sys.executable, "-m", "imatrix.cli.main"])
-            wall, rss, log = timed([*command, "-m", str(files[run.model]), *common, *extra])
+            source = args.compare_src if run.tool.startswith("imatrix at") else None
+            wall, rss, log = timed([*command, "-m", str(files[run.model]), *common, *extra], source)
             run.walls.append(wall)
             run.rss_gb.append(rss)
             tokens = re.search(r"\(([0-9.]+) tokens/s\)", log)
@@ -145,6 +155,11 @@ def report(plan: list[Run], rates: dict[torch.dtype, list[float]], model: GGUFMo
             fastest = min(theirs, key=lambda run: min(run.walls))
             print(f"{mode}: imatrix (defaults, F16) {ours:.1f} s against llama-imatrix's fastest "
                   f"({fastest.model}) {min(fastest.walls):.1f} s: {min(fastest.walls) / ours:.2f}x")
+        before = [run for run in plan if run.tool.startswith("imatrix at") and run.mode == mode]
+        if before:
+            same_dtype = next(run for run in plan if run.tool == FLOAT32 and run.mode == mode)
+            print(f"{mode}: {same_dtype.tool} {min(same_dtype.walls):.1f} s against {before[0].tool} "
+                  f"{min(before[0].walls):.1f} s: {min(before[0].walls) / min(same_dtype.walls):.2f}x")
 
 
 if __name__ == "__main__":

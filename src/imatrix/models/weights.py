@@ -90,13 +90,21 @@ class GGUFWeights:
                 keep_file_row_order: bool) -> torch.Tensor:
         info = self.model_file.tensors[name]
         n_head = self.architecture.permuted_heads(self.config, name)
-        if exact_16_bit_dtype(info.tensor_type) == dtype and not self.architecture.has_value_rules(name):
+        stored = exact_16_bit_dtype(info.tensor_type)
+        if stored is not None and not self.architecture.has_value_rules(name):
             weight = self.model_file.raw(name).view(np.uint16).reshape(info.shape)  # the bit patterns as stored
-            if mapped_in_place(info, dtype, in_place) and (not n_head or keep_file_row_order):
-                return torch.from_numpy(weight).view(dtype)
-            if n_head:
-                weight = unpermute_rows(weight, n_head)
-            return torch.from_numpy(np.array(weight, order="C")).view(dtype)
+            if stored == dtype:
+                if mapped_in_place(info, dtype, in_place) and (not n_head or keep_file_row_order):
+                    return torch.from_numpy(weight).view(dtype)
+                if n_head:
+                    weight = unpermute_rows(weight, n_head)
+                return torch.from_numpy(np.array(weight, order="C")).view(dtype)
+            if stored == torch.float16 or not round_to_f16:
+                # one exact widening or rounding pass from the stored bits (through float32 it is the same
+                # value: both round once, to nearest even), rather than a float32 copy converted again
+                if n_head:
+                    weight = unpermute_rows(weight, n_head)
+                return torch.from_numpy(np.ascontiguousarray(weight)).view(stored).to(dtype)
         weight = self._converted(name, round_to_f16)
         return torch.from_numpy(np.array(weight, order="C")).to(dtype)  # own copy, not the mmap
 

@@ -49,12 +49,14 @@ class BytePairEncoder:
         self.vocab, self.pre = vocab, pre
         pairs = merge_pairs(merges)
         extended = dict(vocab)
+        n_vocab = len(vocab)
         for left, right in pairs:
             for piece in (left, right, left + right):
-                extended.setdefault(piece, n_tokens + len(extended) - len(vocab))
+                if piece not in extended:  # nearly every piece is a token: count only the new ones
+                    extended[piece] = n_tokens + len(extended) - n_vocab
         self.n_tokens = n_tokens
         self.unknown = "\x00" * (1 + max(map(len, extended), default=0))  # stands for a character no merge knows
-        extended[self.unknown] = n_tokens + len(extended) - len(vocab)
+        extended[self.unknown] = n_tokens + len(extended) - n_vocab
         self.model = Tokenizer(models.BPE(vocab=extended, merges=pairs, unk_token=self.unknown, fuse_unk=False))
         self.cache: dict[str, tuple[int, ...]] = {}
 
