@@ -8,7 +8,7 @@ the other, each as a whole process. At these sizes a token costs a few kFLOPs of
 measure what an architecture adds per token outside the matmuls (its adapter's hooks, observers,
 routing, recurrent layers), not the matmul rate: a family far below the dense llama row spends its time
 in Python. The compute rate is ours as printed (tokens/s of the forward passes, load and start-up
-excluded); the walls are whole processes.
+excluded), and per layer (times the layers: the tiny models have 2 to 64); the walls are whole processes.
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ def main() -> None:
     args = parser.parse_args()
     names = args.names.split(",") if args.names else sorted(p.parent.name for p in GOLDENS.glob("*/model.gguf"))
     print(f"{args.chunks} chunks of 128 tokens, {args.threads} threads")
-    print("| model | params | ours tokens/s (compute) | ours wall s | llama-imatrix wall s |")
-    print("|---|---|---|---|---|")
+    print("| model | layers | params | ours tokens/s (compute) | ours layer-tokens/s | ours wall s "
+          "| llama-imatrix wall s |")
+    print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as scratch:
         for name in names:
             model = GOLDENS / name / "model.gguf"
@@ -54,20 +55,23 @@ def main() -> None:
             wall, log = timed([sys.executable, "-m", "imatrix.cli.main", *common])
             rate = re.search(r"\(([0-9.]+) tokens/s\)", log)
             theirs = f"{timed([str(args.llama_imatrix), *common])[0]:.2f}" if args.llama_imatrix else "–"
-            print(f"| {name} | {parameters(model) / 1e6:.2f}M | {rate.group(1) if rate else '–'} | {wall:.2f} "
-                  f"| {theirs} |", flush=True)
+            n_params, n_layers = size(model)
+            per_layer = f"{float(rate.group(1)) * n_layers:.0f}" if rate else "–"
+            print(f"| {name} | {n_layers} | {n_params / 1e6:.2f}M | {rate.group(1) if rate else '–'} | {per_layer} "
+                  f"| {wall:.2f} | {theirs} |", flush=True)
 
 
-def parameters(model: Path) -> int:
+def size(model: Path) -> tuple[int, int]:
+    """Parameters and layers of a GGUF model."""
     from imatrix.ggufio.reader import GGUFModelFile
 
-    total = 0
-    for info in GGUFModelFile(model).tensors.values():
+    opened, total = GGUFModelFile(model), 0
+    for info in opened.tensors.values():
         count = 1
-        for size in info.ne:
-            count *= size
+        for extent in info.ne:
+            count *= extent
         total += count
-    return total
+    return total, int(opened.require_arch("block_count"))
 
 
 if __name__ == "__main__":
