@@ -179,6 +179,32 @@ MOE = {"n_layer": 2, "d": 64, "ff": 32, "n_head": 4, "n_head_kv": 2, "vocab": 64
        "file_type": None}
 
 
+def identical_blocks(golden_file: Path, source: dict[str, np.ndarray], names: dict[str, str], rows: int,
+                     matrix: ImportanceMatrix | None) -> tuple[int, int]:
+    """(identical, total) blocks of llama-quantize's `golden_file` against ours on the same rows: each of its
+    tensors made from the first `rows` rows of `source[names[tensor]]`, weighted by `matrix` when given."""
+    identical = total = 0
+    for tensor in gguf.GGUFReader(golden_file).tensors:
+        name = names[tensor.name]
+        qw = matrix[name].mean_sq()[0] if matrix is not None else None
+        ours = quantize_rows(source[name][:rows], tensor.tensor_type, qw)
+        type_size = gguf.GGML_QUANT_SIZES[tensor.tensor_type][1]
+        same = (ours.reshape(-1, type_size) == np.asarray(tensor.data).reshape(-1, type_size)).all(axis=1)
+        identical += int(same.sum())
+        total += same.size
+    return identical, total
+
+
+def round_trip_blocks(x: np.ndarray, qtype: gguf.GGMLQuantizationType,
+                      qw: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Rows `x` quantized by us (one block row per input row) and dequantized by gguf-py, and `x`, both as
+    float64 super-blocks of 256 values."""
+    out = quantize_rows(x, qtype, qw)
+    assert out.shape == (x.shape[0], x.shape[1] // 256 * gguf.GGML_QUANT_SIZES[qtype][1])
+    recon = gguf.quants.dequantize(out, qtype).reshape(-1, 256).astype(np.float64)
+    return recon, x.reshape(-1, 256).astype(np.float64)
+
+
 def write_smollm2_like(path: Path, tensors: dict[str, np.ndarray], context_length: int = 8192) -> None:
     """An F16 llama GGUF of `tensors` with SmolLM2-135M's hyperparameters, which llama-quantize reads
     before it quantizes (the quantization goldens' sources)."""

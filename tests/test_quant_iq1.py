@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from imatrix import ImatrixError
 from imatrix.quant import iq1
 from imatrix.quant.base import quantize_rows
-from quant_golden import random_imatrix, random_rows
+from quant_golden import random_imatrix, random_rows, round_trip_blocks
 from quant_iq1_iq3.compare import compare_blocks, file_matches
 from quant_iq1_iq3.generate import BLOCK_GOLDENS
 
@@ -100,10 +100,7 @@ def test_round_trip_gaussian(qtype: Q, with_imatrix: bool, bound: float) -> None
 def test_reconstruction_invariants(qtype: Q, seed: int, kind: str, log_scale: float, with_imatrix: bool) -> None:
     x = random_rows(seed, 2, 512, kind, log_scale)
     qw = random_imatrix(seed, 512) if with_imatrix or qtype == Q.IQ1_S else None
-    out = quantize_rows(x, qtype, qw)
-    assert out.shape == (2, 2 * gguf.GGML_QUANT_SIZES[qtype][1])
-    recon = gguf.quants.dequantize(out, qtype).reshape(-1, 256).astype(np.float64)
-    blocks = x.reshape(-1, 256).astype(np.float64)
+    recon, blocks = round_trip_blocks(x, qtype, qw)
     assert np.isfinite(recon).all()
     assert (recon[(blocks == 0).all(axis=1)] == 0).all()
     # no bound relative to the block maximum holds: llama.cpp's own bytes (checked against its kernels on

@@ -19,7 +19,7 @@ from imatrix.cli.main import main
 from imatrix.formats import load_imatrix
 from imatrix.quant.base import quantize_rows
 from imatrix.quant.iq2 import GROUP, MAX_LEVEL, codes_of, lattice
-from quant_golden import random_imatrix, random_rows
+from quant_golden import identical_blocks, random_imatrix, random_rows, round_trip_blocks
 from quant_iq2.generate import GOLDENS, IMATRIX, MIX_FILE_TYPES, ROWS, SOURCE, mix_args, mix_inputs, sources
 
 Q = gguf.GGMLQuantizationType
@@ -32,15 +32,7 @@ def test_blocks_match_llama_quantize(golden: Path, stem: str) -> None:
     with_imatrix = GOLDENS[stem][1]
     source = {t.name: np.asarray(t.data).astype(np.float32) for t in gguf.GGUFReader(golden / SOURCE).tensors}
     matrix = load_imatrix(golden / IMATRIX) if with_imatrix else None
-    identical = total = 0
-    for tensor in gguf.GGUFReader(HERE / f"{stem}.gguf").tensors:
-        name = sources(with_imatrix)[tensor.name]
-        qw = matrix[name].mean_sq()[0] if matrix is not None else None
-        ours = quantize_rows(source[name][:ROWS], tensor.tensor_type, qw)
-        type_size = gguf.GGML_QUANT_SIZES[tensor.tensor_type][1]
-        same = (ours.reshape(-1, type_size) == np.asarray(tensor.data).reshape(-1, type_size)).all(axis=1)
-        identical += int(same.sum())
-        total += same.size
+    identical, total = identical_blocks(HERE / f"{stem}.gguf", source, sources(with_imatrix), ROWS, matrix)
     assert total >= 1536
     # measured: every block identical in all four files (and in 9,600 blocks per type of full-size and
     # synthetic tensors: heavy tails, sparse, tiny, constant, zero imatrix columns)
@@ -108,10 +100,7 @@ def test_round_trip_gaussian(qtype: Q, with_imatrix: bool, bound: float) -> None
 )
 def test_reconstruction_invariants(qtype: Q, seed: int, kind: str, log_scale: float) -> None:
     x = random_rows(seed, 2, 512, kind, log_scale)
-    out = quantize_rows(x, qtype, random_imatrix(seed, 512))
-    assert out.shape == (2, 2 * gguf.GGML_QUANT_SIZES[qtype][1])
-    recon = gguf.quants.dequantize(out, qtype).reshape(-1, 256).astype(np.float64)
-    blocks = x.reshape(-1, 256).astype(np.float64)
+    recon, blocks = round_trip_blocks(x, qtype, random_imatrix(seed, 512))
     amax = np.abs(blocks).max(axis=1, keepdims=True)
     assert np.isfinite(recon).all()
     assert (recon[amax[:, 0] == 0] == 0).all()

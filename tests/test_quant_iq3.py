@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from imatrix.quant.base import quantize_rows
 from imatrix.quant.grids import best_neighbours, lattice
-from quant_golden import random_imatrix, random_rows
+from quant_golden import random_imatrix, random_rows, round_trip_blocks
 from quant_iq1_iq3.compare import compare_blocks, file_matches
 from quant_iq1_iq3.generate import BLOCK_GOLDENS
 
@@ -103,10 +103,7 @@ def test_round_trip_gaussian(qtype: Q, with_imatrix: bool, bound: float) -> None
 )
 def test_reconstruction_invariants(qtype: Q, seed: int, kind: str, log_scale: float, with_imatrix: bool) -> None:
     x = random_rows(seed, 2, 512, kind, log_scale)
-    out = quantize_rows(x, qtype, random_imatrix(seed, 512) if with_imatrix else None)
-    assert out.shape == (2, 2 * gguf.GGML_QUANT_SIZES[qtype][1])
-    recon = gguf.quants.dequantize(out, qtype).reshape(-1, 256).astype(np.float64)
-    blocks = x.reshape(-1, 256).astype(np.float64)
+    recon, blocks = round_trip_blocks(x, qtype, random_imatrix(seed, 512) if with_imatrix else None)
     amax = np.abs(blocks).max(axis=1, keepdims=True)
     assert np.isfinite(recon).all()
     assert (recon[amax[:, 0] == 0] == 0).all()

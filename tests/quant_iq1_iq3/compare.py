@@ -12,7 +12,7 @@ import numpy as np
 
 from imatrix.cli.main import main
 from imatrix.formats import load_imatrix
-from imatrix.quant.base import quantize_rows
+from quant_golden import identical_blocks
 from quant_iq1_iq3.generate import BLOCK_GOLDENS, IMATRIX, ROWS, SOURCE, file_inputs, sources
 
 HERE = Path(__file__).resolve().parent
@@ -24,16 +24,7 @@ def compare_blocks(golden: Path, stem: str) -> tuple[int, int]:
     source_file = golden / "quant" / SOURCE.name
     source = {t.name: np.asarray(t.data).astype(np.float32) for t in gguf.GGUFReader(source_file).tensors}
     matrix = load_imatrix(golden / "imatrix" / IMATRIX.name) if with_imatrix else None
-    identical = total = 0
-    for tensor in gguf.GGUFReader(HERE / f"{stem}.gguf").tensors:
-        name = sources(with_imatrix)[tensor.name]
-        qw = matrix[name].mean_sq()[0] if matrix is not None else None
-        ours = quantize_rows(source[name][:ROWS], tensor.tensor_type, qw)
-        type_size = gguf.GGML_QUANT_SIZES[tensor.tensor_type][1]
-        same = (ours.reshape(-1, type_size) == np.asarray(tensor.data).reshape(-1, type_size)).all(axis=1)
-        identical += int(same.sum())
-        total += same.size
-    return identical, total
+    return identical_blocks(HERE / f"{stem}.gguf", source, sources(with_imatrix), ROWS, matrix)
 
 
 def file_matches(file_type: str, folder: Path) -> bool:

@@ -44,6 +44,7 @@ from imatrix.quant.blocks import (
 )
 from imatrix.quant.grids import Lattice, best_on_grid, odd_sums, put_levels, value_major
 from imatrix.quant.kquants import block_sigma2
+from imatrix.quant.searches import qp_trial_scales
 
 QK_K = 256
 Q = gguf.GGMLQuantizationType
@@ -81,15 +82,7 @@ def _qp_scale(x: np.ndarray, w: np.ndarray, nmax: int) -> np.ndarray:
         iscale = F32(nmax) / vmax
         stored = (nearest_exact(iscale * x).astype(np.int32) & 0xFF).astype(F32)
         diff = x - (F32(1) / iscale) * stored
-        best = sum_groups(w * diff * diff)
-        for step in (-4, -3, -2, -1, 1, 2, 3, 4):
-            trial = (F32(0.1) * F32(step) + F32(nmax)) / vmax
-            levels = np.minimum(nearest_exact(trial * x), F32(nmax))
-            diff = x - (F32(1) / trial) * levels
-            mse = sum_groups(w * diff * diff)
-            better = mse < best
-            best = np.where(better, mse, best)
-            iscale = np.where(better, trial, iscale)
+        iscale = qp_trial_scales(x, w, nmax, vmax, iscale, sum_groups(w * diff * diff), nearest_exact)
         levels = np.minimum(nearest_exact(iscale * x), F32(nmax))
         wx = w * x
         sumlx = sum_groups(wx * levels)

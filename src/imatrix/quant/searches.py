@@ -8,6 +8,8 @@ column per group (a sub-block, or the sub-block scales of one super-block), and 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from imatrix.quant.blocks import (
@@ -152,6 +154,21 @@ def _scatter(full: np.ndarray, index: np.ndarray, values: np.ndarray) -> np.ndar
     return full
 
 
+def qp_trial_scales(x: np.ndarray, w: np.ndarray, nmax: int, vmax: np.ndarray, iscale: np.ndarray,
+                    best: np.ndarray, rounding: Callable[[np.ndarray], np.ndarray] = nearest) -> np.ndarray:
+    """`make_qp_quants`' eight trial inverse scales `(nmax + 0.1 k) / vmax`, k = ±1…±4, per group of `x [n, g]`:
+    each replaces `iscale` where its weighted error, levels clipped to `nmax`, is below the best so far."""
+    for step in (-4, -3, -2, -1, 1, 2, 3, 4):
+        trial = (F32(0.1) * F32(step) + F32(nmax)) / vmax
+        levels = np.minimum(rounding(trial * x), F32(nmax))
+        diff = x - (F32(1) / trial) * levels
+        mse = sum_groups(w * diff * diff)
+        better = mse < best
+        best = np.where(better, mse, best)
+        iscale = np.where(better, trial, iscale)
+    return iscale
+
+
 def make_qp_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """llama.cpp `make_qp_quants`: non-negative levels `[0, nmax]` for non-negative `x` (the sub-block
     scales or mins of a super-block), best of 9 trial scales, then refined. Returns `(scale, levels)`.
@@ -163,17 +180,7 @@ def make_qp_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray,
     scale = F32(1) / iscale
     levels = nearest(iscale * x)  # the first trial is not clipped to nmax
     diff = x - scale * levels
-    best = sum_groups(w * diff * diff)
-    for step in range(-4, 5):
-        if step == 0:
-            continue
-        trial = (F32(0.1) * F32(step) + F32(nmax)) / vmax
-        trial_levels = np.minimum(nearest(trial * x), F32(nmax))
-        diff = x - (F32(1) / trial) * trial_levels
-        mse = sum_groups(w * diff * diff)
-        better = mse < best
-        best = np.where(better, mse, best)
-        iscale = np.where(better, trial, iscale)
+    iscale = qp_trial_scales(x, w, nmax, vmax, iscale, sum_groups(w * diff * diff))
     levels = np.minimum(nearest(iscale * x), F32(nmax))
     sumlx = sum_groups(w * x * levels)
     suml2 = sum_groups(w * levels * levels)
