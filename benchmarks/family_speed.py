@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from imatrix.ggufio.reader import GGUFModelFile
 from imatrix.models.bundled import default_calibration_text
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,8 +64,6 @@ def main() -> None:
 
 def size(model: Path) -> tuple[int, int]:
     """Parameters and layers of a GGUF model."""
-    from imatrix.ggufio.reader import GGUFModelFile
-
     opened, total = GGUFModelFile(model), 0
     for info in opened.tensors.values():
         count = 1
