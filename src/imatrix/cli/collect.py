@@ -10,6 +10,7 @@ from imatrix import api
 from imatrix.cli.common import (
     ArgumentParser,
     add_device_flags,
+    add_executor_flags,
     add_ignored_llama_cpp_flags,
     add_verbosity_flags,
     capped_threads,
@@ -44,14 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
         help="compute dtype of the model (statistics always accumulate in float32; default auto: bfloat16 where "
              "the CPU or GPU multiplies it natively, else float32)")
-    add("--sequential", action=argparse.BooleanOptionalAction, default=None,
-        help="run one layer at a time, loading each from the model file (default: only when the "
-             "weights would not fit in memory)")
-    add("--window-chunks", type=positive_int, default=64,
-        help="with --sequential: chunks pushed through each loaded layer at most (default: 64)")
-    add("--chunks-in-flight", type=int, default=0,
-        help="model in memory on the CPU: chunks computed at once, each in its own thread on "
-             "threads/N threads (default: 2 with two threads or more)")
+    add_executor_flags(parser)
     add("--resume", action="store_true",
         help="continue an interrupted run from its last saved --output-file (the same text by content, "
              "model, -c and --chunk, or it is refused; the perplexity printed covers the chunks computed in "

@@ -120,6 +120,19 @@ def add_device_flags(parser: argparse.ArgumentParser) -> None:
                              "none and CUDA<N> mean cpu and cuda:N")
 
 
+def add_executor_flags(parser: argparse.ArgumentParser) -> None:
+    """How the forward passes run: layer by layer, and chunks at once in memory."""
+    add = parser.add_argument
+    add("--sequential", action=argparse.BooleanOptionalAction, default=None,
+        help="run one layer at a time, loading each from the model file (default: only when the "
+             "weights would not fit in memory)")
+    add("--window-chunks", type=positive_int, default=64,
+        help="with --sequential: chunks pushed through each loaded layer at most (default: 64)")
+    add("--chunks-in-flight", type=int, default=0,
+        help="model in memory on the CPU: chunks computed at once, each in its own thread on "
+             "threads/N threads (default: 2 with two threads or more)")
+
+
 def add_verbosity_flags(parser: argparse.ArgumentParser) -> None:
     """llama.cpp's -lv (its levels: results only below 2, warnings from 2, progress from 3) and -v."""
     parser.add_argument("-lv", "--verbosity", "--log-verbosity", type=int, default=LLAMA_LOG_INFO, metavar="N",

@@ -10,6 +10,7 @@ from imatrix import api
 from imatrix.cli.common import (
     ArgumentParser,
     add_device_flags,
+    add_executor_flags,
     add_ignored_llama_cpp_flags,
     add_verbosity_flags,
     capped_threads,
@@ -47,14 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="round each matmul's input as llama.cpp's CPU backend does for the weight's type (Q8_0, Q8_K, "
              "F16), to compare with llama-perplexity like for like (GGUF models)")
     add_device_flags(parser)
-    add("--sequential", action=argparse.BooleanOptionalAction, default=None,
-        help="run one layer at a time, loading each from the model file (default: only when the "
-             "weights would not fit in memory)")
-    add("--window-chunks", type=positive_int, default=64,
-        help="with --sequential: chunks pushed through each loaded layer at most (default: 64)")
-    add("--chunks-in-flight", type=int, default=0,
-        help="model in memory on the CPU: chunks computed at once, each in its own thread on "
-             "threads/N threads (default: 2 with two threads or more)")
+    add_executor_flags(parser)
     add_verbosity_flags(parser)
     add_ignored_llama_cpp_flags(parser)
     return parser
