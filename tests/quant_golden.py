@@ -195,6 +195,15 @@ def identical_blocks(golden_file: Path, source: dict[str, np.ndarray], names: di
     return identical, total
 
 
+def gaussian_relative_rms(qtype: gguf.GGMLQuantizationType, with_imatrix: bool) -> float:
+    """Relative RMS error of dequantize(quantize(x)) (gguf-py's dequantizer) on 8 Gaussian rows of 1024, equal
+    weights with the imatrix (without one, each kernel weighs as its C does)."""
+    x = random_rows(3, 8, 1024, "normal", 0.0)
+    qw = np.ones(1024, np.float32) if with_imatrix else None
+    recon = gguf.quants.dequantize(quantize_rows(x, qtype, qw), qtype)
+    return float(np.sqrt(np.mean((recon - x) ** 2) / np.mean(x**2)))
+
+
 def round_trip_blocks(x: np.ndarray, qtype: gguf.GGMLQuantizationType,
                       qw: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """Rows `x` quantized by us (one block row per input row) and dequantized by gguf-py, and `x`, both as
