@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from imatrix.eval.perplexity import PerplexityResult
     from imatrix.metrics import KLDResult
     from imatrix.pipeline.distributed import Group
+    from imatrix.pipeline.tokens_ahead import TokensAhead
     from imatrix.quant.model import QuantizeReport
 
 __all__ = ["collect", "convert", "load", "load_many", "merge", "perplexity", "quantize", "save"]
@@ -49,23 +50,27 @@ def collect(options: CollectOptions | None = None, reporter: Reporter = SILENT) 
 
     Under torchrun every rank calls it: the chunks are shared out and rank 0 reports and writes.
     """
-    from imatrix.collection.run import run_collection
-
     options = options or CollectOptions()
     if options.chunks == 0:
         raise ImatrixError("--chunks 0: no chunk to process")
     if options.chunks_in_flight < 0:
         raise ImatrixError(f"--chunks-in-flight must be >= 0 (got {options.chunks_in_flight})")
-    with _process_group(options.device, options.n_gpu_layers, reporter) as (group, device, reporter):
-        if options.output_file is not None:
-            if group.is_main:  # rank 0 alone writes: a check on every rank would meet its lock
-                check_not_an_input(options.output_file, model=_path_or_none(options.model),
-                                   calibration_text=options.file)
-                check_output_path(options.output_file)
-            options = dataclasses.replace(options, output_format=_output_format(options, reporter))
-        options = dataclasses.replace(options, model=_bundled_model(options.model, reporter),
-                                      file=_bundled_text(options.file, reporter))
-        return run_collection(options, device, group, reporter)
+    model = _quietly_bundled(options.model, "smollm2_path")
+    text = _quietly_bundled(options.file, "default_calibration_text")
+    with _tokens_ahead(model, text, options.parse_special) as ahead:
+        _use_threads(options.threads)
+        from imatrix.collection.run import run_collection
+
+        with _process_group(options.device, options.n_gpu_layers, reporter) as (group, device, reporter):
+            if options.output_file is not None:
+                if group.is_main:  # rank 0 alone writes: a check on every rank would meet its lock
+                    check_not_an_input(options.output_file, model=_path_or_none(options.model),
+                                       calibration_text=options.file)
+                    check_output_path(options.output_file)
+                options = dataclasses.replace(options, output_format=_output_format(options, reporter))
+            options = dataclasses.replace(options, model=_bundled_model(options.model, reporter),
+                                          file=_bundled_text(options.file, reporter))
+            return run_collection(options, device, group, reporter, ahead)
 
 
 def merge(options: MergeOptions, reporter: Reporter = SILENT) -> ImportanceMatrix:
@@ -142,10 +147,51 @@ def perplexity(options: PerplexityOptions, reporter: Reporter = SILENT) -> Perpl
         from imatrix.models.bundled import smollm2_path
 
         options = dataclasses.replace(options, model=smollm2_path())
-    with _process_group(options.device, options.n_gpu_layers, reporter) as (group, device, reporter):
-        if options.kl_divergence:
-            return kl_divergence(options, device, group, reporter)
-        return text_perplexity(options, device, group, reporter)
+    text = None if options.kl_divergence else options.file
+    with _tokens_ahead(options.model, text, options.parse_special) as ahead:
+        _use_threads(options.threads)
+        from imatrix.eval.kld import kl_divergence
+        from imatrix.eval.perplexity import perplexity as text_perplexity
+
+        with _process_group(options.device, options.n_gpu_layers, reporter) as (group, device, reporter):
+            if options.kl_divergence:
+                return kl_divergence(options, device, group, reporter)
+            return text_perplexity(options, device, group, reporter, ahead)
+
+
+@contextmanager
+def _tokens_ahead(model: Any, text: str | Path | None, parse_special: bool) -> Iterator[TokensAhead | None]:
+    """The text tokenized in a child process while torch and transformers import (`pipeline.tokens_ahead`),
+    where the model is a GGUF file; stopped on the way out."""
+    from imatrix.pipeline.tokens_ahead import TokensAhead
+
+    ahead = TokensAhead.start(model, text, parse_special) if model is not None and text is not None else None
+    if ahead is None:
+        yield None
+        return
+    with ahead:
+        yield ahead
+
+
+def _quietly_bundled(given: Any, function_name: str) -> Any:
+    """`given`, or the bundled file `models.bundled.<function_name>` names (None if it is missing: that is
+    reported where the file is opened)."""
+    if given is not None:
+        return given
+    from imatrix.models import bundled
+
+    try:
+        return getattr(bundled, function_name)()
+    except ImatrixError:
+        return None
+
+
+def _use_threads(threads: int) -> None:
+    """-t: torch's intra-op threads (imported here, after the child of `_tokens_ahead` has forked)."""
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 @contextmanager

@@ -18,6 +18,9 @@ from imatrix.quant.options import QuantizeOptions
 if TYPE_CHECKING:
     import torch
 
+# the names --dtype takes besides auto (`models.precision.DTYPES` maps them to torch dtypes)
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+
 __all__ = ["CollectOptions", "ConvertOptions", "MergeOptions", "PerplexityOptions", "QuantizeOptions"]
 
 
@@ -50,6 +53,7 @@ class CollectOptions:
     window_chunks: int = 64  # sequential: chunks pushed through each loaded layer at most
     # model in memory on the CPU: chunks run at once, each in its own thread (0: the executor's default)
     chunks_in_flight: int = 0
+    threads: int = 0  # -t / -tb: CPU threads (torch.set_num_threads); 0: torch's choice
     resume: bool = False  # continue from output_file's chunk_count
     dataset_name: str | None = None  # recorded in imatrix.datasets (no flag); default: the text's path
 
@@ -105,3 +109,4 @@ class PerplexityOptions:
     sequential: bool | None = None  # as `CollectOptions.sequential`
     window_chunks: int = 64
     chunks_in_flight: int = 0
+    threads: int = 0  # as `CollectOptions.threads`

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from imatrix import api
 from imatrix.cli.common import (
     ArgumentParser,
@@ -20,8 +18,7 @@ from imatrix.cli.common import (
 )
 from imatrix.errors import ImatrixError
 from imatrix.models.heap import keep_freed_memory
-from imatrix.models.precision import DTYPES
-from imatrix.options import CollectOptions, ConvertOptions, MergeOptions
+from imatrix.options import DTYPE_NAMES, CollectOptions, ConvertOptions, MergeOptions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("-tb", "--threads-batch", type=int, default=0,
         help="threads for batches: what llama-imatrix computes with (default: --threads)")
     add_device_flags(parser)
-    add("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+    add("--dtype", choices=["auto", *sorted(DTYPE_NAMES)], default="auto",
         help="compute dtype of the model (statistics always accumulate in float32; default auto: bfloat16 where "
              "the CPU or GPU multiplies it natively, else float32)")
     add_executor_flags(parser)
@@ -89,8 +86,7 @@ def main(argv: list[str]) -> int:
         return 0
     keep_freed_memory()
     threads = capped_threads(args.threads_batch or args.threads)
-    if threads > 0:
-        torch.set_num_threads(threads)
     chunks_in_flight = capped_threads(args.chunks_in_flight, "chunks in flight")
-    api.collect(options_from(CollectOptions, args, in_file=in_files, chunks_in_flight=chunks_in_flight), reporter)
+    api.collect(options_from(CollectOptions, args, in_file=in_files, chunks_in_flight=chunks_in_flight,
+                             threads=threads), reporter)
     return 0

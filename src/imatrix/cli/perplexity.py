@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from imatrix import api
 from imatrix.cli.common import (
     ArgumentParser,
@@ -58,9 +56,7 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()
     threads = capped_threads(args.threads_batch or args.threads)
-    if threads > 0:
-        torch.set_num_threads(threads)
     chunks_in_flight = capped_threads(args.chunks_in_flight, "chunks in flight")
-    api.perplexity(options_from(PerplexityOptions, args, chunks_in_flight=chunks_in_flight),
+    api.perplexity(options_from(PerplexityOptions, args, chunks_in_flight=chunks_in_flight, threads=threads),
                    console_reporter(args.verbosity))
     return 0

@@ -33,6 +33,7 @@ from imatrix.pipeline import runner
 from imatrix.pipeline.chunks import read_calibration_text, tokenize_chunks
 from imatrix.pipeline.distributed import Group
 from imatrix.pipeline.executors import Executor, open_executor
+from imatrix.pipeline.tokens_ahead import TokensAhead, ahead_note
 from imatrix.pipeline.windows import Window
 from imatrix.reporter import INFO, Reporter
 
@@ -46,19 +47,21 @@ class CollectResult:
     chunk_ppl: list[float] = field(default_factory=list)
 
 
-def run_collection(options: CollectOptions, device: torch.device, group: Group, reporter: Reporter) -> CollectResult:
+def run_collection(options: CollectOptions, device: torch.device, group: Group, reporter: Reporter,
+                   ahead: TokensAhead | None = None) -> CollectResult:
     """Run `options.model` over `options.file` and return the importance matrix (saved as configured).
 
     Collection continues on top of the `in_file` statistics; with `resume`, an existing `output_file`
     becomes the base and the chunks it already counts are skipped. Under torch.distributed every rank calls
-    this (`reporter` silent but on rank 0); rank 0 saves.
+    this (`reporter` silent but on rank 0); rank 0 saves. `ahead`: the text being tokenized in another process.
     """
     # one run writes the output: a second one is refused, from the start to the last save
     with claimed_output(options.output_file if group.is_main else None):
-        return _collect(options, device, group, reporter)
+        return _collect(options, device, group, reporter, ahead)
 
 
-def _collect(options: CollectOptions, device: torch.device, group: Group, reporter: Reporter) -> CollectResult:
+def _collect(options: CollectOptions, device: torch.device, group: Group, reporter: Reporter,
+             ahead: TokensAhead | None) -> CollectResult:
     if options.ctx_size <= 0 or options.batch_size <= 0:
         raise ImatrixError(f"chunk size {options.ctx_size} and batch size {options.batch_size} must be > 0")
     if options.output_file is not None and group.is_main:
@@ -83,7 +86,7 @@ def _collect(options: CollectOptions, device: torch.device, group: Group, report
     _check_fits_model(base, targets, f"{options.output_file}" if resumed is not None else "the --in-file data",
                       executor.loaded.source)
     _warn_context(executor.loaded, options, reporter)
-    chunks = _tokenize(executor.loaded, text, options, reporter)
+    chunks = _tokenize(executor.loaded, text, options, reporter, ahead)
     if resumed is not None:
         reporter.info(f"compute_imatrix: resuming from {options.output_file} after {skip} chunks")
     return _run(executor, targets, chunks[skip:], options, base, reporter, group, skip)
@@ -205,12 +208,15 @@ def _warn_context(loaded: LoadedModel, options: CollectOptions, reporter: Report
                       f"({options.ctx_size} per chunk specified)")
 
 
-def _tokenize(loaded: LoadedModel, text: str, options: CollectOptions, reporter: Reporter) -> np.ndarray:
+def _tokenize(loaded: LoadedModel, text: str, options: CollectOptions, reporter: Reporter,
+              ahead: TokensAhead | None) -> np.ndarray:
     reporter.info("compute_imatrix: tokenizing the input ..")
     start = time.perf_counter()
-    chunks = tokenize_chunks(loaded.tokenizer, text, options.ctx_size, options.from_chunk, options.chunks,
+    tokenizer = ahead.tokenizer(loaded.tokenizer) if ahead is not None else loaded.tokenizer
+    chunks = tokenize_chunks(tokenizer, text, options.ctx_size, options.from_chunk, options.chunks,
                              options.parse_special, options.file)
-    reporter.info(f"compute_imatrix: tokenization took {1e3 * (time.perf_counter() - start):g} ms")
+    reporter.info(f"compute_imatrix: tokenization took {1e3 * (time.perf_counter() - start):g} ms"
+                  + ahead_note(tokenizer))
     if options.from_chunk > 0:
         reporter.info(f"compute_imatrix: removing initial {options.from_chunk} chunks "
                       f"({options.from_chunk * options.ctx_size} tokens)")

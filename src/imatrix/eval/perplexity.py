@@ -24,11 +24,13 @@ from imatrix.eval.logits_file import LogitsWriter
 from imatrix.metrics import PerplexityMeter, log_softmax, log_softmax_u16, scored_positions, scored_targets
 from imatrix.models.loader import LoadedModel
 from imatrix.models.precision import compute_dtype
+from imatrix.models.tokenizer import TextTokenizer
 from imatrix.options import PerplexityOptions
 from imatrix.pipeline import runner
 from imatrix.pipeline.chunks import make_chunks, read_calibration_text
 from imatrix.pipeline.distributed import Group
 from imatrix.pipeline.executors import Executor, open_executor
+from imatrix.pipeline.tokens_ahead import TokensAhead
 from imatrix.pipeline.windows import Window
 from imatrix.reporter import Reporter
 
@@ -93,14 +95,17 @@ class EtaLine:
         self.reporter.info(f"{self.label}: {seconds / len(window):.2f} seconds per pass - ETA {minutes:.2f} minutes")
 
 
-def perplexity(options: PerplexityOptions, device: torch.device, group: Group, reporter: Reporter) -> PerplexityResult:
+def perplexity(options: PerplexityOptions, device: torch.device, group: Group, reporter: Reporter,
+               ahead: TokensAhead | None = None) -> PerplexityResult:
     """llama-perplexity's PPL of `options.model` on `options.file`; with `kl_divergence_base`, also the base
-    log-probabilities for a later `eval.kld.kl_divergence` (llama.cpp's `--kl-divergence-base` file)."""
+    log-probabilities for a later `eval.kld.kl_divergence` (llama.cpp's `--kl-divergence-base` file).
+    `ahead`: the text being tokenized in another process."""
     n_ctx, save_base = options.ctx_size, options.kl_divergence_base
     with evaluated_model(options, device, reporter) as executor:
         loaded = executor.loaded
         reporter.info("perplexity: tokenizing the input ..")
-        chunks = eval_chunks(loaded, options.file, n_ctx, options.chunks, options.parse_special)
+        tokenizer = ahead.tokenizer(loaded.tokenizer) if ahead is not None else loaded.tokenizer
+        chunks = eval_chunks(tokenizer, options.file, n_ctx, options.chunks, options.parse_special)
         n_chunk, n_seq = chunks.shape[0], n_seq_for(n_ctx, options.batch_size)
         reporter.info(f"perplexity: calculating perplexity over {n_chunk} chunks, n_ctx={n_ctx}, "
                       f"batch_size={options.batch_size}, n_seq={n_seq}")
@@ -125,13 +130,13 @@ def _base_writer(path: str | Path | None, n_ctx: int, loaded: LoadedModel,
     return LogitsWriter(path, n_ctx, int(loaded.config.vocab_size), chunks)
 
 
-def eval_chunks(loaded: LoadedModel, text_path: str | Path, n_ctx: int, max_chunks: int = -1,
+def eval_chunks(tokenizer: TextTokenizer, text_path: str | Path, n_ctx: int, max_chunks: int = -1,
                 parse_special: bool = False) -> np.ndarray:
     """`int64 [n_chunk, n_ctx]`: the tokenized text (BOS included if the vocab adds it), cut into chunks."""
     if max_chunks == 0:
         raise ImatrixError(f"{text_path}: --chunks 0 leaves nothing to score")
     text = read_calibration_text(text_path)
-    tokens = loaded.tokenizer.encode(text, parse_special=parse_special)
+    tokens = tokenizer.encode(text, parse_special=parse_special)
     return make_chunks(tokens, n_ctx, max_chunks=max_chunks, source=text_path)
 
 

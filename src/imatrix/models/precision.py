@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from imatrix.options import DTYPE_NAMES
+
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def compute_dtype(requested: torch.dtype | str | None, device: torch.device | str = "cpu") -> torch.dtype:

@@ -11,6 +11,7 @@ in a fraction of a second.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -20,7 +21,7 @@ from tokenizers import Tokenizer
 
 from imatrix.errors import ImatrixError
 from imatrix.models.tokenization.bpe import BytePairEncoder
-from imatrix.models.tokenization.pretokenizers import pre_tokenizer
+from imatrix.models.tokenization.pretokenizers import PreTokenizer, pre_tokenizer
 from imatrix.models.tokenization.sentencepiece import SentencePieceEncoder
 from imatrix.models.tokenization.special import SpecialToken, partition, special_tokens
 
@@ -52,7 +53,9 @@ class FragmentEncoder(Protocol):
 
 @dataclass
 class GGUFTokenizer:
-    encoder: FragmentEncoder
+    # builds the encoder on first use: a collection that gets its tokens elsewhere (`pipeline.tokens_ahead`)
+    # never pays for it (SmolLM2's 49k-token BPE: 0.1 s)
+    build_encoder: Callable[[], FragmentEncoder] = field(repr=False)
     specials: list[SpecialToken]
     bos_id: int | None
     add_bos: bool
@@ -73,6 +76,10 @@ class GGUFTokenizer:
         if self.add_eos and self.eos_id is not None:
             ids.append(self.eos_id)
         return ids
+
+    @cached_property
+    def encoder(self) -> FragmentEncoder:
+        return self.build_encoder()
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
@@ -99,17 +106,24 @@ def tokenizer_from_gguf(model_file: VocabularyFile) -> GGUFTokenizer:
     if len(vocab) < len(tokens):
         twice = next(text for index, text in enumerate(tokens) if vocab[text] != index)
         raise ImatrixError(f"{model_file.path}: token {twice!r} is in the vocabulary twice (llama.cpp refuses that)")
-    if kind == "llama":
-        encoder, add_bos, forces_bos = _sentencepiece(model_file, vocab, len(tokens)), True, False
-    else:
-        encoder = _byte_pair(model_file, kind, vocab, len(tokens))
-        add_bos, forces_bos = encoder.pre.add_bos, encoder.pre.forces_bos
     default_bos, default_eos = DEFAULT_BOS_EOS[kind]
-    if kind == "gpt2" and not encoder.pre.has_bos:
-        default_bos = None
+    if kind == "llama":
+        _check_scores(model_file, len(tokens))
+        add_bos, forces_bos = True, False
+
+        def build_encoder() -> FragmentEncoder:
+            return _sentencepiece(model_file, vocab, len(tokens))
+    else:
+        pre, merges = _byte_pair_tables(model_file, kind)
+        add_bos, forces_bos = pre.add_bos, pre.forces_bos
+        if kind == "gpt2" and not pre.has_bos:
+            default_bos = None
+
+        def build_encoder() -> FragmentEncoder:
+            return _byte_pair(model_file, vocab, len(tokens), pre, merges)
     token_types = model_file.get("tokenizer.ggml.token_type")
     return GGUFTokenizer(
-        encoder,
+        build_encoder,
         special_tokens(tokens, vocab, token_types, model_file.get),
         bos_id=_special_id(model_file.get("tokenizer.ggml.bos_token_id"), default_bos, len(tokens)),
         add_bos=bool(model_file.get("tokenizer.ggml.add_bos_token", add_bos)) or forces_bos,
@@ -120,7 +134,8 @@ def tokenizer_from_gguf(model_file: VocabularyFile) -> GGUFTokenizer:
                 "scores": model_file.get("tokenizer.ggml.scores"), "merges": model_file.get("tokenizer.ggml.merges")})
 
 
-def _byte_pair(model_file: VocabularyFile, kind: str, vocab: dict[str, int], n_tokens: int) -> BytePairEncoder:
+def _byte_pair_tables(model_file: VocabularyFile, kind: str) -> tuple[PreTokenizer, list[str]]:
+    """The pre-tokenizer and merges of a BPE vocabulary, checked."""
     # a `gemma4` vocabulary always gets Gemma 4's pre-tokenizer; an empty name is llama.cpp's "default"
     name = "gemma4" if kind == "gemma4" else model_file.get("tokenizer.ggml.pre") or "default"
     pre = pre_tokenizer(name)
@@ -129,16 +144,25 @@ def _byte_pair(model_file: VocabularyFile, kind: str, vocab: dict[str, int], n_t
     merges = model_file.get("tokenizer.ggml.merges")
     if merges is None and name != "kimi-k2":  # Kimi K2's vocabulary needs none
         raise ImatrixError(f"{model_file.path}: metadata key 'tokenizer.ggml.merges' is missing")
+    return pre, merges or []
+
+
+def _byte_pair(model_file: VocabularyFile, vocab: dict[str, int], n_tokens: int, pre: PreTokenizer,
+               merges: list[str]) -> BytePairEncoder:
     try:
-        return BytePairEncoder(vocab, n_tokens, merges or [], pre)
+        return BytePairEncoder(vocab, n_tokens, merges, pre)
     except Exception as exc:  # noqa: BLE001 - `tokenizers` raises plain Exceptions for a bad vocabulary
         raise ImatrixError(f"{model_file.path}: cannot build its tokenizer: {exc}") from exc
 
 
+def _check_scores(model_file: VocabularyFile, n_tokens: int) -> None:
+    scores = model_file.get("tokenizer.ggml.scores")
+    if scores and len(scores) < n_tokens:
+        raise ImatrixError(f"{model_file.path}: {len(scores)} token scores for {n_tokens} tokens")
+
+
 def _sentencepiece(model_file: VocabularyFile, vocab: dict[str, int], n_tokens: int) -> SentencePieceEncoder:
     scores = model_file.get("tokenizer.ggml.scores") or [0.0] * n_tokens
-    if len(scores) < n_tokens:
-        raise ImatrixError(f"{model_file.path}: {len(scores)} token scores for {n_tokens} tokens")
     return SentencePieceEncoder(vocab, scores, bool(model_file.get("tokenizer.ggml.add_space_prefix", True)))
 
 
