@@ -113,3 +113,11 @@ def test_the_command_line_imports_no_torch_before_the_child_forks() -> None:
     check = f"import sys, {modules}; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_leaving_before_the_result_stops_the_child(smollm2_q4_1: Path, calibration_text: Path) -> None:
+    """An error before the text is tokenized (a refused output path, Ctrl-C) must not wait for the child."""
+    ahead = TokensAhead.start(smollm2_q4_1, calibration_text, False)
+    with ahead:
+        pass
+    assert not ahead.process.is_alive()

@@ -10,6 +10,7 @@ text is tokenized here by the same code, which then reports whatever was wrong.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import multiprocessing
 import os
@@ -149,11 +150,12 @@ def _tokenize_in_child(receiver: Connection, sender: Connection, model_path: Pat
         text = read_calibration_text(text_path)
         tokenizer = tokenizer_from_gguf(GGUFModelFile(model_path))
         tokens = np.asarray(tokenizer.encode(text, parse_special=parse_special), dtype=np.int64)
-        sender.send(Tokenized(_sha256(text), parse_special, tokens, time.perf_counter() - start))
+        result = Tokenized(_sha256(text), parse_special, tokens, time.perf_counter() - start)
     except Exception:  # noqa: BLE001 - the parent tokenizes again and reports the error itself
-        sender.send(None)
-    finally:
-        sender.close()
+        result = None
+    with contextlib.suppress(OSError):  # the parent has gone, or stopped waiting
+        sender.send(result)
+    sender.close()
 
 
 def _is_gguf_file(path: Path) -> bool:
