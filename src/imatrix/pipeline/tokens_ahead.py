@@ -27,6 +27,7 @@ import numpy as np
 from imatrix.ggufio.reader import GGUFModelFile, is_gguf
 from imatrix.models.tokenizer import TextTokenizer, tokenizer_from_gguf
 from imatrix.pipeline.chunks import read_calibration_text
+from imatrix.quant.workers import die_with_parent
 
 # how often the wait for the child checks that it is still alive
 _POLL_SECONDS = 0.05
@@ -65,7 +66,8 @@ class TokensAhead:
         context = multiprocessing.get_context("fork")
         receiver, sender = context.Pipe(duplex=False)
         process = context.Process(target=_tokenize_in_child,
-                                  args=(receiver, sender, Path(model_path), Path(text_path), parse_special),
+                                  args=(os.getpid(), receiver, sender, Path(model_path), Path(text_path),
+                                        parse_special),
                                   name="imatrix-tokenize", daemon=True)
         process.start()
         sender.close()
@@ -137,8 +139,9 @@ def ahead_note(tokenizer: TextTokenizer) -> str:
     return "" if seconds is None else f" (in {1e3 * seconds:g} ms in another process, while the model loaded)"
 
 
-def _tokenize_in_child(receiver: Connection, sender: Connection, model_path: Path, text_path: Path,
-                       parse_special: bool) -> None:
+def _tokenize_in_child(parent_pid: int, receiver: Connection, sender: Connection, model_path: Path,
+                       text_path: Path, parse_special: bool) -> None:
+    die_with_parent(parent_pid)  # a parent killed with -9 leaves no tokenizing orphan behind
     receiver.close()  # the parent's end only: once the parent closes it, a send here fails instead of blocking
     # the parent's handlers (the command line turns SIGTERM into an exception) are not this process's
     signal.signal(signal.SIGTERM, signal.SIG_DFL)

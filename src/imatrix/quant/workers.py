@@ -134,7 +134,7 @@ def _serve(connection: Connection, function: Callable[[Any], Any], parent_pid: i
     """A worker's loop: tasks in, (succeeded, result or exception) out, until None or the parent is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler: told to stop, a worker stops
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     try:
         while (task := connection.recv()) is not None:
             try:
@@ -149,7 +149,8 @@ def _serve(connection: Connection, function: Callable[[Any], Any], parent_pid: i
         pass
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def die_with_parent(parent_pid: int) -> None:
+    """In a forked child: be killed when `parent_pid` dies (Linux), or leave now if it already has."""
     with contextlib.suppress(OSError, AttributeError):  # not Linux: a worker leaves when its pipe breaks
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:  # the parent died before the request took effect
