@@ -11,6 +11,8 @@ from hypothesis import example, given, settings
 
 import imatrix.quant  # noqa: F401  (registers the types)
 from imatrix.quant.base import quant_type, quantize_rows
+from imatrix.quant.blocks import to_groups
+from imatrix.quant.searches import make_qkx_quants
 from quant_golden import (
     Comparison,
     block_cases,
@@ -157,3 +159,26 @@ def test_block_kernel_matches_rows(type_name: str) -> None:
     by_rows = quantize_rows(x, Q[type_name], qw).reshape(-1, kind.type_size)
     by_blocks = kind.quantize_blocks(x.reshape(-1, 256), np.broadcast_to(qw, x.shape).reshape(-1, 256))
     np.testing.assert_array_equal(by_rows, by_blocks)
+
+
+# (nmax, rmin, rdelta, nstep, use_mad): the searches of Q2_K, Q4_K and Q5_K with and without an imatrix, and
+# one whose trial scales change sign (no caller's: its levels move both ways, compared whole)
+QKX_SEARCHES = [(3, -0.5, 0.1, 15, True), (3, -0.9, 0.05, 36, False), (15, -1.0, 0.1, 20, False),
+                (31, -0.5, 0.1, 15, False), (31, -0.9, 0.05, 36, False), (3, -3.5, 0.2, 30, False)]
+
+
+@pytest.mark.parametrize("search", QKX_SEARCHES)
+@settings(max_examples=20, deadline=None)
+@given(**block_cases(4, 2))
+def test_qkx_search_skipping_unchanged_groups_changes_nothing(
+    search: tuple, seed: int, n_rows: int, n_blocks: int, kind: str, log_scale: float, with_imatrix: bool
+) -> None:
+    """`make_qkx_quants` fits only the groups whose levels moved since their last trial: the same bits as
+    fitting every group at every trial."""
+    x = to_groups(random_rows(seed, n_rows, 256 * n_blocks, kind, log_scale).reshape(-1, 256), 16)
+    w = np.abs(x) + np.float32(1e-3) if not with_imatrix else to_groups(
+        np.broadcast_to(random_imatrix(seed, 256 * n_blocks), (n_rows, 256 * n_blocks)).reshape(-1, 256), 16)
+    skipping = make_qkx_quants(x, w, *search)
+    every_trial = make_qkx_quants(x, w, *search, skip_unchanged=False)
+    for ours, full in zip(skipping, every_trial, strict=True):
+        np.testing.assert_array_equal(ours, full)
