@@ -15,6 +15,7 @@ import hashlib
 import multiprocessing
 import os
 import signal
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -58,10 +59,10 @@ class TokensAhead:
     def start(cls, model_path: str | Path | Any, text_path: str | Path | None,
               parse_special: bool) -> TokensAhead | None:
         """The child for a GGUF model file and a text file; None where there is nothing to do ahead (another
-        kind of model, no fork on this platform)."""
+        kind of model, not Linux)."""
         if not isinstance(model_path, str | Path) or text_path is None or not _is_gguf_file(Path(model_path)):
             return None
-        if "fork" not in multiprocessing.get_all_start_methods():
+        if not sys.platform.startswith("linux"):  # fork is safe before torch loads; macOS frameworks dislike it
             return None
         context = multiprocessing.get_context("fork")
         receiver, sender = context.Pipe(duplex=False)
