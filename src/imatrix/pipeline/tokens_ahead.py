@@ -4,7 +4,7 @@ A GGUF vocabulary's tokenizer needs neither torch nor transformers: building it 
 (SmolLM2 and calibration.txt: 0.1 s and 0.25 s) can run on a second core during the imports (~3 s of one
 core). `TokensAhead.start` forks a child that does both; where the collection would tokenize, the tokenizer
 `TokensAhead.tokenizer` wraps hands out the child's tokens instead, once it is sure they are for the same
-text. The child never decides anything: if it cannot run (no fork, no GGUF file) or fails in any way, the
+text. The child never decides anything: if it cannot run (not Linux, no GGUF file) or fails in any way, the
 text is tokenized here by the same code, which then reports whatever was wrong.
 """
 
