@@ -139,7 +139,8 @@ def test_help_lists_llama_imatrix_flags(capsys: pytest.CaptureFixture[str]) -> N
 
 @pytest.mark.slow
 def test_cli_end_to_end_on_quantized_model(smollm2_q4_1: Path, calibration_text: Path, tmp_path: Path) -> None:
-    """The console script on the bundled Q4_1 model: files, stdout lines, a clean stderr, exit 0."""
+    """The console script on the bundled Q4_1 model: files, stdout lines, a clean stderr, exit 0, the text
+    tokenized in the forked child."""
     out = tmp_path / "imatrix.gguf"
     done = subprocess.run(
         [sys.executable, "-m", "imatrix.cli.main", "-m", str(smollm2_q4_1), "-f", str(calibration_text),
@@ -149,6 +150,7 @@ def test_cli_end_to_end_on_quantized_model(smollm2_q4_1: Path, calibration_text:
     assert done.returncode == 0, done.stderr
     assert "[8]" in done.stdout and "Final estimate: PPL = " in done.stdout
     assert "Traceback" not in done.stderr
+    assert "in another process, while the model loaded" in done.stderr  # tokenized ahead (`pipeline.tokens_ahead`)
     matrix = load_imatrix(out, chunk_size=256)
     assert len(matrix) == 210 and matrix.chunk_count == 8 and matrix.datasets == [str(calibration_text)]
 
