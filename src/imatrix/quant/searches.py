@@ -207,35 +207,30 @@ def make_qkx_quants(
     """
     vmin = np.min(x, axis=0)
     vmax = np.max(x, axis=0)
-    sum_w = sum_groups_from_first(w)
-    sum_x = sum_groups_from_first(w * x)
     vmin = np.where(vmin > 0, F32(0), vmin).astype(F32)
     flat = vmax == vmin
     flat_min = vmin
     vmin = np.where(flat, vmax - F32(1), vmin).astype(F32)  # any min < max: flat groups skip the search
-    iscale = F32(nmax) / (vmax - vmin)
-    fit = _QkxFit(x, w, sum_w, sum_x, flat, use_mad, F32(1) / iscale, vmin)
-    fit.levels = np.clip(nearest(iscale * (x - vmin)), 0, nmax)
-    fit.best = fit.error(x, w, fit.scale, vmin, fit.levels)
+    fit = _QkxFit(x, w, flat, use_mad, F32(nmax) / (vmax - vmin), vmin, nmax)
     cand = np.empty_like(x)
-    level_sums = None
-    # trial scales all of one sign and growing in size: every caller's (a search from below zero would have
-    # levels moving both ways, and its levels are compared whole)
+    # what tells a group's trial levels from its previous ones: their sum where the trial scales are all of
+    # one sign and grow (every caller's search), the levels themselves otherwise (they may move both ways)
     monotone = rdelta > 0 and nmax + rmin > 0
+    previous = None
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for step in range(nstep + 1):
             # llama.cpp quirk: the trial range uses the min of the best fit so far, not the data min
             trial = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / (vmax - fit.vmin)
             np.multiply(trial, fit.shifted, out=cand)  # C: iscale * (x - min)
             np.clip(np.rint(cand, out=cand), 0, nmax, out=cand)
-            sums = sum_groups(cand) if monotone else cand.copy()
-            if level_sums is None or not skip_unchanged:
+            signature = sum_groups(cand) if monotone else cand.copy()
+            if previous is None or not skip_unchanged:
                 fit.try_levels(cand, None)
             else:
-                moved = sums != level_sums if monotone else (sums != level_sums).any(axis=0)
+                moved = signature != previous if monotone else (signature != previous).any(axis=0)
                 changed = np.flatnonzero(moved | fit.moved_min)
                 fit.try_levels(cand, changed if changed.size <= x.shape[1] // 2 else None)
-            level_sums = sums
+            previous = signature
     levels = np.where(flat, F32(0), fit.levels)
     the_min = np.where(flat, -flat_min, -fit.vmin)
     return np.where(flat, F32(0), fit.scale).astype(F32), the_min.astype(F32), levels
@@ -244,14 +239,15 @@ def make_qkx_quants(
 class _QkxFit:
     """`make_qkx_quants`' best fit so far per group, and one trial's least-squares fit of some groups."""
 
-    levels: np.ndarray
-    best: np.ndarray
-
-    def __init__(self, x: np.ndarray, w: np.ndarray, sum_w: np.ndarray, sum_x: np.ndarray, flat: np.ndarray,
-                 use_mad: bool, scale: np.ndarray, vmin: np.ndarray) -> None:
-        self.x, self.w, self.sum_w, self.sum_x, self.flat, self.use_mad = x, w, sum_w, sum_x, flat, use_mad
-        self.scale, self.vmin = scale, vmin
+    def __init__(self, x: np.ndarray, w: np.ndarray, flat: np.ndarray, use_mad: bool, iscale: np.ndarray,
+                 vmin: np.ndarray, nmax: int) -> None:
+        """The first fit: levels rounded at `iscale` from `vmin`, scale 1/`iscale`."""
+        self.x, self.w, self.flat, self.use_mad = x, w, flat, use_mad
+        self.sum_w, self.sum_x = sum_groups_from_first(w), sum_groups_from_first(w * x)
+        self.scale, self.vmin = F32(1) / iscale, vmin
         self.shifted = x - vmin  # x - min of the best fit, per value
+        self.levels = np.clip(nearest(iscale * self.shifted), 0, nmax)
+        self.best = self.error(x, w, self.scale, vmin, self.levels)
         self.moved_min = np.zeros(x.shape[1], dtype=bool)  # groups whose min changed at the last trial
 
     def error(self, x: np.ndarray, w: np.ndarray, s: np.ndarray, m: np.ndarray, lev: np.ndarray) -> np.ndarray:
