@@ -16,7 +16,7 @@ from imatrix.models.tokenizer import tokenizer_from_gguf
 from imatrix.options import CollectOptions
 from imatrix.pipeline import tokens_ahead
 from imatrix.pipeline.chunks import read_calibration_text
-from imatrix.pipeline.tokens_ahead import TokensAhead
+from imatrix.pipeline.tokens_ahead import TokensAhead, with_tokens_ahead
 
 SPECIAL_TEXT = "Plain words, then <|im_start|>assistant and <|endoftext|> inside.\n" * 40
 
@@ -47,7 +47,7 @@ def test_the_childs_tokens_are_the_tokens_of_this_process(smollm2_q4_1: Path, sp
     text = read_calibration_text(special_text)
     expected = here.encode(text, parse_special=parse_special)
     with TokensAhead.start(smollm2_q4_1, special_text, parse_special) as ahead:
-        tokenizer = ahead.tokenizer(here)
+        tokenizer = with_tokens_ahead(here, ahead)
         tokens = tokenizer.encode(text, parse_special=parse_special)
     assert tokens == expected
     assert here.calls == 1 and tokenizer.seconds > 0  # the child's tokens were taken, not tokenized again
@@ -57,7 +57,7 @@ def test_the_childs_tokens_are_the_tokens_of_this_process(smollm2_q4_1: Path, sp
 def test_another_text_or_parse_special_is_tokenized_here(smollm2_q4_1: Path, special_text: Path) -> None:
     here = CountingTokenizer(tokenizer_from_gguf(GGUFModelFile(smollm2_q4_1)))
     with TokensAhead.start(smollm2_q4_1, special_text, parse_special=False) as ahead:
-        tokenizer = ahead.tokenizer(here)
+        tokenizer = with_tokens_ahead(here, ahead)
         changed = read_calibration_text(special_text) + " one more word"
         assert tokenizer.encode(changed) == here.wrapped.encode(changed)
         text = read_calibration_text(special_text)
@@ -74,7 +74,7 @@ def test_a_child_that_fails_leaves_the_tokenizing_here(tmp_path: Path, smollm2_q
     here = CountingTokenizer(tokenizer_from_gguf(GGUFModelFile(smollm2_q4_1)))
     with TokensAhead.start(smollm2_q4_1, special_text, parse_special=False) as ahead:
         text = read_calibration_text(special_text)
-        assert ahead.tokenizer(here).encode(text) == here.wrapped.encode(text)
+        assert with_tokens_ahead(here, ahead).encode(text) == here.wrapped.encode(text)
     assert here.calls == 1
 
 

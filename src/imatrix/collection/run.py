@@ -33,7 +33,7 @@ from imatrix.pipeline import runner
 from imatrix.pipeline.chunks import read_calibration_text, tokenize_chunks
 from imatrix.pipeline.distributed import Group
 from imatrix.pipeline.executors import Executor, open_executor
-from imatrix.pipeline.tokens_ahead import TokensAhead, ahead_note
+from imatrix.pipeline.tokens_ahead import TokensAhead, ahead_note, with_tokens_ahead
 from imatrix.pipeline.windows import Window
 from imatrix.reporter import INFO, Reporter
 
@@ -212,7 +212,7 @@ def _tokenize(loaded: LoadedModel, text: str, options: CollectOptions, reporter:
               ahead: TokensAhead | None) -> np.ndarray:
     reporter.info("compute_imatrix: tokenizing the input ..")
     start = time.perf_counter()
-    tokenizer = ahead.tokenizer(loaded.tokenizer) if ahead is not None else loaded.tokenizer
+    tokenizer = with_tokens_ahead(loaded.tokenizer, ahead)
     chunks = tokenize_chunks(tokenizer, text, options.ctx_size, options.from_chunk, options.chunks,
                              options.parse_special, options.file)
     reporter.info(f"compute_imatrix: tokenization took {1e3 * (time.perf_counter() - start):g} ms"

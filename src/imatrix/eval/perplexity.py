@@ -30,7 +30,7 @@ from imatrix.pipeline import runner
 from imatrix.pipeline.chunks import make_chunks, read_calibration_text
 from imatrix.pipeline.distributed import Group
 from imatrix.pipeline.executors import Executor, open_executor
-from imatrix.pipeline.tokens_ahead import TokensAhead
+from imatrix.pipeline.tokens_ahead import TokensAhead, with_tokens_ahead
 from imatrix.pipeline.windows import Window
 from imatrix.reporter import Reporter
 
@@ -104,7 +104,7 @@ def perplexity(options: PerplexityOptions, device: torch.device, group: Group, r
     with evaluated_model(options, device, reporter) as executor:
         loaded = executor.loaded
         reporter.info("perplexity: tokenizing the input ..")
-        tokenizer = ahead.tokenizer(loaded.tokenizer) if ahead is not None else loaded.tokenizer
+        tokenizer = with_tokens_ahead(loaded.tokenizer, ahead)
         chunks = eval_chunks(tokenizer, options.file, n_ctx, options.chunks, options.parse_special)
         n_chunk, n_seq = chunks.shape[0], n_seq_for(n_ctx, options.batch_size)
         reporter.info(f"perplexity: calculating perplexity over {n_chunk} chunks, n_ctx={n_ctx}, "

@@ -3,7 +3,7 @@
 A GGUF vocabulary's tokenizer needs neither torch nor transformers: building it and tokenizing the text
 (SmolLM2 and calibration.txt: 0.1 s and 0.25 s) can run on a second core during the imports (~3 s of one
 core). `TokensAhead.start` forks a child that does both; where the collection would tokenize, the tokenizer
-`TokensAhead.tokenizer` wraps hands out the child's tokens instead, once it is sure they are for the same
+`with_tokens_ahead` wraps hands out the child's tokens instead, once it is sure they are for the same
 text. The child never decides anything: if it cannot run (not Linux, no GGUF file) or fails in any way, the
 text is tokenized here by the same code, which then reports whatever was wrong.
 """
@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import multiprocessing
 import os
-import signal
 import sys
 import time
 import warnings
@@ -28,7 +27,7 @@ import numpy as np
 from imatrix.ggufio.reader import GGUFModelFile, is_gguf
 from imatrix.models.tokenizer import TextTokenizer, tokenizer_from_gguf
 from imatrix.pipeline.chunks import read_calibration_text
-from imatrix.quant.workers import die_with_parent
+from imatrix.quant.workers import child_of
 
 # how often the wait for the child checks that it is still alive
 _POLL_SECONDS = 0.05
@@ -73,10 +72,6 @@ class TokensAhead:
         process.start()
         sender.close()
         return cls(process, receiver)
-
-    def tokenizer(self, tokenizer: TextTokenizer) -> TextTokenizer:
-        """`tokenizer`, taking the child's tokens for the text the child tokenized."""
-        return _AheadTokenizer(tokenizer, self)
 
     def tokens_for(self, text: str, parse_special: bool) -> Tokenized | None:
         """The child's result if it tokenized this very text with `parse_special`, waiting for it; else None."""
@@ -134,19 +129,22 @@ class _AheadTokenizer:
         return result.tokens.tolist()
 
 
+def with_tokens_ahead(tokenizer: TextTokenizer, ahead: TokensAhead | None) -> TextTokenizer:
+    """`tokenizer`, taking the child's tokens for the text the child tokenized (`tokenizer` itself without one)."""
+    return tokenizer if ahead is None else _AheadTokenizer(tokenizer, ahead)
+
+
 def ahead_note(tokenizer: TextTokenizer) -> str:
     """What a "tokenization took" line adds when the tokens came from the child: its own time."""
-    seconds = getattr(tokenizer, "seconds", None) if isinstance(tokenizer, _AheadTokenizer) else None
-    return "" if seconds is None else f" (in {1e3 * seconds:g} ms in another process, while the model loaded)"
+    if not isinstance(tokenizer, _AheadTokenizer) or tokenizer.seconds is None:
+        return ""
+    return f" (in {1e3 * tokenizer.seconds:g} ms in another process, while the model loaded)"
 
 
 def _tokenize_in_child(parent_pid: int, receiver: Connection, sender: Connection, model_path: Path,
                        text_path: Path, parse_special: bool) -> None:
-    die_with_parent(parent_pid)  # a parent killed with -9 leaves no tokenizing orphan behind
+    child_of(parent_pid)  # a parent killed with -9 leaves no tokenizing orphan behind
     receiver.close()  # the parent's end only: once the parent closes it, a send here fails instead of blocking
-    # the parent's handlers (the command line turns SIGTERM into an exception) are not this process's
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops this process
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the parent may have used the tokenizers' threads
     warnings.simplefilter("ignore")  # the parent reads the text again and warns itself
     try:

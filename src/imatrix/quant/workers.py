@@ -132,9 +132,7 @@ def _how(exitcode: int | None) -> str:
 
 def _serve(connection: Connection, function: Callable[[Any], Any], parent_pid: int) -> None:
     """A worker's loop: tasks in, (succeeded, result or exception) out, until None or the parent is gone."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler: told to stop, a worker stops
-    die_with_parent(parent_pid)
+    child_of(parent_pid)
     try:
         while (task := connection.recv()) is not None:
             try:
@@ -149,8 +147,12 @@ def _serve(connection: Connection, function: Callable[[Any], Any], parent_pid: i
         pass
 
 
-def die_with_parent(parent_pid: int) -> None:
-    """In a forked child: be killed when `parent_pid` dies (Linux), or leave now if it already has."""
+def child_of(parent_pid: int) -> None:
+    """Set up a forked helper process: Ctrl-C is the parent's to handle (it reaches the whole group), SIGTERM
+    stops it (not the parent's handler, inherited at the fork), and it dies with `parent_pid` (Linux) or
+    leaves now if that has already gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     with contextlib.suppress(OSError, AttributeError):  # not Linux: a worker leaves when its pipe breaks
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:  # the parent died before the request took effect
